@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv on first use.
+# torch==2.13.0 is installed first, alone: an unpinned torch would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?= -q
+
+.PHONY: setup demo test lint bench bench-memory clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m merganser.demo demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+bench-memory: $(STAMP)
+	$(PY) bench/peak_rss.py
+
+bench: bench-memory
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

@@ -1,0 +1,227 @@
+"""The Python API, mirroring the CLI: ``merge`` for files, ``merge_tensors`` in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merganser import engine
+from merganser.card import model_card
+from merganser.dtypes import dtype_name
+from merganser.errors import MerganserError, RecipeError
+from merganser.methods import get_method
+from merganser.plan import Plan, build_plan
+from merganser.progress import Progress
+from merganser.recipe import Recipe, load_recipe, parse_recipe
+from merganser.writer import MANIFEST_NAME, AtomicOutput, layout
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+RECIPE_NAME = "merganser_recipe.yaml"
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Knobs of a merge run; every field is also a CLI flag."""
+
+    out_shard_size: int = 5 * 10**9
+    memory_budget: int | None = None
+    threads: int | None = None
+    torch_threads: int = 1
+    device: str = "cpu"
+    force: bool = False
+    allow_nonfinite: bool = False
+    progress: bool | None = None
+
+    def engine_options(self) -> engine.EngineOptions:
+        return engine.EngineOptions(
+            memory_budget=self.memory_budget or default_memory_budget(),
+            threads=self.threads or os.cpu_count() or 1,
+            torch_threads=self.torch_threads,
+            device=self.device,
+            allow_nonfinite=self.allow_nonfinite,
+        )
+
+
+def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return parse_recipe(dict(recipe))
+    return load_recipe(recipe)
+
+
+def merge(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: MergeOptions | None = None,
+) -> Path:
+    """Merge the models a recipe names into ``out_dir`` (atomically); return the output path."""
+    options = options or MergeOptions()
+    if options.out_shard_size <= 0:
+        raise MerganserError("--out-shard-size must be positive")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MerganserError(f"--device {options.device}: CUDA is not available on this machine")
+    rec = _as_recipe(recipe)
+    eopts = options.engine_options()
+    plan = build_plan(rec)
+    try:
+        items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
+        target = Path(out_dir)
+        _check_not_an_input(target, plan)
+        out = AtomicOutput(target, force=options.force)
+        try:
+            _check_disk_space(out.tmp, plan.out_nbytes)
+            shards, slots = layout(
+                ((t.name, t.shape, t.out_dtype) for t in plan.tasks), options.out_shard_size
+            )
+            out.open_shards(shards, slots)
+            with Progress(plan.out_nbytes, len(items), options.progress) as bar:
+                engine.run(
+                    plan, lambda task, t, start: out.write(task.name, t, start), eopts, bar.update
+                )
+            out.close_shards()
+            _write_side_files(out, plan)
+            manifest = out.verify_and_index(eopts.threads)
+            out.write_file("README.md", model_card(plan, manifest))
+            out.write_file(MANIFEST_NAME, json.dumps(_manifest(plan, manifest), indent=2) + "\n")
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        return out.target
+    finally:
+        plan.close()
+
+
+def _manifest(plan: Plan, shards: dict[str, Any]) -> dict[str, Any]:
+    from merganser import __version__
+
+    return {
+        "tool": "merganser",
+        "version": __version__,
+        "method": plan.method.name,
+        "recipe_sha256": plan.recipe.sha256,
+        "inputs": plan.refs,
+        "shards": shards,
+    }
+
+
+def _write_side_files(out: AtomicOutput, plan: Plan) -> None:
+    ref = plan.reference_checkpoint
+    if ref.config is not None:
+        config = dict(ref.config)
+        dtypes = [t.out_dtype for t in plan.tasks if not t.copy_only]
+        if dtypes:
+            name = dtype_name(max(set(dtypes), key=dtypes.count))
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for k in keys:
+                config[k] = name
+        out.write_file("config.json", json.dumps(config, indent=2) + "\n")
+    source = _tokenizer_source(plan)
+    if source is not None and source.is_dir():
+        for fname in TOKENIZER_FILES:
+            if (source / fname).is_file():
+                out.copy_file(source / fname)
+    out.write_file(RECIPE_NAME, plan.recipe.source_text)
+
+
+def _tokenizer_source(plan: Plan) -> Path | None:
+    rec = plan.recipe
+    src = rec.tokenizer_source
+    if src is None or src == "base":
+        return plan.reference_checkpoint.path
+    if src == "union":
+        raise RecipeError(f"{rec.source_name}: tokenizer_source: 'union' is not supported yet")
+    path = rec.resolve(src)
+    if not path.is_dir():
+        raise RecipeError(f"{rec.source_name}: tokenizer_source: {src!r} is not a model folder")
+    return path
+
+
+def _check_not_an_input(target: Path, plan: Plan) -> None:
+    t = target.resolve()
+    for ref, ckpt in zip(plan.refs, plan.checkpoints, strict=True):
+        p = ckpt.path.resolve()
+        if t == p or p.is_relative_to(t) or t.is_relative_to(p):
+            raise MerganserError(f"{target}: output path overlaps input model {ref}")
+
+
+def _check_disk_space(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need + (16 << 20):
+        raise MerganserError(
+            f"{folder.parent}: not enough disk space ({free / 2**30:.2f} GiB free, output needs "
+            f"{need / 2**30:.2f} GiB)"
+        )
+
+
+def merge_tensors(
+    method: str,
+    models: Sequence[Mapping[str, torch.Tensor]] | Sequence[torch.Tensor],
+    base: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+    **params: Any,
+) -> Any:
+    """Merge in memory: tensors (or state dicts) in, a tensor (or state dict) out.
+
+    Per-model parameters are lists aligned with ``models`` (a scalar is broadcast); results are
+    computed in float32 and returned in the dtype of the first model's tensor.
+    """
+    m = get_method(method, "method")
+    if not models:
+        raise MerganserError("merge_tensors: at least one model is required")
+    if m.needs_base and base is None:
+        raise MerganserError(f"merge_tensors: method {method!r} needs base=")
+    kwargs: dict[str, Any] = {}
+    for p in m.params:
+        v = params.pop(p.name, params.pop(p.arg, p.default))
+        if p.scope == "model":
+            values = list(v) if isinstance(v, (list, tuple)) else [v] * len(models)
+            if len(values) != len(models):
+                raise MerganserError(f"merge_tensors: {p.name} needs {len(models)} values")
+            kwargs[p.arg] = [p.check(x, p.name) for x in values]
+        else:
+            kwargs[p.arg] = p.check(v, p.name)
+    if params:
+        raise MerganserError(
+            f"merge_tensors: unknown parameter {next(iter(params))!r} for {method!r}"
+        )
+
+    def one(ts: list[torch.Tensor], b: torch.Tensor | None) -> torch.Tensor:
+        if not ts[0].dtype.is_floating_point:
+            return ts[0].clone()
+        out = m([t.float() for t in ts], None if b is None else b.float(), **kwargs)
+        return out.to(ts[0].dtype)
+
+    if isinstance(models[0], torch.Tensor):
+        return one(list(models), base)  # type: ignore[arg-type]
+    dicts: list[Mapping[str, torch.Tensor]] = list(models)  # type: ignore[arg-type]
+    return {
+        k: one([d[k] for d in dicts], None if base is None else base[k])  # type: ignore[index]
+        for k in dicts[0]
+    }

@@ -1,0 +1,234 @@
+"""Reading checkpoints lazily: headers first, then one tensor (or one slice of one) at a time.
+
+Supported: Hugging Face folders (single or sharded safetensors, or torch .bin), single
+.safetensors files, and .bin/.pt/.pth files through ``torch.load(weights_only=True)`` only.
+Tensor data is read with ``preadv`` into private buffers rather than mmap, so the resident set
+holds only the tensors in flight and not every page of every input that was ever touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merganser.dtypes import itemsize
+from merganser.errors import CheckpointError
+from merganser.safetensors_header import TensorInfo, read_header
+
+ST_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class Checkpoint:
+    """One model's tensors, known from headers; data is read on demand."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.config: dict[str, Any] | None = None
+        self.tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[Path, int] = {}
+        self._torch_state: dict[Path, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        if self.path.is_dir():
+            self._open_folder()
+        else:
+            self._open_file(self.path)
+        if not self.tensors:
+            raise CheckpointError(f"{self.path}: checkpoint holds no tensors")
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _open_folder(self) -> None:
+        folder = self.path
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            self.config = _read_json(cfg)
+            if not isinstance(self.config, dict):
+                raise CheckpointError(f"{cfg}: expected a JSON object")
+        if (folder / ST_INDEX).is_file():
+            self._open_index(folder / ST_INDEX)
+        elif (folder / "model.safetensors").is_file():
+            self._open_file(folder / "model.safetensors")
+        elif (folder / BIN_INDEX).is_file():
+            self._open_index(folder / BIN_INDEX)
+        elif (folder / "pytorch_model.bin").is_file():
+            self._open_file(folder / "pytorch_model.bin")
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(
+                    f"{folder}: no model.safetensors, {ST_INDEX}, or pytorch_model.bin found"
+                )
+            for f in files:
+                self._open_file(f)
+
+    def _open_index(self, index_path: Path) -> None:
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to files")
+        folder = index_path.parent.resolve()
+        by_file: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(name)
+        for fname, names in by_file.items():
+            shard = _inside(folder, fname, index_path)
+            found = self._open_file(shard, only=set(names))
+            missing = sorted(set(names) - found)
+            if missing:
+                raise CheckpointError(
+                    f"{index_path}: tensor {missing[0]!r} is mapped to {fname} but is not in it"
+                )
+
+    def _open_file(self, path: Path, only: set[str] | None = None) -> set[str]:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        if path.suffix == ".safetensors":
+            infos, _ = read_header(path)
+        elif path.suffix in TORCH_SUFFIXES:
+            infos = self._load_torch_file(path)
+        else:
+            raise CheckpointError(
+                f"{path}: unsupported checkpoint format (expected .safetensors, .bin, .pt)"
+            )
+        found: set[str] = set()
+        for name, info in infos.items():
+            if only is not None and name not in only:
+                continue
+            if name in self.tensors:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} also appears in {self.tensors[name].file.name}"
+                )
+            self.tensors[name] = info
+            found.add(name)
+        return found
+
+    def _load_torch_file(self, path: Path) -> dict[str, TensorInfo]:
+        # weights_only=True refuses any pickle that would construct arbitrary objects or run code.
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle holds more than plain tensors "
+                f"(weights_only=True: {first[:160]})"
+            ) from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot load torch checkpoint ({e})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self._torch_state[path] = tensors
+        return {
+            k: TensorInfo(k, v.dtype, tuple(v.shape), path, 0, v.numel() * v.element_size())
+            for k, v in tensors.items()
+        }
+
+    # -- data --------------------------------------------------------------------------------
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (or elements [start, start+count) of it, flattened)."""
+        info = self.tensors[name]
+        whole = start == 0 and (count is None or count == info.numel)
+        count = info.numel - start if count is None else count
+        if info.file in self._torch_state:
+            t = self._torch_state[info.file][name]
+            out = t.reshape(-1)[start : start + count].clone()
+            return out.reshape(info.shape) if whole else out
+        size = itemsize(info.dtype)
+        if count == 0:
+            return torch.empty(info.shape if whole else (0,), dtype=info.dtype)
+        buf = bytearray(count * size)
+        _pread_exact(self._fd(info.file), buf, info.start + start * size, info.file)
+        out = torch.frombuffer(buf, dtype=info.dtype)
+        return out.reshape(info.shape) if whole else out
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+                    self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._torch_state.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- summaries ---------------------------------------------------------------------------
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def num_layers(self) -> int | None:
+        if self.config and isinstance(self.config.get("num_hidden_layers"), int):
+            return self.config["num_hidden_layers"]
+        return None
+
+
+def _pread_exact(fd: int, buf: bytearray, offset: int, path: Path) -> None:
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
+        if n == 0:
+            raise CheckpointError(f"{path}: file ended early (truncated while reading)")
+        done += n
+
+
+def _inside(folder: Path, fname: str, index_path: Path) -> Path:
+    """Resolve an index entry, refusing anything that escapes the model folder."""
+    if os.path.isabs(fname) or ".." in Path(fname).parts:
+        raise CheckpointError(f"{index_path}: weight_map names {fname!r}, outside the model folder")
+    resolved = (folder / fname).resolve()
+    if not resolved.is_relative_to(folder):
+        raise CheckpointError(f"{index_path}: weight_map names {fname!r}, outside the model folder")
+    return resolved
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot parse JSON ({e})") from None

@@ -1,0 +1,206 @@
+"""The `merganser` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+
+from merganser import __version__
+from merganser.errors import MerganserError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '512MiB' -> 512*2**20, '1000' -> 1000 bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 512MiB, 1000000)")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size unit in {text!r}")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="merganser", description=__doc__)
+    p.add_argument("--version", action="version", version=f"merganser {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge the models a YAML recipe names")
+    m.add_argument("recipe", help="YAML recipe (mergekit-compatible)")
+    m.add_argument("out", help="output folder (written atomically)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    m.add_argument(
+        "--out-shard-size",
+        type=parse_size,
+        default="5GB",
+        help="largest output shard (default 5GB)",
+    )
+    m.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=None,
+        help="cap on tensor memory in flight (default: a quarter of RAM)",
+    )
+    m.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="worker threads (default: number of cores)",
+    )
+    m.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=1,
+        help="torch intra-op threads per worker (default 1)",
+    )
+    m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
+    m.add_argument(
+        "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
+    )
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+    i = sub.add_parser("inspect", help="summarise a checkpoint from its headers")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="re-check a merged folder against its manifest")
+    v.add_argument("path")
+
+    sub.add_parser("methods", help="list the merge methods and their parameters")
+
+    t = sub.add_parser("tiny", help="write a small random Llama base and experts (for demos)")
+    t.add_argument("out")
+    t.add_argument("--experts", type=_positive_int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    from merganser.api import MergeOptions, merge
+
+    opts = MergeOptions(
+        out_shard_size=a.out_shard_size,
+        memory_budget=a.memory_budget,
+        threads=a.threads,
+        torch_threads=a.torch_threads,
+        device=a.device,
+        force=a.force,
+        allow_nonfinite=a.allow_nonfinite,
+        progress=a.progress,
+    )
+    out = merge(a.recipe, a.out, opts)
+    print(f"merged into {out}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from merganser.summary import format_summary, summarize
+
+    s = summarize(a.path)
+    print(json.dumps(s, indent=2) if a.json else format_summary(s))
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from merganser.verify import verify_output
+
+    r = verify_output(a.path)
+    print(f"{a.path}: OK ({r['shards']} shard(s), {r['tensors']} tensors)")
+    return 0
+
+
+def _cmd_methods(a: argparse.Namespace) -> int:
+    from merganser.methods import all_methods
+
+    for m in all_methods():
+        tag = " [experimental]" if m.experimental else ""
+        print(f"{m.name}{tag}: {m.reference}")
+        for p in m.params:
+            print(f"    {p.name} ({p.scope}, default {p.default!r}) {p.doc}")
+    return 0
+
+
+def _cmd_tiny(a: argparse.Namespace) -> int:
+    from merganser.tiny import build_family
+
+    for p in build_family(a.out, experts=a.experts, seed=a.seed):
+        print(p)
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    handlers = {
+        "merge": _cmd_merge,
+        "inspect": _cmd_inspect,
+        "verify": _cmd_verify,
+        "methods": _cmd_methods,
+        "tiny": _cmd_tiny,
+    }
+    try:
+        return handlers[args.command](args)
+    except MerganserError as e:
+        print(f"merganser: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("merganser: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MERGANSER_DEBUG"):
+            raise
+        print(
+            f"merganser: internal error: {type(e).__name__}: {e} "
+            "(set MERGANSER_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The method registry: each merge method is one pure function over tensors plus its schema."""
+
+from __future__ import annotations
+
+import keyword
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from merganser.errors import RecipeError
+
+Scope = Literal["model", "global"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: per-model (a list, one per input) or global (one value)."""
+
+    name: str
+    scope: Scope
+    default: Any
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+    @property
+    def arg(self) -> str:
+        """The Python keyword argument name (``lambda`` becomes ``lambda_``)."""
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+    def check(self, value: Any, where: str) -> Any:
+        """Validate and coerce one evaluated value."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(f"{where}: expected true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                opts = " or ".join(self.choices or ())
+                raise RecipeError(f"{where}: expected {opts or 'a string'}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: must be finite, got {value}")
+        if self.kind is int:
+            if value != int(value):
+                raise RecipeError(f"{where}: expected an integer, got {value!r}")
+            value = int(value)
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            raise RecipeError(
+                f"{where}: {value} is out of range [{_fmt(self.low)}, {_fmt(self.high)}]"
+            )
+        return float(value) if self.kind is float else value
+
+
+def _fmt(x: float | None) -> str:
+    return "-inf" if x is None else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method.
+
+    ``fn(tensors, base, **params)`` when ``needs_base`` else ``fn(tensors, **params)``; per-model
+    parameters arrive as lists aligned with ``tensors``. Tensors are float32.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    needs_base: bool
+    # Elementwise methods may be fed any slice of a tensor, which bounds memory for huge tensors.
+    elementwise: bool
+    reference: str
+    min_models: int = 1
+    max_models: int | None = None
+    # Extra float32 working copies of the inputs the method allocates, for the memory budget.
+    workspace: float = 1.0
+    experimental: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def __call__(self, tensors: list[Any], base: Any = None, **params: Any) -> Any:
+        if self.needs_base:
+            return self.fn(tensors, base, **params)
+        return self.fn(tensors, **params)
+
+
+# Parameters mergekit accepts that only tune its own memory use; accepted and ignored here.
+IGNORED_PARAMS = frozenset({"int8_mask"})
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: tuple[Param, ...] = (),
+    needs_base: bool = False,
+    elementwise: bool = False,
+    reference: str,
+    min_models: int = 1,
+    max_models: int | None = None,
+    workspace: float = 1.0,
+    experimental: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a tensor function as merge method ``name``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        m = Method(
+            name,
+            fn,
+            params,
+            needs_base,
+            elementwise,
+            reference,
+            min_models,
+            max_models,
+            workspace,
+            experimental,
+            aliases,
+        )
+        for key in (name, *aliases):
+            if key in _REGISTRY:
+                raise ValueError(f"merge method {key!r} registered twice")
+            _REGISTRY[key] = m
+        return fn
+
+    return deco
+
+
+def get_method(name: str, where: str = "merge_method") -> Method:
+    """Look up a registered method by name, with a one-line error listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted({m.name for m in _REGISTRY.values()}))
+        raise RecipeError(f"{where}: unknown merge method {name!r} (known: {known})") from None
+
+
+def all_methods() -> list[Method]:
+    return sorted({m.name: m for m in _REGISTRY.values()}.values(), key=lambda m: m.name)

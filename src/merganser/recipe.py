@@ -1,0 +1,251 @@
+"""Merge recipes: a validated superset of mergekit's YAML format.
+
+A parameter value is a scalar, a gradient (list of numbers interpolated over layer depth), or a
+list of ``{filter, value}`` overrides matched as substrings of tensor names, first match wins.
+Validation happens here, before any checkpoint is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from merganser.errors import RecipeError
+
+MAX_GRADIENT_POINTS = 4096
+
+Scalar = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """Values at evenly spaced depths; evaluated by piecewise-linear interpolation at t in [0,1]."""
+
+    points: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        # Same arithmetic as mergekit's evaluate_setting, so gradients give identical numbers.
+        scaled = t * (len(self.points) - 1)
+        i0 = int(scaled)
+        i1 = min(len(self.points) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * self.points[i0] + frac * self.points[i1]
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """Ordered ``(filter, value)`` pairs; a ``None`` or ``"*"`` filter matches every tensor."""
+
+    rules: tuple[tuple[str | None, Scalar | Gradient], ...]
+
+
+ParamValue = Scalar | Gradient | Conditional
+
+
+def evaluate(value: ParamValue, tensor_name: str, t: float) -> Scalar | None:
+    """The value a parameter takes for one tensor at layer depth ``t``."""
+    if isinstance(value, Gradient):
+        return value.at(t)
+    if isinstance(value, Conditional):
+        for filt, v in value.rules:
+            if filt is None or filt == "*" or filt in tensor_name:
+                return evaluate(v, tensor_name, t)
+        return None
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _scalar(v: Any, key: str) -> Scalar:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{key}: must be a finite number, got {v}")
+    return v
+
+
+def _parse_value(v: Any, key: str, allow_conditional: bool = True) -> ParamValue:
+    if isinstance(v, (bool, int, float, str)):
+        return _scalar(v, key)
+    if isinstance(v, dict) and allow_conditional:
+        return _parse_value([v], key)
+    if isinstance(v, list):
+        if not v:
+            raise ValueError(f"{key}: empty list (expected numbers or {{filter, value}} entries)")
+        if all(_is_number(e) for e in v):
+            if len(v) > MAX_GRADIENT_POINTS:
+                raise ValueError(
+                    f"{key}: gradient has {len(v)} points (at most {MAX_GRADIENT_POINTS})"
+                )
+            return Gradient(tuple(float(_scalar(e, key)) for e in v))
+        if allow_conditional and all(isinstance(e, dict) for e in v):
+            rules = []
+            for i, e in enumerate(v):
+                extra = set(e) - {"filter", "value"}
+                if extra:
+                    raise ValueError(f"{key}[{i}]: unknown key {sorted(extra)[0]!r}")
+                if "value" not in e:
+                    raise ValueError(f"{key}[{i}]: missing 'value'")
+                filt = e.get("filter")
+                if filt is not None and not isinstance(filt, str):
+                    raise ValueError(f"{key}[{i}].filter: expected a string")
+                rules.append((filt, _parse_value(e["value"], f"{key}[{i}].value", False)))
+            return Conditional(tuple(rules))
+    raise ValueError(
+        f"{key}: expected a number, a list of numbers (layer gradient) or a list of "
+        f"{{filter, value}} entries, got {type(v).__name__}"
+    )
+
+
+def _parse_params(v: Any) -> dict[str, ParamValue] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a mapping of parameter names to values, got {type(v).__name__}")
+    out: dict[str, ParamValue] = {}
+    for k, val in v.items():
+        if not isinstance(k, str):
+            raise ValueError(f"parameter names must be strings, got {k!r}")
+        out[k] = _parse_value(val, k)
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class _HasParams(_Strict):
+    parameters: Any = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _check_params(cls, v: Any) -> dict[str, ParamValue] | None:
+        return _parse_params(v)
+
+
+class ModelEntry(_HasParams):
+    model: str
+
+
+class SliceSource(_HasParams):
+    model: str
+    layer_range: tuple[int, int]
+
+
+class OutputSlice(_HasParams):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: float | None = None
+
+
+class Recipe(_HasParams):
+    """A merge recipe (mergekit-compatible fields plus merganser's own)."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    random_seed: int | None = None
+
+    # Where relative model paths are resolved when they do not exist relative to the cwd.
+    source_dir: Path | None = None
+    source_name: str = "<recipe>"
+    source_text: str = ""
+
+    def model_paths(self) -> list[str]:
+        paths = [self.base_model] if self.base_model else []
+        for m in self.models or []:
+            paths.append(m.model)
+        for s in self.slices or []:
+            paths.extend(src.model for src in s.sources)
+        return list(dict.fromkeys(p for p in paths if p))
+
+    def resolve(self, ref: str) -> Path:
+        p = Path(os.path.expanduser(ref))
+        if not p.is_absolute() and not p.exists() and self.source_dir is not None:
+            alt = self.source_dir / p
+            if alt.exists():
+                return alt
+        return p
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source_text.encode()).hexdigest()
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = _format_loc(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
+    typ, msg = err["type"], err["msg"]
+    if typ == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if typ == "missing":
+        return f"{loc}: required key is missing"
+    if typ == "value_error":
+        return f"{loc}.{msg.removeprefix('Value error, ')}" if loc != "recipe" else msg
+    inp = err.get("input")
+    shown = repr(inp) if not isinstance(inp, (dict, list)) else type(inp).__name__
+    return f"{loc}: {msg.lower()}, got {shown[:60]}"
+
+
+def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = None) -> Recipe:
+    """Validate an already-parsed recipe mapping."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: expected a YAML mapping at the top level")
+    for key in ("source_dir", "source_name", "source_text"):
+        if key in data:
+            raise RecipeError(f"{name}: {key}: unknown key")
+    text = yaml.safe_dump(data, sort_keys=True)
+    try:
+        recipe = Recipe.model_validate(
+            {**data, "source_dir": source_dir, "source_name": name, "source_text": text}
+        )
+    except ValidationError as e:
+        errors = e.errors()
+        # A union failure lists each branch; the first is the most informative.
+        raise RecipeError(f"{name}: {_format_error(errors[0])}") from None
+    if not recipe.models and not recipe.slices:
+        raise RecipeError(f"{name}: models: at least one model is required (or give slices)")
+    if recipe.models and recipe.slices:
+        raise RecipeError(f"{name}: give either models or slices, not both")
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(
+            f"{p}: cannot read recipe ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise RecipeError(f"{p}: invalid YAML{where}: {problem}") from None
+    recipe = parse_recipe(data, name=str(p), source_dir=p.parent.resolve())
+    return recipe.model_copy(update={"source_text": text})

@@ -1,0 +1,59 @@
+"""`merganser inspect`: what a checkpoint holds, from headers alone."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from merganser.checkpoint import Checkpoint
+from merganser.dtypes import dtype_name
+
+_IDX = re.compile(r"\.(\d+)\.")
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Architecture, parameter count, dtypes, files and a grouped list of tensor names."""
+    with Checkpoint(path) as ckpt:
+        cfg = ckpt.config or {}
+        groups: Counter[str] = Counter()
+        shapes: dict[str, list[int]] = {}
+        for name, info in ckpt.tensors.items():
+            key = _IDX.sub(".*.", name)
+            groups[key] += 1
+            shapes.setdefault(key, list(info.shape))
+        dtypes: Counter[str] = Counter()
+        for info in ckpt.tensors.values():
+            dtypes[dtype_name(info.dtype)] += info.numel
+        return {
+            "path": str(ckpt.path),
+            "architecture": (cfg.get("architectures") or [None])[0],
+            "model_type": cfg.get("model_type"),
+            "num_layers": ckpt.num_layers(),
+            "parameters": sum(t.numel for t in ckpt.tensors.values()),
+            "tensors": len(ckpt.tensors),
+            "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+            "dtypes": dict(dtypes),
+            "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ckpt.files],
+            "groups": [{"pattern": k, "count": n, "shape": shapes[k]} for k, n in groups.items()],
+        }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"path:         {s['path']}",
+        f"architecture: {s['architecture'] or 'unknown'} ({s['model_type'] or '-'})",
+        f"layers:       {s['num_layers'] if s['num_layers'] is not None else 'unknown'}",
+        f"parameters:   {s['parameters']:,} in {s['tensors']} tensors "
+        f"({s['bytes'] / 2**20:.1f} MiB)",
+        "dtypes:       " + ", ".join(f"{k} ({v:,})" for k, v in s["dtypes"].items()),
+        f"files:        {len(s['files'])}",
+    ]
+    lines += [f"  {f['name']}  {f['bytes'] / 2**20:.1f} MiB" for f in s["files"]]
+    lines.append("tensors:")
+    width = max(len(g["pattern"]) for g in s["groups"])
+    for g in s["groups"]:
+        count = f"x{g['count']}" if g["count"] > 1 else ""
+        lines.append(f"  {g['pattern']:<{width}}  {count:>5}  {g['shape']}")
+    return "\n".join(lines)

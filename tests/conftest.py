@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_model(
+    folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None
+) -> Path:
+    """A minimal Hugging Face style folder: model.safetensors (+ config.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a merged folder (single or sharded)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "merganser.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+@pytest.fixture
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """base + 2 experts, float32, written with transformers (real Llama folders)."""
+    from merganser.tiny import build_family
+
+    root = tmp_path_factory.mktemp("family")
+    return build_family(root, experts=2, seed=1, dtype=torch.float32)
