@@ -15,13 +15,14 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_model(
-    folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None
-) -> Path:
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
     """A minimal Hugging Face style folder: model.safetensors (+ config.json)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -52,7 +53,10 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "merganser.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

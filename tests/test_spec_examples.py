@@ -67,8 +67,11 @@ def test_spec_examples_through_files(tmp_path, method, params, expected) -> None
         base = write_model(tmp_path / "base", {"w": t(1, 1, 1)})
         inputs = {"a": t(1.2, 1, 0.9), "b": t(1, 1.4, 1.1)}
     models = [write_model(tmp_path / k, {"w": v}) for k, v in inputs.items()]
-    recipe = {"merge_method": method, "models": [{"model": str(m)} for m in models],
-              "parameters": params}
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": str(m)} for m in models],
+        "parameters": params,
+    }
     if base is not None:
         recipe["base_model"] = str(base)
     merganser.merge(recipe, tmp_path / "out")

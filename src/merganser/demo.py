@@ -54,7 +54,8 @@ def main(out: str = "demo_out") -> int:
         recipe = dict(spec)
         recipe["base_model"] = str(models / spec["base_model"]) if "base_model" in spec else None
         recipe["models"] = [
-            {**m, "model": str(models / m["model"])} for m in spec["models"]  # type: ignore[union-attr]
+            {**m, "model": str(models / m["model"])}
+            for m in spec["models"]  # type: ignore[union-attr]
         ]
         if recipe["base_model"] is None:
             del recipe["base_model"]

@@ -84,11 +84,14 @@ def depth(name: str, num_layers: int) -> float:
 
 def build_plan(recipe: Recipe) -> Plan:
     """Open every checkpoint's headers and plan each output tensor; raise on any mismatch."""
-    method = get_method(recipe.merge_method)
+    src = recipe.source_name
+    method = get_method(recipe.merge_method, f"{src}: merge_method")
     if recipe.slices:
-        raise RecipeError(f"{recipe.source_name}: slices: layer slicing is not supported yet")
-    compute_dtype = parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None
-    out_dtype = parse_dtype(recipe.out_dtype, "out_dtype") if recipe.out_dtype else compute_dtype
+        raise RecipeError(f"{src}: slices: layer slicing is not supported yet")
+    compute_dtype = parse_dtype(recipe.dtype, f"{src}: dtype") if recipe.dtype else None
+    out_dtype = (
+        parse_dtype(recipe.out_dtype, f"{src}: out_dtype") if recipe.out_dtype else compute_dtype
+    )
 
     refs = recipe.model_paths()
     checkpoints: list[Checkpoint] = []
@@ -184,7 +187,7 @@ def _plan_models(
             )
             continue
         t = depth(info.name, num_layers)
-        params = _evaluate_params(recipe, method, [e for _, e in contributors], info.name, t)
+        params = _evaluate_params(recipe, method, contributors, info.name, t)
         plan.tasks.append(
             TensorTask(
                 name=info.name,
@@ -222,19 +225,21 @@ def _check_param_names(recipe: Recipe, method: Method) -> None:
 
 
 def _evaluate_params(
-    recipe: Recipe, method: Method, entries: list[Any], tensor: str, t: float
+    recipe: Recipe, method: Method, entries: list[tuple[int, Any]], tensor: str, t: float
 ) -> dict[str, Any]:
     top = recipe.parameters or {}
     out: dict[str, Any] = {}
     for p in method.params:
         if p.scope == "model":
             values = []
-            for e in entries:
+            for i, e in entries:
                 own = (e.parameters or {}).get(p.name)
                 v = evaluate(own, tensor, t) if own is not None else None
+                key = f"models[{i}].parameters.{p.name}"
                 if v is None and p.name in top:
                     v = evaluate(top[p.name], tensor, t)
-                where = f"{recipe.source_name}: {e.model}: {p.name} (tensor {tensor})"
+                    key = f"parameters.{p.name}"
+                where = f"{recipe.source_name}: {key} (tensor {tensor})"
                 values.append(p.check(p.default if v is None else v, where))
             out[p.arg] = values
         else:

@@ -1,0 +1,76 @@
+"""The command line: inspect, verify, methods, tiny, sizes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import run_cli, write_model, write_recipe
+
+from merganser.cli import main, parse_size
+
+
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1000") == 1000
+    assert parse_size("1.5k") == 1500
+    for bad in ("", "-1", "5XB", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+
+
+def test_inspect_reports_architecture_counts_and_groups(tiny_family, capsys) -> None:
+    base = tiny_family[0]
+    assert main(["inspect", str(base)]) == 0
+    text = capsys.readouterr().out
+    assert "LlamaForCausalLM" in text and "layers:       2" in text
+    assert "model.layers.*.self_attn.q_proj.weight" in text and "x2" in text
+    assert main(["inspect", str(base), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    from safetensors.torch import load_file
+
+    assert s["parameters"] == sum(
+        v.numel() for v in load_file(str(base / "model.safetensors")).values()
+    )
+    assert s["dtypes"] == {"float32": s["parameters"]}
+
+
+def test_verify_accepts_a_merge_and_catches_tampering(tmp_path, capsys) -> None:
+    a = write_model(tmp_path / "a", {"w": torch.randn(300, 300), "v": torch.randn(200, 200)})
+    r = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(a)}]})
+    out = tmp_path / "out"
+    assert main(["merge", str(r), str(out), "--out-shard-size", "200KB", "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "OK (2 shard(s), 2 tensors)" in capsys.readouterr().out
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    assert "checksum does not match" in capsys.readouterr().err
+
+
+def test_methods_lists_every_registered_method(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("linear", "task_arithmetic", "passthrough"):
+        assert f"\n{name}:" in "\n" + out
+
+
+def test_tiny_then_merge_as_a_real_process(tmp_path) -> None:
+    r = run_cli("tiny", str(tmp_path / "fam"), "--experts", "1")
+    assert r.returncode == 0, r.stderr
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "fam" / "base"),
+            "models": [{"model": str(tmp_path / "fam" / "expert_1")}],
+        },
+    )
+    r = run_cli("merge", str(recipe), str(tmp_path / "o"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # no progress bar in a pipe
+    assert (tmp_path / "o" / "merganser_manifest.json").is_file()

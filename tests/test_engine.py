@@ -1,0 +1,140 @@
+"""Engine behaviour: chunking, determinism across threads and budgets, parameter evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import load_folder, tree_digest, write_model
+
+import merganser
+from merganser.engine import EngineOptions, work_items
+from merganser.errors import MerganserError
+from merganser.plan import build_plan, depth
+from merganser.recipe import Gradient, parse_recipe
+
+
+def _family(tmp_path, layers: int = 3):
+    g = torch.Generator().manual_seed(0)
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{kind}.weight" for i in range(layers) for kind in ("mlp.up", "attn.q")
+    ]
+    cfg = {"num_hidden_layers": layers}
+    make = lambda: {n: torch.randn(64, 33, generator=g).to(torch.bfloat16) for n in names}  # noqa: E731
+    return [write_model(tmp_path / f"m{i}", make(), cfg) for i in range(3)]
+
+
+def _recipe(paths):
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p), "parameters": {"weight": [0.3, 1.2]}} for p in paths[1:]],
+        "parameters": {"lambda": 0.7},
+    }
+
+
+def test_output_bytes_do_not_depend_on_threads_budget_or_chunking(tmp_path) -> None:
+    paths = _family(tmp_path)
+    runs = {
+        "1 thread": merganser.MergeOptions(threads=1),
+        "4 threads": merganser.MergeOptions(threads=4, torch_threads=2),
+        "tiny budget (chunked)": merganser.MergeOptions(threads=3, memory_budget=4096),
+    }
+    digests = {}
+    for name, opts in runs.items():
+        out = merganser.merge(_recipe(paths), tmp_path / name.replace(" ", "_"), opts)
+        digests[name] = tree_digest(out)
+    first = next(iter(digests.values()))
+    assert all(d == first for d in digests.values()), digests
+
+
+def test_big_tensors_are_chunked_to_fit_the_budget(tmp_path) -> None:
+    plan = build_plan(parse_recipe(_recipe(_family(tmp_path))))
+    try:
+        items = work_items(plan, EngineOptions(memory_budget=4096))
+        assert len(items) > len(plan.tasks)
+        assert all(i.cost <= 4096 for i in items)
+        assert sum(i.count for i in items) == sum(t.numel for t in plan.tasks)
+    finally:
+        plan.close()
+
+
+def test_non_elementwise_tensor_larger_than_budget_fails_before_work(tmp_path) -> None:
+    plan = build_plan(parse_recipe(_recipe(_family(tmp_path))))
+    try:
+        plan.method = dataclasses.replace(plan.method, elementwise=False)
+        with pytest.raises(MerganserError, match=r"more than --memory-budget"):
+            work_items(plan, EngineOptions(memory_budget=4096))
+    finally:
+        plan.close()
+
+
+def test_layer_gradient_and_depth_follow_mergekit(tmp_path) -> None:
+    assert depth("model.embed_tokens.weight", 3) == 0.0
+    assert depth("model.norm.weight", 3) == 1.0 and depth("lm_head.weight", 3) == 1.0
+    assert [depth(f"model.layers.{i}.mlp.up.weight", 3) for i in range(3)] == [0.0, 0.5, 1.0]
+    g = Gradient((0.0, 1.0, 0.0))
+    assert [g.at(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+    paths = _family(tmp_path)
+    plan = build_plan(parse_recipe(_recipe(paths)))
+    try:
+        w = {t.name: t.params["weight"][0] for t in plan.tasks}
+        assert w["model.embed_tokens.weight"] == pytest.approx(0.3)
+        assert w["model.layers.1.mlp.up.weight"] == pytest.approx(0.75)
+        assert w["model.layers.2.attn.q.weight"] == pytest.approx(1.2)
+        assert w["lm_head.weight"] == pytest.approx(1.2)
+    finally:
+        plan.close()
+
+
+def test_filter_overrides_first_match_wins(tmp_path) -> None:
+    paths = _family(tmp_path)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(paths[0])}],
+        "parameters": {
+            "normalize": False,
+            "weight": [
+                {"filter": "mlp", "value": [2.0, 4.0]},
+                {"filter": "attn", "value": 0.5},
+                {"value": 1.0},
+            ],
+        },
+    }
+    out = load_folder(merganser.merge(recipe, tmp_path / "o"))
+    src = load_folder(paths[0])
+    for name, x in src.items():
+        if "mlp" in name:
+            i = int(name.split(".")[2])
+            expected = x.float() * (2.0 + i)
+        elif "attn" in name:
+            expected = x.float() * 0.5
+        else:
+            expected = x.float()
+        assert torch.equal(out[name], expected.to(torch.bfloat16)), name
+
+
+def test_per_model_value_beats_top_level_default(tmp_path) -> None:
+    a = write_model(tmp_path / "a", {"w": torch.tensor([1.0])})
+    b = write_model(tmp_path / "b", {"w": torch.tensor([0.0])})
+    r = {
+        "merge_method": "linear",
+        "parameters": {"weight": 3.0},
+        "models": [{"model": str(a)}, {"model": str(b), "parameters": {"weight": 1.0}}],
+    }
+    assert load_folder(merganser.merge(r, tmp_path / "o"))["w"].item() == 0.75
+
+
+def test_compute_dtype_rounds_inputs_like_mergekit(tmp_path) -> None:
+    x = torch.tensor([1.0 + 2**-12], dtype=torch.float32)  # not representable in bfloat16
+    a = write_model(tmp_path / "a", {"w": x})
+    r = {
+        "merge_method": "linear",
+        "models": [{"model": str(a)}],
+        "dtype": "bfloat16",
+        "out_dtype": "float32",
+    }
+    got = load_folder(merganser.merge(r, tmp_path / "o"))["w"]
+    assert got.dtype == torch.float32 and got.item() == 1.0
