@@ -11,7 +11,8 @@ from conftest import load_folder, tree_digest, write_model
 import merganser
 from merganser.engine import EngineOptions, work_items
 from merganser.errors import MerganserError
-from merganser.plan import build_plan, depth
+from merganser.naming import depth
+from merganser.plan import build_plan
 from merganser.recipe import Gradient, parse_recipe
 
 

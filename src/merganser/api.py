@@ -17,9 +17,10 @@ from merganser.card import model_card
 from merganser.dtypes import dtype_name
 from merganser.errors import MerganserError, RecipeError
 from merganser.methods import get_method
-from merganser.plan import Plan, build_plan
+from merganser.plan import Plan, build_plan, tensor_seed
 from merganser.progress import Progress
 from merganser.recipe import Recipe, load_recipe, parse_recipe
+from merganser.stats import WholeModelStats
 from merganser.writer import MANIFEST_NAME, AtomicOutput, layout
 
 TOKENIZER_FILES = (
@@ -92,6 +93,7 @@ def merge(
     plan = build_plan(rec)
     try:
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
+        stats = _whole_model_stats(plan)
         target = Path(out_dir)
         _check_not_an_input(target, plan)
         out = AtomicOutput(target, force=options.force)
@@ -101,6 +103,8 @@ def merge(
                 ((t.name, t.shape, t.out_dtype) for t in plan.tasks), options.out_shard_size
             )
             out.open_shards(shards, slots)
+            if stats is not None:
+                engine.gather_stats(plan, stats, eopts)
             with Progress(plan.out_nbytes, len(items), options.progress) as bar:
                 engine.run(
                     plan, lambda task, t, start: out.write(task.name, t, start), eopts, bar.update
@@ -117,6 +121,13 @@ def merge(
         return out.target
     finally:
         plan.close()
+
+
+def _whole_model_stats(plan: Plan) -> WholeModelStats | None:
+    first = next((t for t in plan.tasks if not t.copy_only), None)
+    if plan.method.stats is None or first is None:
+        return None
+    return plan.method.stats(first.params)
 
 
 def _manifest(plan: Plan, shards: dict[str, Any]) -> dict[str, Any]:
@@ -207,21 +218,39 @@ def merge_tensors(
             kwargs[p.arg] = [p.check(x, p.name) for x in values]
         else:
             kwargs[p.arg] = p.check(v, p.name)
+    seed = params.pop("seed", 0)
     if params:
         raise MerganserError(
             f"merge_tensors: unknown parameter {next(iter(params))!r} for {method!r}"
         )
+    if m.validate is not None and (problem := m.validate(kwargs)):
+        raise MerganserError(f"merge_tensors: {problem}")
+    single = isinstance(models[0], torch.Tensor)
+    dicts: list[Mapping[str, torch.Tensor]] = (
+        [{"": t} for t in models] if single else list(models)  # type: ignore[misc]
+    )
+    bases: Mapping[str, torch.Tensor] | None = (
+        None if base is None else ({"": base} if single else base)  # type: ignore[dict-item]
+    )
+    keys = [k for k in dicts[0] if dicts[0][k].dtype.is_floating_point]
 
-    def one(ts: list[torch.Tensor], b: torch.Tensor | None) -> torch.Tensor:
-        if not ts[0].dtype.is_floating_point:
-            return ts[0].clone()
-        out = m([t.float() for t in ts], None if b is None else b.float(), **kwargs)
-        return out.to(ts[0].dtype)
+    def inputs(k: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        return [d[k].float() for d in dicts], None if bases is None else bases[k].float()
 
-    if isinstance(models[0], torch.Tensor):
-        return one(list(models), base)  # type: ignore[arg-type]
-    dicts: list[Mapping[str, torch.Tensor]] = list(models)  # type: ignore[arg-type]
-    return {
-        k: one([d[k] for d in dicts], None if base is None else base[k])  # type: ignore[index]
-        for k in dicts[0]
-    }
+    stats = m.stats(kwargs) if m.stats is not None else None
+    for p in range(stats.passes if stats is not None else 0):
+        for k in keys:
+            stats.observe(p, k, *inputs(k), kwargs)  # type: ignore[union-attr]
+        stats.end_pass(p)  # type: ignore[union-attr]
+
+    out: dict[str, torch.Tensor] = {}
+    for k, first in dicts[0].items():
+        if k not in keys:
+            out[k] = first.clone()
+            continue
+        extra = {"seed": tensor_seed(seed, k)} if m.stochastic else {}
+        if stats is not None:
+            extra.update(stats.params_for(k))
+        ts, b = inputs(k)
+        out[k] = m(ts, b, **kwargs, **extra).to(first.dtype)
+    return out[""] if single else out

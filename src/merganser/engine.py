@@ -19,6 +19,7 @@ import torch
 from merganser.dtypes import itemsize
 from merganser.errors import MerganserError
 from merganser.plan import Plan, TensorTask
+from merganser.stats import WholeModelStats
 
 Sink = Callable[[TensorTask, torch.Tensor, int], None]
 
@@ -77,17 +78,19 @@ def bytes_per_element(plan: Plan, task: TensorTask) -> int:
     return raw + work + itemsize(task.out_dtype)
 
 
-def work_items(plan: Plan, options: EngineOptions) -> list[WorkItem]:
+def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[WorkItem]:
     """Split the plan into items that each fit in the budget; fail early if one cannot."""
     cap = min(options.max_item_bytes, options.memory_budget)
     items: list[WorkItem] = []
     for task in plan.tasks:
+        if not chunks and task.copy_only:
+            continue
         per = bytes_per_element(plan, task)
         need = per * task.numel
         if need <= cap or task.numel <= 1:
             items.append(WorkItem(task, 0, task.numel, need, True))
             continue
-        if not (plan.method.elementwise or task.copy_only):
+        if not chunks or not (plan.method.elementwise or task.copy_only):
             if need > options.memory_budget:
                 raise MerganserError(
                     f"tensor {task.name} {list(task.shape)} needs about {need / 2**30:.2f} GiB "
@@ -103,6 +106,25 @@ def work_items(plan: Plan, options: EngineOptions) -> list[WorkItem]:
     return items
 
 
+def load_inputs(
+    plan: Plan, item: WorkItem, options: EngineOptions
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The item's inputs as float32 on the compute device (sources, then base or None)."""
+
+    def load(ref: tuple[int, str]) -> torch.Tensor:
+        ci, name = ref
+        if item.whole:
+            t = plan.checkpoints[ci].read(name)
+        else:
+            t = plan.checkpoints[ci].read(name, item.start, item.count)
+        if plan.compute_dtype is not None and t.dtype != plan.compute_dtype:
+            t = t.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` before merging
+        return t.to(device=options.device, dtype=torch.float32)
+
+    tensors = [load(ref) for ref in item.task.sources]
+    return tensors, (load(item.task.base) if item.task.base else None)
+
+
 def compute_item(plan: Plan, item: WorkItem, options: EngineOptions) -> torch.Tensor:
     """Merge one work item and return it in the output dtype (flat unless ``item.whole``)."""
     task = item.task
@@ -115,14 +137,7 @@ def compute_item(plan: Plan, item: WorkItem, options: EngineOptions) -> torch.Te
 
     if task.copy_only:
         return load(task.sources[0]).to(task.out_dtype)
-
-    def prep(t: torch.Tensor) -> torch.Tensor:
-        if plan.compute_dtype is not None and t.dtype != plan.compute_dtype:
-            t = t.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` before merging
-        return t.to(device=options.device, dtype=torch.float32)
-
-    tensors = [prep(load(ref)) for ref in task.sources]
-    base = prep(load(task.base)) if task.base else None
+    tensors, base = load_inputs(plan, item, options)
     out = plan.method(tensors, base, **task.params)
     del tensors, base
     if not options.allow_nonfinite and not bool(torch.isfinite(out).all()):
@@ -140,7 +155,36 @@ def run(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``."""
-    items = work_items(plan, options)
+
+    def work(item: WorkItem) -> None:
+        out = compute_item(plan, item, options)
+        sink(item.task, out, item.start)
+        if progress is not None:
+            progress(out.numel() * out.element_size())
+
+    _run_items(work_items(plan, options), work, options)
+
+
+def gather_stats(plan: Plan, stats: WholeModelStats, options: EngineOptions) -> None:
+    """Stream every mergeable tensor through ``stats`` once per pass, then attach its results."""
+    items = work_items(plan, options, chunks=False)
+    for p in range(stats.passes):
+
+        def observe(item: WorkItem, p: int = p) -> None:
+            tensors, base = load_inputs(plan, item, options)
+            stats.observe(p, item.task.name, tensors, base, item.task.params)
+
+        _run_items(items, observe, options)
+        stats.end_pass(p)
+    for task in plan.tasks:
+        if not task.copy_only:
+            task.params.update(stats.params_for(task.name))
+
+
+def _run_items(
+    items: list[WorkItem], fn: Callable[[WorkItem], None], options: EngineOptions
+) -> None:
+    """Run ``fn`` over ``items`` on a thread pool, admitting items while they fit the budget."""
     budget = MemoryBudget(options.memory_budget)
     abort = threading.Event()
     old_threads = torch.get_num_threads()
@@ -148,12 +192,8 @@ def run(
 
     def work(item: WorkItem, held: int) -> None:
         try:
-            if abort.is_set():
-                return
-            out = compute_item(plan, item, options)
-            sink(item.task, out, item.start)
-            if progress is not None:
-                progress(out.numel() * out.element_size())
+            if not abort.is_set():
+                fn(item)
         except BaseException:
             abort.set()
             raise

@@ -6,7 +6,7 @@ parameter values) fails here, before the first byte of weights is touched.
 
 from __future__ import annotations
 
-import re
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +16,8 @@ from merganser.checkpoint import Checkpoint
 from merganser.dtypes import itemsize, parse_dtype
 from merganser.errors import CheckpointError, RecipeError
 from merganser.methods import IGNORED_PARAMS, Method, get_method
+from merganser.naming import depth, layer_index
 from merganser.recipe import ParamValue, Recipe, evaluate
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_PRE_LAYER_RE = re.compile(r"embed|wte|wpe|word_embeddings")
 
 
 @dataclass
@@ -69,19 +67,6 @@ class Plan:
             c.close()
 
 
-def layer_index(name: str) -> int | None:
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def depth(name: str, num_layers: int) -> float:
-    """mergekit's t: idx/(L−1) inside the layer stack, 0 before it (embeddings), 1 after it."""
-    idx = layer_index(name)
-    if idx is None:
-        return 0.0 if _PRE_LAYER_RE.search(name) else 1.0
-    return idx / (num_layers - 1) if num_layers > 1 else 1.0
-
-
 def build_plan(recipe: Recipe) -> Plan:
     """Open every checkpoint's headers and plan each output tensor; raise on any mismatch."""
     src = recipe.source_name
@@ -129,11 +114,10 @@ def _plan_models(
     base_idx = index[recipe.base_model] if recipe.base_model else None
     if method.needs_base and base_idx is None:
         raise RecipeError(f"{name}: base_model: method {method.name!r} needs a base_model")
+    uses_base = base_idx is not None and method.takes_base
     # Task-vector methods never treat the base as a contributor (its task vector is zero).
     contributors = [
-        (i, e)
-        for i, e in enumerate(entries)
-        if not (method.needs_base and e.model == recipe.base_model)
+        (i, e) for i, e in enumerate(entries) if not (uses_base and e.model == recipe.base_model)
     ]
     if len(contributors) < method.min_models:
         raise RecipeError(
@@ -154,7 +138,7 @@ def _plan_models(
     )
     plan = Plan(recipe, method, checkpoints, refs, reference)
     users = [index[e.model] for _, e in contributors]
-    needed = [*users, base_idx] if base_idx is not None and method.needs_base else users
+    needed = [*users, base_idx] if uses_base else users
     # Read in the reference's on-disk order so each input file is walked front to back.
     ordered = sorted(ref_ckpt.tensors.values(), key=lambda i: (str(i.file), i.start))
     for info in ordered:
@@ -194,7 +178,7 @@ def _plan_models(
                 shape=info.shape,
                 out_dtype=out_dtype or info.dtype,
                 sources=[(ci, info.name) for ci in users],
-                base=(base_idx, info.name) if method.needs_base and base_idx is not None else None,
+                base=(base_idx, info.name) if uses_base else None,
                 params=params,
             )
         )
@@ -246,8 +230,16 @@ def _evaluate_params(
             v = evaluate(top[p.name], tensor, t) if p.name in top else None
             where = f"{recipe.source_name}: parameters.{p.name} (tensor {tensor})"
             out[p.arg] = p.check(p.default if v is None else v, where)
-    if out.get("normalize") and "weight" in out and sum(out["weight"]) == 0:
-        raise RecipeError(
-            f"{recipe.source_name}: weights sum to zero for tensor {tensor} with normalize: true"
-        )
+    if method.stochastic:
+        out["seed"] = tensor_seed(recipe.random_seed or 0, tensor)
+    if method.validate is not None:
+        problem = method.validate(out)
+        if problem:
+            raise RecipeError(f"{recipe.source_name}: parameters (tensor {tensor}): {problem}")
     return out
+
+
+def tensor_seed(seed: int, tensor: str) -> int:
+    """A per-tensor seed that depends only on the recipe's seed and the tensor's name."""
+    digest = hashlib.blake2b(f"{seed}:{tensor}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF

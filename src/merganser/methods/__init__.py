@@ -1,6 +1,20 @@
 """Merge methods. Importing this package registers every built-in method."""
 
-from merganser.methods import linear, passthrough, task_arithmetic
+from merganser.methods import (
+    breadcrumbs,
+    dare,
+    della,
+    dppa,
+    karcher,
+    linear,
+    model_stock,
+    passthrough,
+    reborn,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from merganser.methods.registry import IGNORED_PARAMS, Method, Param, all_methods, get_method
 
 __all__ = [
@@ -8,8 +22,18 @@ __all__ = [
     "Method",
     "Param",
     "all_methods",
+    "breadcrumbs",
+    "dare",
+    "della",
+    "dppa",
     "get_method",
+    "karcher",
     "linear",
+    "model_stock",
     "passthrough",
+    "reborn",
+    "sce",
+    "slerp",
     "task_arithmetic",
+    "ties",
 ]

@@ -14,6 +14,11 @@ from merganser.methods.registry import Param, register
         Param("normalize", "global", True, kind=bool, doc="divide by the sum of weights"),
     ),
     elementwise=True,
+    validate=lambda p: (
+        "weights sum to zero with normalize: true"
+        if p["normalize"] and sum(p["weight"]) == 0
+        else None
+    ),
     reference="Wortsman et al., Model soups, ICML 2022, arXiv 2203.05482",
 )
 def linear(

@@ -25,6 +25,8 @@ class Param:
     high: float | None = None
     choices: tuple[str, ...] | None = None
     doc: str = ""
+    # mergekit spells some choices as booleans (``rescale: true``): (value for false, for true).
+    bool_map: tuple[str, str] | None = None
 
     @property
     def arg(self) -> str:
@@ -38,6 +40,8 @@ class Param:
                 raise RecipeError(f"{where}: expected true or false, got {value!r}")
             return value
         if self.kind is str:
+            if isinstance(value, bool) and self.bool_map is not None:
+                value = self.bool_map[int(value)]
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 opts = " or ".join(self.choices or ())
                 raise RecipeError(f"{where}: expected {opts or 'a string'}, got {value!r}")
@@ -84,12 +88,24 @@ class Method:
     workspace: float = 1.0
     experimental: bool = False
     aliases: tuple[str, ...] = field(default=())
+    # Uses the base when the recipe names one (fn always takes ``base``, possibly None).
+    optional_base: bool = False
+    # Takes a ``seed`` argument derived from the recipe's random_seed and the tensor name.
+    stochastic: bool = False
+    # Per-tensor check of evaluated parameters; returns an error message or None.
+    validate: Callable[[dict[str, Any]], str | None] | None = None
+    # Factory for whole-model statistics gathered in extra passes before merging (or None).
+    stats: Callable[[dict[str, Any]], Any] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    @property
+    def takes_base(self) -> bool:
+        return self.needs_base or self.optional_base
+
     def __call__(self, tensors: list[Any], base: Any = None, **params: Any) -> Any:
-        if self.needs_base:
+        if self.takes_base:
             return self.fn(tensors, base, **params)
         return self.fn(tensors, **params)
 
@@ -112,6 +128,10 @@ def register(
     workspace: float = 1.0,
     experimental: bool = False,
     aliases: tuple[str, ...] = (),
+    optional_base: bool = False,
+    stochastic: bool = False,
+    validate: Callable[[dict[str, Any]], str | None] | None = None,
+    stats: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register a tensor function as merge method ``name``."""
 
@@ -128,6 +148,10 @@ def register(
             workspace,
             experimental,
             aliases,
+            optional_base,
+            stochastic,
+            validate,
+            stats,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

@@ -1,0 +1,84 @@
+"""Model Breadcrumbs: drop both the smallest and the largest (outlier) delta entries."""
+
+from __future__ import annotations
+
+import torch
+
+from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize
+from merganser.methods.registry import Param, register
+from merganser.methods.sparsify import outlier_mask
+from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
+
+GAMMA = Param(
+    "gamma",
+    "model",
+    0.01,
+    low=0.0,
+    high=1.0,
+    doc="fraction of largest-magnitude entries removed (the paper's beta)",
+)
+REFERENCE = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv 2312.06795"
+
+
+def _sparsifier(density: list[float], gamma: list[float]) -> Sparsifier:
+    def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
+        return d * outlier_mask(d, density[i], gamma[i])
+
+    return sparsify
+
+
+@register(
+    "breadcrumbs",
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False)),
+    needs_base=True,
+    workspace=3.0,
+    reference=REFERENCE,
+)
+def breadcrumbs(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Task arithmetic on masks that drop the top ``gamma`` and the bottom entries so ``density``
+    remains (Davari & Belilovsky 2023).
+    """
+    return generalized_task_arithmetic(
+        tensors,
+        base,
+        weight,
+        sparsify=_sparsifier(density, gamma),
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+@register(
+    "breadcrumbs_ties",
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False)),
+    needs_base=True,
+    workspace=4.0,
+    reference=REFERENCE,
+)
+def breadcrumbs_ties(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Breadcrumbs masks followed by TIES sign consensus (mergekit's breadcrumbs_ties)."""
+    return generalized_task_arithmetic(
+        tensors,
+        base,
+        weight,
+        sparsify=_sparsifier(density, gamma),
+        consensus="mass",
+        normalize=normalize,
+        lambda_=lambda_,
+    )

@@ -1,0 +1,115 @@
+"""Spherical interpolation: SLERP of weights (two models) and NuSLERP (of task vectors)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from merganser.methods.params import WEIGHT
+from merganser.methods.registry import Param, register
+
+
+def slerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors (Shoemake 1985, mergekit's slerp): the angle
+    is taken between the flattened, normalised tensors; the coefficients are applied to the
+    unnormalised ones; nearly colinear tensors are interpolated linearly.
+    """
+    n0, n1 = float(v0.norm()), float(v1.norm())
+    u0 = v0.double() / n0 if n0 > eps else v0.double()
+    u1 = v1.double() / n1 if n1 > eps else v1.double()
+    dot = float((u0 * u1).sum())
+    if abs(dot) > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return (math.sin((1 - t) * theta) / s) * v0 + (math.sin(t * theta) / s) * v1
+
+
+@register(
+    "slerp",
+    params=(Param("t", "global", 0.5, doc="0 returns the base model, 1 the other model"),),
+    needs_base=True,
+    max_models=1,
+    workspace=2.0,
+    reference="Shoemake 1985; mergekit slerp (Goddard et al., arXiv 2403.13257)",
+)
+def slerp(tensors: list[torch.Tensor], base: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """SLERP from the base model (t = 0) to the other model (t = 1), per tensor."""
+    return slerp_tensors(t, base, tensors[0])
+
+
+def nuslerp_tensors(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    row_wise: bool = False,
+    flatten: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """SLERP over whole tensors (``flatten``) or per row/column vector, with a linear fallback
+    for colinear pairs (mergekit's nuslerp).
+    """
+    shape = v0.shape
+    if flatten or v0.dim() < 2:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    colinear = sin.abs() < eps
+    safe = torch.where(colinear, torch.ones_like(sin), sin)
+    res = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / safe
+    res = torch.where(colinear, (1 - t) * a + t * b, res)
+    if not (flatten or v0.dim() < 2) and row_wise:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+@register(
+    "nuslerp",
+    params=(
+        WEIGHT,
+        Param(
+            "nuslerp_flatten",
+            "global",
+            True,
+            kind=bool,
+            doc="one angle per tensor (true) or per row/column vector",
+        ),
+        Param(
+            "nuslerp_row_wise",
+            "global",
+            False,
+            kind=bool,
+            doc="with nuslerp_flatten false: interpolate rows instead of columns",
+        ),
+    ),
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    workspace=3.0,
+    reference="mergekit nuslerp (Goddard et al., arXiv 2403.13257)",
+)
+def nuslerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    weight: list[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> torch.Tensor:
+    """SLERP of two models with t = w₂/(w₁+w₂); with a base, of their task vectors."""
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if base is None:
+        return nuslerp_tensors(t, tensors[0], tensors[1], nuslerp_row_wise, nuslerp_flatten)
+    return base + nuslerp_tensors(
+        t, tensors[0] - base, tensors[1] - base, nuslerp_row_wise, nuslerp_flatten
+    )

@@ -1,0 +1,26 @@
+"""Conventions read off tensor names: layer index and depth within the layer stack."""
+
+from __future__ import annotations
+
+import re
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+_PRE_LAYER_RE = re.compile(r"embed|wte|wpe|word_embeddings")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def depth(name: str, num_layers: int) -> float:
+    """mergekit's t: idx/(L−1) inside the layer stack, 0 before it (embeddings), 1 after it."""
+    idx = layer_index(name)
+    if idx is None:
+        return 0.0 if _PRE_LAYER_RE.search(name) else 1.0
+    return idx / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def is_layer_linear(name: str, ndim: int) -> bool:
+    """A 2-D weight inside the layer stack (attention and MLP projections)."""
+    return ndim == 2 and name.endswith("weight") and layer_index(name) is not None

@@ -1,0 +1,96 @@
+"""Properties across methods (hypothesis): merging a model with itself or with its base is the
+identity, and the special cases collapse to task arithmetic."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import merganser
+from merganser.methods import all_methods
+
+shapes = st.lists(st.integers(1, 9), min_size=1, max_size=2).map(tuple)
+seeds = st.integers(0, 2**31)
+
+
+def _rand(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+BASE_METHODS = sorted(m.name for m in all_methods() if m.needs_base)
+EXTRA = {"reborn": 2, "model_stock": 2, "nuslerp": 2}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, shape=shapes, method=st.sampled_from(BASE_METHODS), density=st.floats(0.1, 1.0))
+def test_models_equal_to_the_base_return_the_base(seed, shape, method, density) -> None:
+    base = _rand(seed, shape)
+    n = EXTRA.get(method, 1)
+    params = (
+        {"density": density}
+        if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+        else {}
+    )
+    out = merganser.merge_tensors(method, [base.clone() for _ in range(n)], base=base, **params)
+    assert torch.equal(out, base), method
+
+
+IDENTITY_METHODS = ["linear", "karcher", "model_stock", "slerp", "nuslerp", "ties"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, shape=shapes, method=st.sampled_from(IDENTITY_METHODS), n=st.integers(2, 4))
+def test_identical_fine_tuned_models_merge_to_themselves(seed, shape, method, n) -> None:
+    base = _rand(seed, shape)
+    x = base + _rand(seed + 1, shape, 0.1)
+    if method == "slerp":
+        models = [x]
+    elif method == "nuslerp":
+        models = [x, x.clone()]
+    else:
+        models = [x.clone() for _ in range(n)]
+    if method == "slerp":  # both endpoints of the interpolation are the same model
+        base = x.clone()
+    kwargs = {} if method in {"linear", "karcher"} else {"base": base}
+    out = merganser.merge_tensors(method, models, **kwargs)
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, shape=shapes, w=st.floats(0.1, 2.0), lam=st.floats(0.1, 2.0))
+def test_ties_with_density_one_and_one_model_is_task_arithmetic(seed, shape, w, lam) -> None:
+    base, x = _rand(seed, shape), _rand(seed + 1, shape)
+    ties = merganser.merge_tensors(
+        "ties", [x], base=base, density=1.0, weight=[w], normalize=False, **{"lambda": lam}
+    )
+    ta = merganser.merge_tensors("task_arithmetic", [x], base=base, weight=[w], **{"lambda": lam})
+    torch.testing.assert_close(ties, ta, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    shape=shapes,
+    n=st.integers(1, 3),
+    method=st.sampled_from(["dare_linear", "della_linear"]),
+    rescale=st.sampled_from(["l1", "inverse", "none"]),
+)
+def test_dare_without_drop_is_task_arithmetic(seed, shape, n, method, rescale) -> None:
+    base = _rand(seed, shape)
+    models = [_rand(seed + i + 1, shape) for i in range(n)]
+    weights = [0.5 + i for i in range(n)]
+    dare = merganser.merge_tensors(
+        method, models, base=base, density=1.0, weight=weights, rescale=rescale, seed=seed
+    )
+    ta = merganser.merge_tensors("task_arithmetic", models, base=base, weight=weights)
+    torch.testing.assert_close(dare, ta, rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, shape=shapes, density=st.floats(0.05, 0.95))
+def test_ties_trim_keeps_exactly_the_density_count(seed, shape, density) -> None:
+    base = torch.zeros(shape)
+    x = _rand(seed, shape)
+    out = merganser.merge_tensors("ties", [x], base=base, density=density)
+    assert int((out != 0).sum()) == int(density * x.numel())

@@ -1,0 +1,192 @@
+"""Each method's worked example from the spec (§3–§7, §13), plus pinned conventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import merganser
+from merganser.methods.dppa import amplify_partitions, dppa_densities
+from merganser.methods.slerp import slerp_tensors
+from merganser.methods.sparsify import rank_keep_probs, rescale
+
+
+def t(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+TAU1 = t(0.5, -0.2, 0.1, -0.4, 0.05)
+TAU2 = t(-0.3, 0.6, 0.05, -0.1, 0.2)
+ZERO = torch.zeros(5)
+
+
+def test_ties_spec_3_3_canonical() -> None:
+    out = merganser.merge_tensors("ties", [TAU1, TAU2], base=ZERO, density=0.6)
+    torch.testing.assert_close(out, t(0.5, 0.6, 0.0, -0.4, 0.2), rtol=0, atol=1e-7)
+
+
+def test_ties_spec_3_3_mergekit_weights() -> None:
+    out = merganser.merge_tensors("ties", [TAU1, TAU2], base=ZERO, density=0.6, weight=[1.0, 0.5])
+    torch.testing.assert_close(out, t(0.5, 0.6, 0.0, -0.4, 0.2), rtol=0, atol=1e-7)
+
+
+def test_ties_sign_frequency_and_dis_sum() -> None:
+    out = merganser.merge_tensors(
+        "ties", [TAU1, TAU2, TAU2], base=ZERO, density=1.0, sign_method="frequency", normalize=False
+    )
+    # two of three vote for τ2's sign everywhere τ2 is non-zero
+    torch.testing.assert_close(out, 2 * TAU2 + torch.where(TAU1.sign() == TAU2.sign(), TAU1, 0))
+
+
+def test_ties_global_scope_trims_over_the_whole_model() -> None:
+    # per tensor, each tensor keeps its own top half; globally, the small tensor loses everything
+    big = {"a": t(4, -3, 2, 1), "b": t(0.01, 0.02)}
+    zero = {k: torch.zeros_like(v) for k, v in big.items()}
+    per = merganser.merge_tensors("ties", [big], base=zero, density=0.5)
+    glob = merganser.merge_tensors("ties", [big], base=zero, density=0.5, scope="global")
+    assert torch.equal(per["b"], t(0, 0.02)) and torch.equal(per["a"], t(4, -3, 0, 0))
+    assert torch.equal(glob["b"], t(0, 0)) and torch.equal(glob["a"], t(4, -3, 2, 0))
+
+
+def test_dare_spec_4_4_rescales() -> None:
+    delta, mask = t(0.1, -0.2, 0.3, -0.4), t(1, 0, 1, 0)
+    torch.testing.assert_close(rescale(delta, mask, "inverse", 0.5), t(0.2, 0, 0.6, 0))
+    torch.testing.assert_close(rescale(delta, mask, "l1", 0.5), t(0.25, 0, 0.75, 0))
+
+
+def test_dare_is_seeded_and_keeps_density_in_expectation() -> None:
+    g = torch.Generator().manual_seed(0)
+    base, ft = torch.zeros(200_000), torch.randn(200_000, generator=g)
+    a = merganser.merge_tensors(
+        "dare_linear", [ft], base=base, density=0.3, seed=7, rescale="inverse"
+    )
+    b = merganser.merge_tensors(
+        "dare_linear", [ft], base=base, density=0.3, seed=7, rescale="inverse"
+    )
+    c = merganser.merge_tensors(
+        "dare_linear", [ft], base=base, density=0.3, seed=8, rescale="inverse"
+    )
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.005
+    torch.testing.assert_close(a[a != 0], ft[a != 0] / 0.3)
+
+
+def test_breadcrumbs_spec_13_2() -> None:
+    d = t(0.9, -0.05, 0.3, -0.6, 0.01, 0.2, -0.15, 0.4, 0.02, -0.7)
+    out = merganser.merge_tensors("breadcrumbs", [d], base=torch.zeros(10), density=0.5, gamma=0.1)
+    torch.testing.assert_close(out, t(0, 0, 0.3, -0.6, 0, 0.2, 0, 0.4, 0, -0.7))
+
+
+def test_breadcrumbs_small_tensor_keeps_its_entries_unlike_mergekits_slice_bug() -> None:
+    d = t(0.3, -0.2, 0.1, 0.05)  # int(0.01 * 4) = 0 outliers removed
+    out = merganser.merge_tensors("breadcrumbs", [d], base=torch.zeros(4), density=0.5)
+    torch.testing.assert_close(out, t(0.3, -0.2, 0, 0))
+
+
+def test_della_spec_13_3_keep_probabilities_and_official_rescale() -> None:
+    row = t(0.1, -0.4, 0.2, 0.3)
+    p = rank_keep_probs(row, 0.5, 0.1)
+    torch.testing.assert_close(p, t(0.4, 0.6, 0.466667, 0.533333), rtol=0, atol=1e-6)
+    out = rescale(row, t(1, 1, 0, 1), "inverse", p)
+    torch.testing.assert_close(out, t(0.25, -0.666667, 0, 0.5625), rtol=0, atol=1e-6)
+
+
+def test_della_rejects_a_window_outside_0_1() -> None:
+    with pytest.raises(merganser.MerganserError, match=r"density ± epsilon must lie in \(0, 1\)"):
+        merganser.merge_tensors("della", [t(1, 2)], base=t(0, 0), density=0.1, epsilon=0.15)
+
+
+def test_model_stock_spec_13_4() -> None:
+    out = merganser.merge_tensors("model_stock", [t(1, 0), t(0.6, 0.8)], base=t(0, 0))
+    torch.testing.assert_close(out, t(0.6, 0.3))
+
+
+def test_slerp_spec_13_1() -> None:
+    torch.testing.assert_close(slerp_tensors(0.5, t(1, 0), t(0, 1)), t(0.707107, 0.707107))
+    torch.testing.assert_close(slerp_tensors(0.5, t(2, 0), t(0, 1)), t(1.414214, 0.707107))
+    torch.testing.assert_close(slerp_tensors(0.3, t(1, 1), t(2, 2)), t(1.3, 1.3))
+    out = merganser.merge_tensors("slerp", [t(0, 1)], base=t(1, 0), t=0.0)
+    assert torch.equal(out, t(1, 0))
+
+
+def test_nuslerp_of_task_vectors() -> None:
+    base = t(1, 1)
+    out = merganser.merge_tensors("nuslerp", [t(2, 1), t(1, 2)], base=base, weight=[1.0, 1.0])
+    torch.testing.assert_close(out, base + t(0.707107, 0.707107))
+
+
+def test_reborn_spec_7_3() -> None:
+    r, b, tgt = t(1, 2, 3, 4), t(1, 1, 1, 1), t(1.5, 1, 0.5, 1)
+    expected = {
+        "none": t(1.5, 1.087144, 0.973766, 2.931743),
+        "max1": t(1.5, 1.135335, 1.235759, 4.0),
+        "mean1": t(1.5, 1.348577, 2.395063, 8.726971),
+    }
+    for norm, want in expected.items():
+        out = merganser.merge_tensors("reborn", [r, tgt], base=b, normalise=norm)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+def test_dppa_spec_5_4_dynamic_pruning_densities() -> None:
+    dens = dppa_densities(
+        layer_ratio={0: 5.0, 1: 10.0},
+        linear_ratio={"L0A": 10.0, "L0B": 0.0, "L1A": 0.0, "L1B": 0.0},
+        linear_layer={"L0A": 0, "L0B": 0, "L1A": 1, "L1B": 1},
+        linear_numel={k: 10 for k in ("L0A", "L0B", "L1A", "L1B")},
+        sparsity=0.5,
+        owl_lambda=0.08,
+    )
+    got = [dens[k] for k in ("L0A", "L0B", "L1A", "L1B")]
+    assert got == pytest.approx([0.50, 0.393333, 0.553333, 0.553333], abs=1e-6)
+
+
+def test_dppa_outlier_statistics_from_tensors() -> None:
+    """The same toy, from raw deltas: layer outlier % [5, 10], linear % [10, 0, 0, 0]."""
+    deltas = {
+        "model.layers.0.a.weight": [1.0] * 9 + [20.0],
+        "model.layers.0.b.weight": [1.0] * 10,
+        "model.layers.1.a.weight": [1.0] * 7 + [10.0] * 3,
+        "model.layers.1.b.weight": [1.0] * 8 + [30.0] * 2,
+    }
+    model = {k: torch.tensor(v).view(2, 5) for k, v in deltas.items()}
+    base = {k: torch.zeros(2, 5) for k in deltas}
+    from merganser.methods.dppa import DPPAStats
+
+    stats = DPPAStats(
+        {
+            "outlier_m": 5.0,
+            "layer_outlier_m": 3.0,
+            "sparsity": 0.5,
+            "sparsity_next": 0.4,
+            "owl_lambda": 0.08,
+        }
+    )
+    for p in range(2):
+        for k in deltas:
+            stats.observe(p, k, [model[k]], base[k], {})
+        stats.end_pass(p)
+    got = [stats.params_for(k)["densities"][0][0] for k in deltas]
+    assert got == pytest.approx([0.50, 0.393333, 0.553333, 0.553333], abs=1e-6)
+
+
+def test_dppa_spec_5_4_partition_amplification() -> None:
+    d = t(0.9, -0.1, 0.05, 0.3, -0.02, 0.01, 0.2, -0.6, 0.04, 0.03)
+    out = amplify_partitions(d, [0.1, 0.2], [1.8, 1.0])
+    torch.testing.assert_close(out, t(1.62, 0, 0, 0, 0, 0, 0, -0.6, 0, 0))
+    out = amplify_partitions(d, [0.1, 0.2], [1.8, 0.0])
+    torch.testing.assert_close(out, t(1.62, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
+def test_karcher_of_equal_norm_orthogonal_vectors_is_their_bisector() -> None:
+    out = merganser.merge_tensors("karcher", [t(1, 0), t(0, 1)])
+    torch.testing.assert_close(out, t(0.707107, 0.707107))
+    skew = merganser.merge_tensors("karcher", [t(1, 0), t(0, 1)], weight=[3.0, 1.0])
+    angle = torch.atan2(skew[1], skew[0]).item()
+    assert angle == pytest.approx(torch.pi / 8, abs=1e-4)  # weighted geodesic mean
+
+
+def test_sce_keeps_majority_sign_weighted_by_energy() -> None:
+    out = merganser.merge_tensors("sce", [t(1, -1), t(2, 1)], base=t(0, 0))
+    # energies 1 and 2.5 → weights 2/7, 5/7; sign of the sum is + for both entries
+    torch.testing.assert_close(out, t((2 / 7 * 1 + 5 / 7 * 2) / 1.0, 1.0))
