@@ -146,7 +146,7 @@ def _manifest(plan: Plan, shards: dict[str, Any]) -> dict[str, Any]:
 def _write_side_files(out: AtomicOutput, plan: Plan) -> None:
     ref = plan.reference_checkpoint
     if ref.config is not None:
-        config = dict(ref.config)
+        config = {**ref.config, **plan.config_updates}
         dtypes = [t.out_dtype for t in plan.tasks if not t.copy_only]
         if dtypes:
             name = dtype_name(max(set(dtypes), key=dtypes.count))

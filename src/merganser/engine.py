@@ -90,7 +90,8 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
         if need <= cap or task.numel <= 1:
             items.append(WorkItem(task, 0, task.numel, need, True))
             continue
-        if not chunks or not (plan.method.elementwise or task.copy_only):
+        chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
+        if not chunks or not chunkable:
             if need > options.memory_budget:
                 raise MerganserError(
                     f"tensor {task.name} {list(task.shape)} needs about {need / 2**30:.2f} GiB "
@@ -121,8 +122,24 @@ def load_inputs(
             t = t.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` before merging
         return t.to(device=options.device, dtype=torch.float32)
 
-    tensors = [load(ref) for ref in item.task.sources]
-    return tensors, (load(item.task.base) if item.task.base else None)
+    task = item.task
+    tensors = [load(ref) for ref in task.sources]
+    base = load(task.base) if task.base else None
+    if task.fill is not None:
+        filler = load(task.fill)
+        tensors = [fit(t, task.shape, filler) for t in tensors]
+        base = fit(base, task.shape, filler) if base is not None else None
+    return tensors, base
+
+
+def fit(t: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor) -> torch.Tensor:
+    """Cut ``t`` to ``shape``; where it is smaller, take the values of ``filler`` (vocab policy)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    out = filler[tuple(slice(0, n) for n in shape)].clone()
+    region = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, shape, strict=True))
+    out[region] = t[region]
+    return out
 
 
 def compute_item(plan: Plan, item: WorkItem, options: EngineOptions) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from merganser.errors import RecipeError
 
 MAX_GRADIENT_POINTS = 4096
+VOCAB_POLICIES = ("error", "common_submatrix", "base")
 
 Scalar = float | int | bool | str
 
@@ -157,6 +158,15 @@ class Recipe(_HasParams):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     random_seed: int | None = None
+    # Embedding/head matrices of different vocabulary sizes: error, common_submatrix or base.
+    vocab_policy: str = "error"
+
+    @field_validator("vocab_policy")
+    @classmethod
+    def _check_vocab_policy(cls, v: str) -> str:
+        if v not in VOCAB_POLICIES:
+            raise ValueError(f"expected one of {', '.join(VOCAB_POLICIES)}, got {v!r}")
+        return v
 
     # Where relative model paths are resolved when they do not exist relative to the cwd.
     source_dir: Path | None = None
@@ -202,7 +212,11 @@ def _format_error(err: dict[str, Any]) -> str:
     if typ == "missing":
         return f"{loc}: required key is missing"
     if typ == "value_error":
-        return f"{loc}.{msg.removeprefix('Value error, ')}" if loc != "recipe" else msg
+        msg = msg.removeprefix("Value error, ")
+        if loc == "recipe":
+            return msg
+        # parameter validators name the sub-key themselves ("weight: ..."); others do not
+        return f"{loc}.{msg}" if loc.endswith("parameters") else f"{loc}: {msg}"
     inp = err.get("input")
     shown = repr(inp) if not isinstance(inp, (dict, list)) else type(inp).__name__
     return f"{loc}: {msg.lower()}, got {shown[:60]}"
