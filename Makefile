@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory clean
+.PHONY: setup demo test lint bench bench-memory clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# mergekit 0.1.5 in a venv of its own, for the drop-in comparison tests (tests/test_mergekit_compat.py).
+MK_VENV ?= .venv-mergekit
+$(MK_VENV)/.installed-stamp:
+	test -x $(MK_VENV)/bin/python || $(PYTHON) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(MK_VENV)/bin/pip install -q --disable-pip-version-check mergekit==0.1.5
+	touch $@
+
+mergekit-venv: $(MK_VENV)/.installed-stamp
 
 demo: $(STAMP)
 	$(PY) -m merganser.demo demo_out

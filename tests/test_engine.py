@@ -73,7 +73,7 @@ def test_non_elementwise_tensor_larger_than_budget_fails_before_work(tmp_path) -
 
 def test_layer_gradient_and_depth_follow_mergekit(tmp_path) -> None:
     assert depth("model.embed_tokens.weight", 3) == 0.0
-    assert depth("model.norm.weight", 3) == 1.0 and depth("lm_head.weight", 3) == 1.0
+    assert depth("model.norm.weight", 3) == 0.0 and depth("lm_head.weight", 3) == 0.0
     assert [depth(f"model.layers.{i}.mlp.up.weight", 3) for i in range(3)] == [0.0, 0.5, 1.0]
     g = Gradient((0.0, 1.0, 0.0))
     assert [g.at(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.5, 1.0, 0.5, 0.0]
@@ -85,7 +85,7 @@ def test_layer_gradient_and_depth_follow_mergekit(tmp_path) -> None:
         assert w["model.embed_tokens.weight"] == pytest.approx(0.3)
         assert w["model.layers.1.mlp.up.weight"] == pytest.approx(0.75)
         assert w["model.layers.2.attn.q.weight"] == pytest.approx(1.2)
-        assert w["lm_head.weight"] == pytest.approx(1.2)
+        assert w["lm_head.weight"] == pytest.approx(0.3)  # outside the stack: t = 0
     finally:
         plan.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_PRE_LAYER_RE = re.compile(r"embed|wte|wpe|word_embeddings")
 
 
 def layer_index(name: str) -> int | None:
@@ -14,10 +13,12 @@ def layer_index(name: str) -> int | None:
 
 
 def depth(name: str, num_layers: int) -> float:
-    """mergekit's t: idx/(L−1) inside the layer stack, 0 before it (embeddings), 1 after it."""
+    """mergekit 0.1.5's t for gradients: idx/(L−1) inside the layer stack (1 for a single layer)
+    and 0 for every tensor outside it (embeddings, final norm and head alike).
+    """
     idx = layer_index(name)
     if idx is None:
-        return 0.0 if _PRE_LAYER_RE.search(name) else 1.0
+        return 0.0
     return idx / (num_layers - 1) if num_layers > 1 else 1.0
 
 

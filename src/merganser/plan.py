@@ -5,7 +5,7 @@ parameter values) fails here, before the first byte of weights is touched.
 
 Like mergekit, a ``models:`` recipe is one group spanning every layer, and a ``slices:`` recipe
 is one group per slice whose layers are renumbered into a new stack; embeddings take the first
-group's inputs (t = 0) and the final norm and head the last group's (t = 1).
+group's inputs and the final norm and head the last group's (both at gradient depth t = 0).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def _plan_tensors(plan: Plan, groups: list[_Group], out_dtype: torch.dtype | Non
                 )
     for n in outside:
         if not _PRE_RE.search(n):
-            _add_task(plan, groups[-1], n, lambda c, n=n: n, 1.0, out_dtype)
+            _add_task(plan, groups[-1], n, lambda c, n=n: n, 0.0, out_dtype)
     plan.config_updates["num_hidden_layers"] = groups[-1].offset + (groups[-1].count or 0)
 
 
@@ -357,7 +357,7 @@ def _vocab_fit(
 def _check_param_names(recipe: Recipe, method: Method) -> None:
     def check(params: dict[str, ParamValue] | None, where: str, per_model: bool) -> None:
         for key in params or {}:
-            if key in IGNORED_PARAMS:
+            if key in IGNORED_PARAMS or key in method.ignored:
                 continue
             p = method.param(key)
             if p is None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize
+from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import Param, register
 from merganser.methods.sparsify import outlier_mask
+from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
 GAMMA = Param(
@@ -20,16 +21,16 @@ GAMMA = Param(
 REFERENCE = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv 2312.06795"
 
 
-def _sparsifier(density: list[float], gamma: list[float]) -> Sparsifier:
+def _sparsifier(density: list[float], gamma: list[float], how: str) -> Sparsifier:
     def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
-        return d * outlier_mask(d, density[i], gamma[i])
+        return apply_rescale(d, outlier_mask(d, density[i], gamma[i]), how, density[i])
 
     return sparsify
 
 
 @register(
     "breadcrumbs",
-    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False)),
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), rescale("none")),
     needs_base=True,
     workspace=3.0,
     reference=REFERENCE,
@@ -42,6 +43,7 @@ def breadcrumbs(
     gamma: list[float],
     lambda_: float = 1.0,
     normalize: bool = False,
+    rescale: str = "none",
 ) -> torch.Tensor:
     """Task arithmetic on masks that drop the top ``gamma`` and the bottom entries so ``density``
     remains (Davari & Belilovsky 2023).
@@ -50,7 +52,7 @@ def breadcrumbs(
         tensors,
         base,
         weight,
-        sparsify=_sparsifier(density, gamma),
+        sparsify=_sparsifier(density, gamma, rescale),
         normalize=normalize,
         lambda_=lambda_,
     )
@@ -58,7 +60,7 @@ def breadcrumbs(
 
 @register(
     "breadcrumbs_ties",
-    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False)),
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), rescale("none")),
     needs_base=True,
     workspace=4.0,
     reference=REFERENCE,
@@ -71,13 +73,14 @@ def breadcrumbs_ties(
     gamma: list[float],
     lambda_: float = 1.0,
     normalize: bool = False,
+    rescale: str = "none",
 ) -> torch.Tensor:
     """Breadcrumbs masks followed by TIES sign consensus (mergekit's breadcrumbs_ties)."""
     return generalized_task_arithmetic(
         tensors,
         base,
         weight,
-        sparsify=_sparsifier(density, gamma),
+        sparsify=_sparsifier(density, gamma, rescale),
         consensus="mass",
         normalize=normalize,
         lambda_=lambda_,

@@ -96,6 +96,8 @@ class Method:
     validate: Callable[[dict[str, Any]], str | None] | None = None
     # Factory for whole-model statistics gathered in extra passes before merging (or None).
     stats: Callable[[dict[str, Any]], Any] | None = None
+    # Parameters mergekit accepts for this method but that have no effect on it.
+    ignored: frozenset[str] = frozenset()
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -132,6 +134,7 @@ def register(
     stochastic: bool = False,
     validate: Callable[[dict[str, Any]], str | None] | None = None,
     stats: Callable[[dict[str, Any]], Any] | None = None,
+    ignored: frozenset[str] = frozenset(),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register a tensor function as merge method ``name``."""
 
@@ -152,6 +155,7 @@ def register(
             stochastic,
             validate,
             stats,
+            ignored,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

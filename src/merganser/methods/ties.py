@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize
+from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import Param, register
+from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.sparsify import threshold_mask, topk_mask
 from merganser.methods.task_vectors import generalized_task_arithmetic
 from merganser.stats import GlobalTopK
@@ -36,7 +37,7 @@ def _global_stats(params: dict[str, Any]) -> GlobalTopK | None:
 
 @register(
     "ties",
-    params=(WEIGHT, DENSITY, LAMBDA, normalize(True), SIGN, SCOPE),
+    params=(WEIGHT, DENSITY, LAMBDA, normalize(True), SIGN, SCOPE, rescale("none")),
     needs_base=True,
     workspace=4.0,
     stats=_global_stats,
@@ -51,6 +52,7 @@ def ties(
     normalize: bool = True,
     sign_method: str = "mass",
     scope: str = "per_tensor",
+    rescale: str = "none",
     threshold: list[float] | None = None,
 ) -> torch.Tensor:
     """Trim each τᵢ to its top ``density`` by magnitude, elect signs, disjoint mean (Yadav et al.
@@ -62,11 +64,11 @@ def ties(
         thr = threshold
 
         def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
-            return d * threshold_mask(d, thr[i])
+            return apply_rescale(d, threshold_mask(d, thr[i]), rescale, density[i])
     else:
 
         def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
-            return d * topk_mask(d, density[i])
+            return apply_rescale(d, topk_mask(d, density[i]), rescale, density[i])
 
     return generalized_task_arithmetic(
         tensors,

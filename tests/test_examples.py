@@ -1,0 +1,46 @@
+"""Every recipe under examples/ runs on tiny models, and every method has one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import REPO, load_folder
+
+import merganser
+from merganser.methods import all_methods
+from merganser.recipe import load_recipe
+from merganser.tiny import build_family
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    build_family(root / "models", experts=2, seed=11, layers=4)
+    return root
+
+
+def test_every_method_has_an_example() -> None:
+    used = {load_recipe(p).merge_method for p in EXAMPLES}
+    missing = {m.name for m in all_methods()} - used
+    assert not missing, f"methods without an example under examples/: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(example, workdir) -> None:
+    recipe = shutil.copy(example, workdir / example.name)
+    out = merganser.merge(
+        recipe, workdir / "out" / example.stem, merganser.MergeOptions(progress=False)
+    )
+    tensors = load_folder(out)
+    base = load_folder(workdir / "models" / "base")
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert layers == (6 if example.stem == "slices" else 4)
+    if example.stem != "slices":
+        assert tensors.keys() == base.keys()
+        assert any(not torch.equal(tensors[k], base[k]) for k in base), "merge changed nothing"
