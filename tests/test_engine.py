@@ -50,6 +50,23 @@ def test_output_bytes_do_not_depend_on_threads_budget_or_chunking(tmp_path) -> N
     assert all(d == first for d in digests.values()), digests
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "della", "ties"])
+def test_stochastic_and_sparse_methods_are_byte_identical_across_threads(tmp_path, method) -> None:
+    paths = _family(tmp_path)
+    recipe = {
+        **_recipe(paths),
+        "merge_method": method,
+        "random_seed": 3,
+        "parameters": {"density": 0.5, "epsilon": 0.1} if method == "della" else {"density": 0.5},
+    }
+    a = merganser.merge(recipe, tmp_path / "a", merganser.MergeOptions(threads=1))
+    b = merganser.merge(recipe, tmp_path / "b", merganser.MergeOptions(threads=4))
+    assert tree_digest(a) == tree_digest(b)
+    other = merganser.merge({**recipe, "random_seed": 4}, tmp_path / "c")
+    if method != "ties":
+        assert tree_digest(other) != tree_digest(a)
+
+
 def test_big_tensors_are_chunked_to_fit_the_budget(tmp_path) -> None:
     plan = build_plan(parse_recipe(_recipe(_family(tmp_path))))
     try:

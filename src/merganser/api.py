@@ -19,6 +19,7 @@ from merganser.errors import MerganserError, RecipeError
 from merganser.methods import get_method
 from merganser.plan import Plan, build_plan, tensor_seed
 from merganser.progress import Progress
+from merganser.provenance import InputDigests
 from merganser.recipe import Recipe, load_recipe, parse_recipe
 from merganser.stats import WholeModelStats
 from merganser.writer import MANIFEST_NAME, AtomicOutput, layout
@@ -58,6 +59,7 @@ class MergeOptions:
     force: bool = False
     allow_nonfinite: bool = False
     progress: bool | None = None
+    input_checksums: bool = True
 
     def engine_options(self) -> engine.EngineOptions:
         return engine.EngineOptions(
@@ -96,7 +98,11 @@ def merge(
         stats = _whole_model_stats(plan)
         target = Path(out_dir)
         _check_not_an_input(target, plan)
-        out = AtomicOutput(target, force=options.force)
+        try:
+            out = AtomicOutput(target, force=options.force)
+        except OSError as e:
+            msg = f"{e.filename or target}: cannot create output ({e.strerror})"
+            raise MerganserError(msg) from None
         try:
             _check_disk_space(out.tmp, plan.out_nbytes)
             shards, slots = layout(
@@ -105,16 +111,31 @@ def merge(
             out.open_shards(shards, slots)
             if stats is not None:
                 engine.gather_stats(plan, stats, eopts)
+            digests = InputDigests() if options.input_checksums else None
             with Progress(plan.out_nbytes, len(items), options.progress) as bar:
                 engine.run(
-                    plan, lambda task, t, start: out.write(task.name, t, start), eopts, bar.update
+                    plan,
+                    lambda task, t, start: out.write(task.name, t, start),
+                    eopts,
+                    bar.update,
+                    digests,
                 )
             out.close_shards()
             _write_side_files(out, plan)
             manifest = out.verify_and_index(eopts.threads)
-            out.write_file("README.md", model_card(plan, manifest))
-            out.write_file(MANIFEST_NAME, json.dumps(_manifest(plan, manifest), indent=2) + "\n")
+            inputs = {
+                ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
+            }
+            out.write_file("README.md", model_card(plan, manifest, inputs))
+            out.write_file(
+                MANIFEST_NAME, json.dumps(_manifest(plan, manifest, inputs), indent=2) + "\n"
+            )
             out.commit()
+        except OSError as e:
+            # Disk full, file-size limits, permissions: one line naming the place, no debris.
+            out.abort()
+            where = e.filename or target
+            raise MerganserError(f"{where}: cannot write output ({e.strerror or e})") from None
         except BaseException:
             out.abort()
             raise
@@ -130,7 +151,7 @@ def _whole_model_stats(plan: Plan) -> WholeModelStats | None:
     return plan.method.stats(first.params)
 
 
-def _manifest(plan: Plan, shards: dict[str, Any]) -> dict[str, Any]:
+def _manifest(plan: Plan, shards: dict[str, Any], inputs: dict[str, str | None]) -> dict[str, Any]:
     from merganser import __version__
 
     return {
@@ -138,7 +159,7 @@ def _manifest(plan: Plan, shards: dict[str, Any]) -> dict[str, Any]:
         "version": __version__,
         "method": plan.method.name,
         "recipe_sha256": plan.recipe.sha256,
-        "inputs": plan.refs,
+        "inputs": inputs,
         "shards": shards,
     }
 

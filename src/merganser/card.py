@@ -8,7 +8,9 @@ from merganser import __version__
 from merganser.plan import Plan
 
 
-def model_card(plan: Plan, manifest: dict[str, dict[str, object]]) -> str:
+def model_card(
+    plan: Plan, manifest: dict[str, dict[str, object]], inputs: dict[str, str | None]
+) -> str:
     """A Hugging Face model card naming the method, the inputs and the exact recipe."""
     recipe = plan.recipe
     method = plan.method
@@ -27,7 +29,8 @@ def model_card(plan: Plan, manifest: dict[str, dict[str, object]]) -> str:
     for ref, ckpt in zip(plan.refs, plan.checkpoints, strict=True):
         role = " (base)" if ref == base else ""
         n = sum(t.numel for t in ckpt.tensors.values())
-        lines.append(f"- `{ref}`{role}: {len(ckpt.tensors)} tensors, {n:,} parameters")
+        digest = f", tensor content sha256 `{inputs[ref]}`" if inputs.get(ref) else ""
+        lines.append(f"- `{ref}`{role}: {len(ckpt.tensors)} tensors, {n:,} parameters{digest}")
     lines += ["", "## Recipe", "", "```yaml", recipe.source_text.rstrip(), "```", ""]
     lines += [
         "## Provenance",

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
     )
+    m.add_argument(
+        "--no-input-checksums",
+        dest="input_checksums",
+        action="store_false",
+        help="skip hashing the input tensors for the model card",
+    )
     g = m.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")
@@ -121,6 +127,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         force=a.force,
         allow_nonfinite=a.allow_nonfinite,
         progress=a.progress,
+        input_checksums=a.input_checksums,
     )
     out = merge(a.recipe, a.out, opts)
     print(f"merged into {out}")
@@ -181,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except MerganserError as e:
         print(f"merganser: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"merganser: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("merganser: interrupted; nothing was written", file=sys.stderr)

@@ -19,6 +19,7 @@ import torch
 from merganser.dtypes import itemsize
 from merganser.errors import MerganserError
 from merganser.plan import Plan, TensorTask
+from merganser.provenance import InputDigests
 from merganser.stats import WholeModelStats
 
 Sink = Callable[[TensorTask, torch.Tensor, int], None]
@@ -107,17 +108,29 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
     return items
 
 
+def read_raw(
+    plan: Plan, item: WorkItem, ref: tuple[int, str], digests: InputDigests | None = None
+) -> torch.Tensor:
+    """One input of the item as stored on disk (recorded in ``digests`` when given)."""
+    ci, name = ref
+    ckpt = plan.checkpoints[ci]
+    if item.whole:
+        t, start = ckpt.read(name), 0
+    else:
+        t, start = ckpt.read(name, item.start, item.count), item.start
+    if digests is not None:
+        info = ckpt.tensors[name]
+        digests.add(ci, name, info.nbytes, start * t.element_size(), t)
+    return t
+
+
 def load_inputs(
-    plan: Plan, item: WorkItem, options: EngineOptions
+    plan: Plan, item: WorkItem, options: EngineOptions, digests: InputDigests | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The item's inputs as float32 on the compute device (sources, then base or None)."""
 
     def load(ref: tuple[int, str]) -> torch.Tensor:
-        ci, name = ref
-        if item.whole:
-            t = plan.checkpoints[ci].read(name)
-        else:
-            t = plan.checkpoints[ci].read(name, item.start, item.count)
+        t = read_raw(plan, item, ref, digests)
         if plan.compute_dtype is not None and t.dtype != plan.compute_dtype:
             t = t.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` before merging
         return t.to(device=options.device, dtype=torch.float32)
@@ -142,19 +155,14 @@ def fit(t: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor) -> torch.
     return out
 
 
-def compute_item(plan: Plan, item: WorkItem, options: EngineOptions) -> torch.Tensor:
+def compute_item(
+    plan: Plan, item: WorkItem, options: EngineOptions, digests: InputDigests | None = None
+) -> torch.Tensor:
     """Merge one work item and return it in the output dtype (flat unless ``item.whole``)."""
     task = item.task
-
-    def load(ref: tuple[int, str]) -> torch.Tensor:
-        ci, name = ref
-        if item.whole:
-            return plan.checkpoints[ci].read(name)
-        return plan.checkpoints[ci].read(name, item.start, item.count)
-
     if task.copy_only:
-        return load(task.sources[0]).to(task.out_dtype)
-    tensors, base = load_inputs(plan, item, options)
+        return read_raw(plan, item, task.sources[0], digests).to(task.out_dtype)
+    tensors, base = load_inputs(plan, item, options, digests)
     out = plan.method(tensors, base, **task.params)
     del tensors, base
     if not options.allow_nonfinite and not bool(torch.isfinite(out).all()):
@@ -170,11 +178,12 @@ def run(
     sink: Sink,
     options: EngineOptions,
     progress: Callable[[int], None] | None = None,
+    digests: InputDigests | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``."""
 
     def work(item: WorkItem) -> None:
-        out = compute_item(plan, item, options)
+        out = compute_item(plan, item, options, digests)
         sink(item.task, out, item.start)
         if progress is not None:
             progress(out.numel() * out.element_size())

@@ -215,8 +215,9 @@ def _format_error(err: dict[str, Any]) -> str:
         msg = msg.removeprefix("Value error, ")
         if loc == "recipe":
             return msg
-        # parameter validators name the sub-key themselves ("weight: ..."); others do not
-        return f"{loc}.{msg}" if loc.endswith("parameters") else f"{loc}: {msg}"
+        # Parameter validators name the sub-key themselves ("weight[0]: ..."); others do not.
+        head, sep, _ = msg.partition(":")
+        return f"{loc}.{msg}" if sep and " " not in head else f"{loc}: {msg}"
     inp = err.get("input")
     shown = repr(inp) if not isinstance(inp, (dict, list)) else type(inp).__name__
     return f"{loc}: {msg.lower()}, got {shown[:60]}"
