@@ -28,7 +28,7 @@ $(MK_VENV)/.installed-stamp:
 mergekit-venv: $(MK_VENV)/.installed-stamp
 
 demo: $(STAMP)
-	$(PY) -m merganser.demo demo_out
+	$(PY) -m merganser.demo demo_out --seed 0
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

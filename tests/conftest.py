@@ -67,3 +67,13 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     root = tmp_path_factory.mktemp("family")
     return build_family(root, experts=2, seed=1, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def reduced_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reduced zoo (seed 0) laid out as the demo expects: ROOT/zoo/seed0."""
+    from merganser.zoo import ZooSpec, build_zoo
+
+    root = tmp_path_factory.mktemp("demo")
+    build_zoo(root / "zoo" / "seed0", ZooSpec.reduced(0), verbose=False)
+    return root

@@ -108,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
 
+    z = sub.add_parser("zoo", help="the offline model zoo")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="train the tiny base and experts (cached)")
+    zb.add_argument("dir")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--reduced", action="store_true", help="a small fast zoo (for tests)")
+    zb.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+
+    e = sub.add_parser("eval", help="per-task exact-match accuracy and loss of models")
+    e.add_argument("models", nargs="+", help="model folders")
+    e.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated zoo tasks, 'experts' or 'all' (default: experts, "
+        "unless --jsonl or --evaluator is given)",
+    )
+    e.add_argument("--jsonl", action="append", default=[], help="JSONL of prompt/answer pairs")
+    e.add_argument(
+        "--evaluator",
+        action="append",
+        default=[],
+        help="a Python callable 'module:function' taking a LoadedModel",
+    )
+    e.add_argument("--split", default="test", choices=["dev", "test"])
+    e.add_argument("--n", type=_positive_int, default=200, help="examples per zoo task")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
     t = sub.add_parser("tiny", help="write a small random Llama base and experts (for demos)")
     t.add_argument("out")
     t.add_argument("--experts", type=_positive_int, default=2)
@@ -161,6 +188,61 @@ def _cmd_methods(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(a: argparse.Namespace) -> int:
+    from merganser.zoo import ZooSpec, build_zoo
+
+    spec = ZooSpec.reduced(a.seed) if a.reduced else ZooSpec(seed=a.seed)
+    for name, path in build_zoo(a.dir, spec, threads=a.threads).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    import importlib
+
+    from merganser.evaluate import (
+        evaluate,
+        jsonl_evaluator,
+        load_model,
+        scores_to_json,
+        zoo_evaluator,
+    )
+    from merganser.report import format_table
+    from merganser.zoo import ALL_TASKS, EXPERT_TASKS
+
+    evaluators = [jsonl_evaluator(p) for p in a.jsonl]
+    for spec in a.evaluator:
+        mod, _, fn = spec.partition(":")
+        try:
+            evaluators.append(getattr(importlib.import_module(mod), fn))
+        except (ImportError, AttributeError) as e:
+            raise MerganserError(f"--evaluator {spec}: cannot import ({e})") from None
+    if a.tasks or not evaluators:
+        names = {"experts": list(EXPERT_TASKS), "all": list(ALL_TASKS), None: list(EXPERT_TASKS)}
+        tasks = names.get(a.tasks) or [t.strip() for t in a.tasks.split(",") if t.strip()]
+        evaluators.append(zoo_evaluator(tasks, a.split, a.n))
+    results = {}
+    for m in a.models:
+        results[m] = evaluate(load_model(m), evaluators)
+    if a.json:
+        print(json.dumps({m: scores_to_json(s) for m, s in results.items()}, indent=2))
+        return 0
+    tasks = list(next(iter(results.values())))
+    acc = {
+        m: {
+            **{t: s[t].accuracy for t in tasks},
+            "average": sum(s[t].accuracy for t in tasks) / len(tasks),
+        }
+        for m, s in results.items()
+    }
+    loss = {m: {t: s[t].loss for t in tasks} for m, s in results.items()}
+    print(f"exact-match accuracy (%), {a.split} split")
+    print(format_table(acc, [*tasks, "average"]))
+    print(f"\nanswer loss (nats/token), {a.split} split")
+    print(format_table(loss, tasks, pct=False))
+    return 0
+
+
 def _cmd_tiny(a: argparse.Namespace) -> int:
     from merganser.tiny import build_family
 
@@ -183,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify": _cmd_verify,
         "methods": _cmd_methods,
         "tiny": _cmd_tiny,
+        "zoo": _cmd_zoo,
+        "eval": _cmd_eval,
     }
     try:
         return handlers[args.command](args)

@@ -1,74 +1,221 @@
-"""The README's main job: build three tiny Llama checkpoints locally and merge them.
+"""The README's main job: build the tiny zoo, merge its experts with several methods, and
+measure every model on every task.
 
-Run as ``python -m merganser.demo OUT``. It prints, for each merge, how far the result lies from
-the base and from each expert, which is what each method should do by construction: a uniform
-soup sits between the experts, task arithmetic with lambda 1 adds both deltas, and negation
-moves away from the expert it subtracts.
+    python -m merganser.demo [OUT] [--seed N] [--reduced]
+
+Hyperparameters (λ, density) are chosen on the dev split; the table reports the test split.
+Writes OUT/results.{csv,json,png} and prints the table with the literature's predictions checked.
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from merganser.api import MergeOptions, merge
-from merganser.checkpoint import Checkpoint
-from merganser.tiny import build_family
+from merganser.evaluate import Score, evaluate, load_model, zoo_evaluator
+from merganser.report import bar_chart, format_table, write_csv, write_json
+from merganser.zoo import ZooSpec, build_zoo
 
-RECIPES = {
-    "soup (linear)": {
-        "merge_method": "linear",
-        "models": [{"model": "expert_1"}, {"model": "expert_2"}],
-    },
-    "task arithmetic": {
-        "merge_method": "task_arithmetic",
-        "base_model": "base",
-        "models": [{"model": "expert_1"}, {"model": "expert_2"}],
-        "parameters": {"lambda": 1.0},
-    },
-    "negate expert_1": {
-        "merge_method": "task_arithmetic",
-        "base_model": "base",
-        "models": [{"model": "expert_1", "parameters": {"weight": -1.0}}],
-    },
-}
+LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6)
+TIES_DENSITIES = (0.2, 0.3, 0.5)
+DARE_DENSITIES = (0.3, 0.5)
 
 
-def _flat(path: Path) -> torch.Tensor:
-    with Checkpoint(path) as c:
-        return torch.cat([c.read(n).float().reshape(-1) for n in sorted(c.tensors)])
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
-def main(out: str = "demo_out") -> int:
-    root = Path(out)
-    models = root / "models"
-    if not (models / "expert_2" / "model.safetensors").exists():
-        print(f"building three tiny Llama checkpoints under {models}")
-        build_family(models, experts=2, seed=0, hidden_size=128, intermediate=256, layers=4)
-    refs = {name: _flat(models / name) for name in ("base", "expert_1", "expert_2")}
-    print(f"\n{'merge':<18}{'seconds':>9}{'|Δ base|':>11}{'|Δ e1|':>9}{'|Δ e2|':>9}")
-    for title, spec in RECIPES.items():
-        recipe = dict(spec)
-        recipe["base_model"] = str(models / spec["base_model"]) if "base_model" in spec else None
-        recipe["models"] = [
-            {**m, "model": str(models / m["model"])}
-            for m in spec["models"]  # type: ignore[union-attr]
-        ]
-        if recipe["base_model"] is None:
-            del recipe["base_model"]
-        dest = root / "merged" / title.split()[0]
-        t0 = time.perf_counter()
-        merge(recipe, dest, MergeOptions(force=True, progress=False))
-        dt = time.perf_counter() - t0
-        got = _flat(dest)
-        dist = [float((got - refs[k]).norm()) for k in ("base", "expert_1", "expert_2")]
-        print(f"{title:<18}{dt:>9.2f}{dist[0]:>11.3f}{dist[1]:>9.3f}{dist[2]:>9.3f}")
-    print(f"\nmerged models written under {root / 'merged'} (try: merganser inspect)")
+def _avg(scores: dict[str, Score]) -> float:
+    return sum(s.accuracy for s in scores.values()) / len(scores)
+
+
+def candidates(base: str, experts: list[str], reduced: bool) -> dict[str, list[tuple[str, dict]]]:
+    """Each method family's grid of recipes (label, recipe); one per family is kept by dev."""
+    models = [{"model": m} for m in experts]
+    lambdas = (0.5, 1.0) if reduced else LAMBDAS
+    ties_d = (0.3,) if reduced else TIES_DENSITIES
+    dare_d = (0.5,) if reduced else DARE_DENSITIES
+    return {
+        "average": [("linear", {"merge_method": "linear", "models": models})],
+        "task arithmetic": [
+            (
+                f"λ={lam}",
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": base,
+                    "models": models,
+                    "parameters": {"lambda": lam},
+                },
+            )
+            for lam in lambdas
+        ],
+        "TIES": [
+            (
+                f"d={d},λ={lam}",
+                {
+                    "merge_method": "ties",
+                    "base_model": base,
+                    "models": models,
+                    "parameters": {"density": d, "lambda": lam},
+                },
+            )
+            for d in ties_d
+            for lam in lambdas
+        ],
+        "DARE-TIES": [
+            (
+                f"d={d},λ={lam}",
+                {
+                    "merge_method": "dare_ties",
+                    "base_model": base,
+                    "models": models,
+                    "random_seed": 0,
+                    "parameters": {"density": d, "lambda": lam},
+                },
+            )
+            for d in dare_d
+            for lam in lambdas
+        ],
+    }
+
+
+def run_demo(
+    out: str | Path = "demo_out", seed: int = 0, reduced: bool = False, n: int | None = None
+) -> dict[str, Any]:
+    """Build, merge, evaluate; returns the results (also written under ``out``)."""
+    _quiet_transformers()
+    out = Path(out)
+    t_start = time.perf_counter()
+    spec = ZooSpec.reduced(seed) if reduced else ZooSpec(seed=seed)
+    paths = build_zoo(out / "zoo" / f"seed{seed}", spec)
+    tasks = list(spec.experts)
+    n = n or (40 if reduced else 200)
+    dev, test = zoo_evaluator(tasks, "dev", n), zoo_evaluator(tasks, "test", n)
+
+    table: dict[str, dict[str, float]] = {}
+    for name, path in paths.items():
+        label = "base" if name == "base" else f"expert: {name}"
+        table[label] = {t: s.accuracy for t, s in evaluate(load_model(path), [test]).items()}
+        print(f"  evaluated {label}", file=sys.stderr, flush=True)
+
+    chosen: dict[str, Any] = {}
+    scratch = out / "candidates"
+    for family, grid in candidates(
+        str(paths["base"]), [str(paths[t]) for t in tasks], reduced
+    ).items():
+        best = None
+        for label, recipe in grid:
+            dest = scratch / f"{family}-{label}".replace(" ", "_")
+            merge(recipe, dest, MergeOptions(force=True, progress=False))
+            lm = load_model(dest)
+            score = _avg(evaluate(lm, [dev]))
+            if best is None or score > best[0]:
+                best = (score, label, dest, lm)
+        assert best is not None
+        dev_score, label, dest, lm = best
+        final = out / "merged" / family.replace(" ", "_")
+        shutil.rmtree(final, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(dest, final)
+        row = f"{family} ({label})"
+        table[row] = {t: s.accuracy for t, s in evaluate(lm, [test]).items()}
+        chosen[family] = {"setting": label, "dev_average": dev_score, "row": row}
+        print(
+            f"  {family}: best on dev {label} ({100 * dev_score:.1f}%)", file=sys.stderr, flush=True
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    columns = [*tasks, "average"]
+    for row in table.values():
+        row["average"] = sum(row[t] for t in tasks) / len(tasks)
+    checks = _check_predictions(table, tasks, chosen)
+    results = {
+        "seed": seed,
+        "reduced": reduced,
+        "examples_per_task": n,
+        "tasks": tasks,
+        "test_accuracy": table,
+        "chosen_on_dev": chosen,
+        "predictions": [{"claim": c, "holds": ok, "detail": d} for c, ok, d in checks],
+        "seconds": time.perf_counter() - t_start,
+    }
+    write_csv(table, columns, out / f"results_seed{seed}.csv")
+    write_json(results, out / f"results_seed{seed}.json")
+    bar_chart(
+        table,
+        columns,
+        out / f"results_seed{seed}.png",
+        f"merganser demo, seed {seed}: test exact-match accuracy",
+    )
+    print(f"\ntest exact-match accuracy (%), seed {seed}, {n} examples per task")
+    print(format_table(table, columns))
+    print()
+    for claim, ok, detail in checks:
+        print(f"  [{'holds' if ok else 'FAILS'}] {claim}: {detail}")
+    print(
+        f"\nwritten: {out}/results_seed{seed}.csv, .json, .png; merged models under {out}/merged"
+        f" ({results['seconds']:.0f} s)"
+    )
+    return results
+
+
+def _check_predictions(
+    table: dict[str, dict[str, float]], tasks: list[str], chosen: dict[str, Any]
+) -> list[tuple[str, bool, str]]:
+    base = table["base"]["average"]
+    merges = {f: table[c["row"]] for f, c in chosen.items()}
+    checks = []
+    worst = min(merges, key=lambda f: merges[f]["average"])
+    checks.append(
+        (
+            "every merge beats the base on the average",
+            all(m["average"] > base for m in merges.values()),
+            f"base {100 * base:.1f}%, weakest merge {worst} {100 * merges[worst]['average']:.1f}%",
+        )
+    )
+    losses = [
+        f"{t} vs {f}" for t in tasks for f, m in merges.items() if m[t] >= table[f"expert: {t}"][t]
+    ]
+    checks.append(
+        (
+            "each expert beats every merge on its own task",
+            not losses,
+            "all hold" if not losses else "not for " + ", ".join(losses),
+        )
+    )
+    ties, ta, avg = (merges[k]["average"] for k in ("TIES", "task arithmetic", "average"))
+    checks.append(
+        (
+            "TIES >= task arithmetic >= averaging (test average)",
+            ties >= ta >= avg,
+            f"{100 * ties:.1f}% / {100 * ta:.1f}% / {100 * avg:.1f}%",
+        )
+    )
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m merganser.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("out", nargs="?", default="demo_out")
+    ap.add_argument("--seed", type=int, action="append", help="repeatable (default: 0)")
+    ap.add_argument("--reduced", action="store_true", help="small zoo, few examples (tests)")
+    a = ap.parse_args(argv)
+    for seed in a.seed or [0]:
+        run_demo(a.out, seed, a.reduced)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Evaluation: per-task exact-match accuracy (greedy decoding) and answer loss.
+
+An evaluator is any callable ``(LoadedModel) -> {task: Score}``. Built in: the zoo's tasks
+(``zoo_evaluator``) and JSONL files of ``{"prompt": ..., "answer": ...}`` (``jsonl_evaluator``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merganser.errors import MerganserError
+
+
+@dataclass(frozen=True)
+class Score:
+    accuracy: float
+    loss: float
+    n: int
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM and its tokenizer, ready to answer prompts."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer
+    name: str = "model"
+
+    @property
+    def bos(self) -> list[int]:
+        b = self.tokenizer.bos_token_id
+        return [] if b is None else [b]
+
+    @property
+    def eos(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
+
+
+Evaluator = Callable[[LoadedModel], dict[str, Score]]
+
+
+def load_model(path: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
+    """Load a Hugging Face causal LM folder (and its tokenizer) in float32 for evaluation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise MerganserError(f"{p}: not a model folder (no config.json)")
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise MerganserError(f"{p}: no tokenizer files; evaluation needs the model's tokenizer")
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(p), p.name)
+
+
+@torch.no_grad()
+def score_pairs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 256) -> Score:
+    """Exact match of greedy answers (stopping at EOS) and mean answer-token loss."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    prompts = [[*lm.bos, *lm.encode(p)] for p, _ in pairs]
+    answers = [lm.encode(a) for _, a in pairs]
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    correct, total_loss, total_tokens = 0, 0.0, 0
+    for _, idx in sorted(by_len.items()):
+        for k in range(0, len(idx), batch):
+            chunk = idx[k : k + batch]
+            ids = torch.tensor([prompts[i] for i in chunk])
+            max_new = max(len(answers[i]) for i in chunk) + 1
+            out = _greedy(lm, ids, max_new)
+            for row, i in zip(out, chunk, strict=True):
+                correct += row == answers[i]
+            # teacher-forced loss on answer + EOS
+            seqs = [prompts[i] + answers[i] + [lm.eos] for i in chunk]
+            width = max(len(s) for s in seqs)
+            pad = lm.tokenizer.pad_token_id or 0
+            x = torch.full((len(seqs), width), pad)
+            y = torch.full((len(seqs), width), -100)
+            m = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, (s, i) in enumerate(zip(seqs, chunk, strict=True)):
+                x[r, : len(s)] = torch.tensor(s)
+                m[r, : len(s)] = 1
+                y[r, len(prompts[i]) : len(s)] = torch.tensor(s[len(prompts[i]) :])
+            logits = lm.model(input_ids=x, attention_mask=m).logits[:, :-1]
+            tgt = y[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                tgt.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total_loss += float(nll)
+            total_tokens += int((tgt != -100).sum())
+    return Score(correct / max(1, len(pairs)), total_loss / max(1, total_tokens), len(pairs))
+
+
+def _greedy(lm: LoadedModel, ids: torch.Tensor, max_new: int) -> list[list[int]]:
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    outs: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    for _ in range(max_new):
+        nxt = lm.model(input_ids=ids).logits[:, -1].argmax(-1)
+        for r in range(ids.shape[0]):
+            if not done[r]:
+                if int(nxt[r]) == lm.eos:
+                    done[r] = True
+                else:
+                    outs[r].append(int(nxt[r]))
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return outs
+
+
+def zoo_evaluator(
+    tasks: Sequence[str], split: str = "test", n: int = 200, seed: int = 0
+) -> Evaluator:
+    """The zoo's synthetic tasks on a fixed split (``dev`` for selection, ``test`` to report)."""
+    from merganser.zoo.tasks import get_task
+
+    if split not in ("train", "dev", "test"):
+        raise MerganserError(f"--split: expected dev or test, got {split!r}")
+    sets = {t: get_task(t).examples(split, n, seed) for t in tasks}
+    return lambda lm: {t: score_pairs(lm, pairs) for t, pairs in sets.items()}
+
+
+def jsonl_evaluator(path: str | os.PathLike[str]) -> Evaluator:
+    """Users' own data: one ``{"prompt", "answer"[, "task"]}`` object per line."""
+    p = Path(path)
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MerganserError(f"{p}: cannot read ({e.strerror})") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MerganserError(f"{p}:{no}: not valid JSON ({e.msg})") from None
+        if not (
+            isinstance(obj, dict)
+            and isinstance(obj.get("prompt"), str)
+            and isinstance(obj.get("answer"), str)
+        ):
+            raise MerganserError(f"{p}:{no}: expected an object with string 'prompt' and 'answer'")
+        groups[str(obj.get("task", p.stem))].append((obj["prompt"], obj["answer"]))
+    if not groups:
+        raise MerganserError(f"{p}: no examples")
+    return lambda lm: {t: score_pairs(lm, pairs) for t, pairs in groups.items()}
+
+
+def evaluate(
+    model: LoadedModel | str | os.PathLike[str], evaluators: Sequence[Evaluator]
+) -> dict[str, Score]:
+    """Run every evaluator on one model and merge their per-task scores."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    scores: dict[str, Score] = {}
+    for ev in evaluators:
+        scores.update(ev(lm))
+    return scores
+
+
+def scores_to_json(scores: dict[str, Score]) -> dict[str, Any]:
+    return {t: asdict(s) for t, s in scores.items()}
