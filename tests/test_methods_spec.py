@@ -190,3 +190,17 @@ def test_sce_keeps_majority_sign_weighted_by_energy() -> None:
     out = merganser.merge_tensors("sce", [t(1, -1), t(2, 1)], base=t(0, 0))
     # energies 1 and 2.5 → weights 2/7, 5/7; sign of the sum is + for both entries
     torch.testing.assert_close(out, t((2 / 7 * 1 + 5 / 7 * 2) / 1.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_kth_largest_is_exact_on_large_tensors_with_ties(dtype) -> None:
+    from merganser.methods.sparsify import kth_largest, topk_mask
+
+    x = torch.randn(600_000, generator=torch.Generator().manual_seed(0)).to(dtype).float()
+    mag = x.abs()
+    for k in (1, 17, 1000, 200_000, 599_999):
+        assert kth_largest(mag, k) == mag.kthvalue(mag.numel() - k + 1).values, k
+    mask = topk_mask(x, 0.3)
+    assert int(mask.sum()) == int(0.3 * x.numel())
+    assert mag[mask].min() >= mag[~mask].max()
+    assert torch.equal(mask, topk_mask(x, 0.3))  # ties broken the same way every time

@@ -49,7 +49,7 @@ def bar_chart(
     import matplotlib.pyplot as plt
 
     models = list(table)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(columns)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(11, 2.2 * len(columns)), 4.8))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         xs = [c + (i - (len(models) - 1) / 2) * width for c in range(len(columns))]

@@ -33,14 +33,15 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float = 1.
     if select_topk < 1:
         var = deltas.var(dim=0, unbiased=False)
         k = int(select_topk * int(torch.count_nonzero(var)))
-        mask = torch.zeros(var.numel(), dtype=deltas.dtype)
+        mask = torch.zeros(var.numel(), dtype=deltas.dtype, device=deltas.device)
         if k > 0:
             mask[torch.topk(var.abs().reshape(-1), k).indices] = 1
         deltas = deltas * mask.view(var.shape)
     energy = [float((d**2).sum()) / d.numel() for d in deltas]
     total = sum(energy)
     coeffs = [1 / len(energy)] * len(energy) if total == 0 else [e / total for e in energy]
-    w = torch.tensor(coeffs, dtype=deltas.dtype).view(-1, *([1] * base.dim()))
+    w = torch.tensor(coeffs, dtype=deltas.dtype, device=deltas.device)
+    w = w.view(-1, *([1] * base.dim()))
     erased = w * consensus_mask(deltas, "mass")
     divisor = erased.sum(dim=0)
     divisor[divisor == 0] = 1

@@ -4,6 +4,8 @@ DELLA and DPPA. Randomness always comes from an explicit seeded ``torch.Generato
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,16 +17,47 @@ def generator(seed: int) -> torch.Generator:
 def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly ``int(density·n)`` entries of largest magnitude (mergekit/PEFT rule, TIES trim).
 
-    ``k = 0`` keeps nothing (PEFT); the official TIES code would keep ``int(d·K)+1``.
+    The threshold comes from ``kthvalue`` (selection, not a sort); entries tied at it are kept
+    lowest index first, so the result is deterministic. ``k = 0`` keeps nothing (PEFT); the
+    official TIES code would keep ``int(d·K)+1``.
     """
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     k = int(density * n)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    if k > 0:
-        mask[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = True
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    mag = delta.abs().reshape(-1)
+    thr = kth_largest(mag, k)
+    mask = mag > thr
+    short = k - int(mask.sum())
+    if short > 0:
+        ties = torch.nonzero(mag == thr).reshape(-1)[:short]
+        mask[ties] = True
     return mask.view(delta.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
+    """The exact k-th largest of a 1-D tensor in about two linear passes.
+
+    A seeded sample brackets the answer; only the values inside the bracket are selected
+    exactly. If the bracket misses (vanishingly rare), a full ``kthvalue`` decides.
+    """
+    n = values.numel()
+    if n <= 4 * sample:
+        return values.kthvalue(n - k + 1).values
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    picks = values[torch.randint(n, (sample,), generator=gen).to(values.device)].sort().values
+    q = (n - k) / n
+    margin = 6 * math.sqrt(q * (1 - q) / sample) + 4 / sample
+    lo = picks[max(0, math.floor((q - margin) * sample))]
+    hi = picks[min(sample - 1, math.ceil((q + margin) * sample))]
+    above = int((values > hi).sum())
+    band = values[(values >= lo) & (values <= hi)]
+    rank = k - above  # position of the answer inside the band, from the top
+    if 1 <= rank <= band.numel():
+        return band.kthvalue(band.numel() - rank + 1).values
+    return values.kthvalue(n - k + 1).values
 
 
 def threshold_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -56,7 +89,9 @@ def bernoulli_mask(
     shape: torch.Size, keep: float | torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
     """Keep each entry independently with probability ``keep`` (DARE's drop with p = 1 − keep)."""
-    u = torch.rand(shape, generator=gen, dtype=torch.float32)
+    u = torch.rand(shape, generator=gen, dtype=torch.float32)  # CPU stream: same on any device
+    if isinstance(keep, torch.Tensor):
+        u = u.to(keep.device)
     return u < keep
 
 

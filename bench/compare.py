@@ -1,0 +1,252 @@
+"""merganser vs mergekit 0.1.5 vs this machine's I/O floor, side by side in one run.
+
+Generates Llama-shaped bf16 checkpoints locally (base + 3 experts, ~125M and ~1B parameters,
+cached under bench_out/), runs the same YAML recipes through both tools (each in its own venv,
+each with its defaults), repeats each run and reports medians of wall time, CPU time and peak
+RSS, and the ratios. The floor is a sequential read of the same input files plus a write of the
+output's size, each measured here in the same run.
+
+    python bench/compare.py [--sizes 125m,1b] [--repeats 3] [--methods linear,ties,...]
+                            [--cold]    # also drop the page cache before runs (needs root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "bench_out"
+MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+SIZES = {  # hidden, intermediate, layers
+    "125m": (768, 2048, 12),
+    "1b": (2048, 5632, 16),
+}
+RECIPES = {
+    "linear": {"merge_method": "linear", "all": True},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+    "ties": {"merge_method": "ties", "parameters": {"density": 0.5}},
+    "dare_ties": {"merge_method": "dare_ties", "parameters": {"density": 0.5}},
+    "slerp": {"merge_method": "slerp", "parameters": {"t": 0.5}, "pair": True},
+}
+WRAPPER = (
+    "import resource,subprocess,sys,time;t=time.perf_counter();"
+    "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE);"
+    "w=time.perf_counter()-t;u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+    "print(w,u.ru_utime+u.ru_stime,u.ru_maxrss*1024);"
+    "sys.stderr.write(r.stderr.decode()[-2000:]);sys.exit(r.returncode)"
+)
+
+
+def make_family(size: str) -> Path:
+    from transformers import LlamaConfig
+
+    hidden, inter, layers = SIZES[size]
+    root = ROOT / f"llama_{size}"
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    shapes = {"model.embed_tokens.weight": (32000, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (32000, hidden)
+    base_gen = torch.Generator().manual_seed(0)
+    base = {k: torch.empty(s).uniform_(-0.05, 0.05, generator=base_gen) for k, s in shapes.items()}
+    for i, m in enumerate(["base", "e1", "e2", "e3"]):
+        d = root / m
+        if (d / "model.safetensors").exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(i + 1)
+        tensors = {
+            k: (v if i == 0 else v + torch.empty(v.shape).uniform_(-0.005, 0.005, generator=g)).to(
+                torch.bfloat16
+            )
+            for k, v in base.items()
+        }
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        cfg.to_json_file(str(d / "config.json"))
+        del tensors
+    return root
+
+
+def recipe_for(name: str, root: Path) -> dict:
+    spec = dict(RECIPES[name])
+    all_models, pair = spec.pop("all", False), spec.pop("pair", False)
+    experts = ["e1"] if pair else ["e1", "e2", "e3"]
+    models = [{"model": str(root / m), "parameters": {"weight": 1.0}} for m in experts]
+    if all_models:
+        return {
+            **spec,
+            "models": [{"model": str(root / "base"), "parameters": {"weight": 1.0}}, *models],
+        }
+    if pair:
+        models = [{"model": str(root / "base")}, {"model": str(root / "e1")}]
+        return {**spec, "base_model": str(root / "base"), "models": models, "dtype": "bfloat16"}
+    return {**spec, "base_model": str(root / "base"), "models": models, "dtype": "bfloat16"}
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    r = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd[:3])}...\n{r.stderr[-2000:]}")
+    wall, cpu, rss = r.stdout.split()
+    return float(wall), float(cpu), int(rss)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(files: list[Path]) -> float:
+    """Sequential read of ``files`` (16 MiB reads); returns seconds."""
+    t = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(16 << 20):
+                pass
+    return time.perf_counter() - t
+
+
+def write_floor(nbytes: int, path: Path) -> float:
+    block = bytes(16 << 20)
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(block[: min(left, len(block))])
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    path.unlink()
+    return dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="125m,1b")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(RECIPES))
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--no-mergekit", action="store_true")
+    a = ap.parse_args()
+    have_mk = MERGEKIT.exists() and not a.no_mergekit
+    if not have_mk and not a.no_mergekit:
+        print(
+            "mergekit 0.1.5 not found: run `make mergekit-venv` (comparing against the floor only)"
+        )
+    results = []
+    for size in a.sizes.split(","):
+        root = make_family(size)
+        for name in a.methods.split(","):
+            recipe = recipe_for(name, root)
+            rpath = ROOT / f"{size}_{name}.yaml"
+            rpath.write_text(json.dumps(recipe))
+            used = [Path(m["model"]) / "model.safetensors" for m in recipe["models"]]
+            if "base_model" in recipe:
+                used = sorted({*used, Path(recipe["base_model"]) / "model.safetensors"})
+            in_bytes = sum(p.stat().st_size for p in used)
+            out_bytes = used[0].stat().st_size
+            runs: dict[str, list[tuple[float, float, int]]] = {"merganser": [], "mergekit": []}
+            floors = []
+            for _ in range(a.repeats):
+                for tool in ["merganser", "mergekit"] if have_mk else ["merganser"]:
+                    out = ROOT / f"out_{tool}"
+                    if a.cold:
+                        drop_caches()
+                    else:
+                        warm(used)
+                    if tool == "merganser":
+                        cmd = [
+                            str(REPO / ".venv/bin/merganser"),
+                            "merge",
+                            str(rpath),
+                            str(out),
+                            "--force",
+                            "--no-progress",
+                        ]
+                    else:
+                        subprocess.run(["rm", "-rf", str(out)])
+                        cmd = [
+                            str(MERGEKIT),
+                            str(rpath),
+                            str(out),
+                            "--no-copy-tokenizer",
+                            "--quiet",
+                            "--random-seed",
+                            "0",
+                        ]
+                    runs[tool].append(timed(cmd))
+                if a.cold:
+                    drop_caches()
+                read_s = warm(used)
+                floors.append(read_s + write_floor(out_bytes, ROOT / "floor.bin"))
+            row = {
+                "size": size,
+                "method": name,
+                "input_GB": in_bytes / 1e9,
+                "floor_s": statistics.median(floors),
+            }
+            for tool, rs in runs.items():
+                if rs:
+                    row[f"{tool}_wall_s"] = statistics.median(r[0] for r in rs)
+                    row[f"{tool}_cpu_s"] = statistics.median(r[1] for r in rs)
+                    row[f"{tool}_rss_GB"] = statistics.median(r[2] for r in rs) / 2**30
+            results.append(row)
+            _print_row(row)
+    (ROOT / "compare.json").write_text(json.dumps(results, indent=2))
+    print(f"\nraw figures: {ROOT / 'compare.json'}")
+    return 0
+
+
+def _print_row(r: dict) -> None:
+    mg = (
+        f"{r['merganser_wall_s']:.1f}s cpu {r['merganser_cpu_s']:.1f}s "
+        f"rss {r['merganser_rss_GB']:.2f}G"
+    )
+    line = f"{r['size']:>5} {r['method']:<16} in {r['input_GB']:.2f}GB | merganser {mg}"
+    if "mergekit_wall_s" in r:
+        line += (
+            f" | mergekit {r['mergekit_wall_s']:.1f}s cpu {r['mergekit_cpu_s']:.1f}s "
+            f"rss {r['mergekit_rss_GB']:.2f}G | wall ratio "
+            f"{r['merganser_wall_s'] / r['mergekit_wall_s']:.2f}x, rss ratio "
+            f"{r['merganser_rss_GB'] / r['mergekit_rss_GB']:.2f}x"
+        )
+    line += (
+        f" | floor {r['floor_s']:.1f}s, merganser/floor {r['merganser_wall_s'] / r['floor_s']:.2f}x"
+    )
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
