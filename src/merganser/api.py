@@ -40,9 +40,9 @@ RECIPE_NAME = "merganser_recipe.yaml"
 
 
 def default_memory_budget() -> int:
-    """A quarter of physical memory."""
+    """Half of physical memory (a cap on tensors in flight, not a reservation)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError):
         return 4 << 30
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget",
         type=parse_size,
         default=None,
-        help="cap on tensor memory in flight (default: a quarter of RAM)",
+        help="cap on tensor memory in flight (default: half of RAM)",
     )
     m.add_argument(
         "--threads",

@@ -32,7 +32,7 @@ def _sparsifier(density: list[float], gamma: list[float], how: str) -> Sparsifie
     "breadcrumbs",
     params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), rescale("none")),
     needs_base=True,
-    workspace=3.0,
+    workspace=1.5,
     reference=REFERENCE,
 )
 def breadcrumbs(
@@ -62,7 +62,7 @@ def breadcrumbs(
     "breadcrumbs_ties",
     params=(WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), rescale("none")),
     needs_base=True,
-    workspace=4.0,
+    workspace=1.5,
     reference=REFERENCE,
 )
 def breadcrumbs_ties(

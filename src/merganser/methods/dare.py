@@ -38,7 +38,7 @@ def dare_sparsify(density: list[float], seed: int, how: str) -> Sparsifier:
     params=(WEIGHT, DENSITY, LAMBDA, normalize(False), rescale("l1")),
     needs_base=True,
     stochastic=True,
-    workspace=3.0,
+    workspace=1.5,
     reference=REFERENCE,
 )
 def dare_linear(
@@ -69,7 +69,7 @@ def dare_linear(
     params=(WEIGHT, DENSITY, LAMBDA, normalize(False), rescale("l1")),
     needs_base=True,
     stochastic=True,
-    workspace=4.0,
+    workspace=1.5,
     reference=REFERENCE,
 )
 def dare_ties(

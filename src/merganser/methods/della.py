@@ -50,7 +50,7 @@ PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA)
     params=(*PARAMS, normalize(True), rescale("l1")),
     needs_base=True,
     stochastic=True,
-    workspace=5.0,
+    workspace=3.0,
     validate=_validate,
     reference=REFERENCE,
 )
@@ -84,7 +84,7 @@ def della(
     params=(*PARAMS, normalize(False), rescale("l1")),
     needs_base=True,
     stochastic=True,
-    workspace=4.0,
+    workspace=3.0,
     validate=_validate,
     reference=REFERENCE,
 )

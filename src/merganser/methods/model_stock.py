@@ -16,7 +16,7 @@ from merganser.methods.registry import Param, register
     ),
     needs_base=True,
     min_models=2,
-    workspace=3.0,
+    workspace=1.0,
     reference="Jang, Yun & Han, Model Stock, ECCV 2024, arXiv 2403.19522",
 )
 def model_stock(

@@ -22,7 +22,7 @@ from merganser.methods.task_vectors import consensus_mask
         ),
     ),
     needs_base=True,
-    workspace=4.0,
+    workspace=2.0,
     reference="Wan et al., FuseChat (SCE), arXiv 2408.07990; mergekit sce",
 )
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:

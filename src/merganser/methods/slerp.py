@@ -10,6 +10,15 @@ from merganser.methods.params import WEIGHT
 from merganser.methods.registry import Param, register
 
 
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Σ a·b accumulated in float64, a few million entries at a time (no full float64 copy)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(
+        float(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()))
+        for i in range(0, a.numel(), chunk)
+    )
+
+
 def slerp_tensors(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -17,15 +26,14 @@ def slerp_tensors(
     is taken between the flattened, normalised tensors; the coefficients are applied to the
     unnormalised ones; nearly colinear tensors are interpolated linearly.
     """
-    n0, n1 = float(v0.norm()), float(v1.norm())
-    u0 = v0.double() / n0 if n0 > eps else v0.double()
-    u1 = v1.double() / n1 if n1 > eps else v1.double()
-    dot = float((u0 * u1).sum())
+    n0, n1 = math.sqrt(_dot64(v0, v0)), math.sqrt(_dot64(v1, v1))
+    dot = _dot64(v0, v1) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
     if abs(dot) > dot_threshold:
-        return (1 - t) * v0 + t * v1
+        return torch.lerp(v0, v1, t)
     theta = math.acos(dot)
     s = math.sin(theta)
-    return (math.sin((1 - t) * theta) / s) * v0 + (math.sin(t * theta) / s) * v1
+    out = v0 * (math.sin((1 - t) * theta) / s)
+    return out.add_(v1, alpha=math.sin(t * theta) / s)
 
 
 @register(

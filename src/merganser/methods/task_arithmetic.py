@@ -14,7 +14,7 @@ from merganser.methods.task_vectors import generalized_task_arithmetic
     params=(WEIGHT, LAMBDA, normalize(False)),
     needs_base=True,
     elementwise=True,
-    workspace=2.0,
+    workspace=0.5,
     # mergekit accepts these on every generalized-task-arithmetic method; TA never sparsifies.
     ignored=frozenset({"density", "rescale"}),
     reference="Ilharco et al., Editing models with task arithmetic, ICLR 2023, arXiv 2212.04089",

@@ -19,10 +19,9 @@ def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
     ``frequency`` the most common sign; a tie elects +1 (mergekit and PEFT convention).
     Entries whose own sign disagrees (or are zero) are excluded.
     """
-    sign = weighted.sign()
-    votes = weighted.sum(dim=0) if method == "mass" else sign.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    return sign == elected
+    pos, neg = weighted > 0, weighted < 0
+    elect_pos = weighted.sum(dim=0) >= 0 if method == "mass" else pos.sum(dim=0) >= neg.sum(dim=0)
+    return torch.where(elect_pos, pos, neg)
 
 
 def generalized_task_arithmetic(
@@ -36,27 +35,27 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """θ₀ + λ · mix(sparsify(θᵢ − θ₀)) (Ilharco et al. 2023; Yadav et al. 2023; Yu et al. 2024)."""
-    deltas = []
+    stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
         d = t - base
-        deltas.append(sparsify(i, d) if sparsify is not None else d)
-    stacked = torch.stack(deltas)
-    del deltas
+        stacked[i] = sparsify(i, d) if sparsify is not None else d
+        del d
     w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
     w = w.view(-1, *([1] * base.dim()))
-    weighted = stacked * w
-    del stacked
+    stacked.mul_(w)  # weighted deltas, in place: n copies of the tensor is the peak
     if consensus is not None:
-        mask = consensus_mask(weighted, consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mask = consensus_mask(stacked, consensus)
+        mixed = stacked.mul_(mask).sum(dim=0)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
+        mixed = stacked.sum(dim=0)
+        if normalize:
+            total = float(sum(weight))
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    del stacked
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(base)

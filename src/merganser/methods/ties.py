@@ -39,7 +39,7 @@ def _global_stats(params: dict[str, Any]) -> GlobalTopK | None:
     "ties",
     params=(WEIGHT, DENSITY, LAMBDA, normalize(True), SIGN, SCOPE, rescale("none")),
     needs_base=True,
-    workspace=4.0,
+    workspace=2.5,
     stats=_global_stats,
     reference="Yadav et al., TIES-Merging, NeurIPS 2023, arXiv 2306.01708",
 )
