@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory clean mergekit-venv
+.PHONY: setup demo test lint bench bench-memory bench-compare clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ lint: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) bench/peak_rss.py
 
-bench: bench-memory
+# merganser vs mergekit 0.1.5 vs the I/O floor (~125M and ~1B parameter checkpoints).
+bench-compare: $(STAMP) mergekit-venv
+	$(PY) bench/compare.py
+
+bench: bench-memory bench-compare
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

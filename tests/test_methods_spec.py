@@ -204,3 +204,19 @@ def test_sampled_kth_largest_is_exact_on_large_tensors_with_ties(dtype) -> None:
     assert int(mask.sum()) == int(0.3 * x.numel())
     assert mag[mask].min() >= mag[~mask].max()
     assert torch.equal(mask, topk_mask(x, 0.3))  # ties broken the same way every time
+
+
+def test_dppa_negative_density_pitfall_is_clamped() -> None:
+    """Spec §5.2/5.4: at s = 0.9 with λ = 0.08 at both levels, the official densities go below 0."""
+    from merganser.methods.dppa import MIN_DENSITY
+
+    dens = dppa_densities(
+        layer_ratio={0: 0.0, 1: 10.0},
+        linear_ratio={"a": 0.0, "b": 10.0, "c": 0.0},
+        linear_layer={"a": 0, "b": 1, "c": 0},
+        linear_numel={"a": 10, "b": 10, "c": 10},
+        sparsity=0.95,
+        owl_lambda=0.08,
+    )
+    assert dens["a"] == MIN_DENSITY  # 0.05 - 0.08 - 0.04 < 0 in the official code
+    assert all(MIN_DENSITY <= d <= 1 for d in dens.values())

@@ -170,3 +170,17 @@ def test_real_process_prints_no_traceback(models, tmp_path) -> None:
     r = run_cli("merge", str(recipe), str(tmp_path / "o"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("source", ["union", "no/such/model"])
+def test_bad_tokenizer_source_fails_before_any_tensor_is_read(
+    models, tmp_path, monkeypatch, source
+) -> None:
+    import merganser
+    from merganser.checkpoint import Checkpoint
+
+    monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("tensor data was read"))
+    recipe = _ta(models, tokenizer_source=source)
+    with pytest.raises(merganser.MerganserError, match="tokenizer_source"):
+        merganser.merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

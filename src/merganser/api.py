@@ -96,6 +96,9 @@ def merge(
     try:
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)
+        if stats is not None:
+            engine.work_items(plan, eopts, chunks=False)  # the statistics passes must fit too
+        tokenizer = _tokenizer_source(plan)
         target = Path(out_dir)
         _check_not_an_input(target, plan)
         try:
@@ -119,9 +122,10 @@ def merge(
                     eopts,
                     bar.update,
                     digests,
+                    items,
                 )
             out.close_shards()
-            _write_side_files(out, plan)
+            _write_side_files(out, plan, tokenizer)
             manifest = out.verify_and_index(eopts.threads)
             inputs = {
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
@@ -164,7 +168,7 @@ def _manifest(plan: Plan, shards: dict[str, Any], inputs: dict[str, str | None])
     }
 
 
-def _write_side_files(out: AtomicOutput, plan: Plan) -> None:
+def _write_side_files(out: AtomicOutput, plan: Plan, tokenizer: Path | None) -> None:
     ref = plan.reference_checkpoint
     if ref.config is not None:
         config = {**ref.config, **plan.config_updates}
@@ -175,11 +179,10 @@ def _write_side_files(out: AtomicOutput, plan: Plan) -> None:
             for k in keys:
                 config[k] = name
         out.write_file("config.json", json.dumps(config, indent=2) + "\n")
-    source = _tokenizer_source(plan)
-    if source is not None and source.is_dir():
+    if tokenizer is not None and tokenizer.is_dir():
         for fname in TOKENIZER_FILES:
-            if (source / fname).is_file():
-                out.copy_file(source / fname)
+            if (tokenizer / fname).is_file():
+                out.copy_file(tokenizer / fname)
     out.write_file(RECIPE_NAME, plan.recipe.source_text)
 
 

@@ -157,9 +157,12 @@ class Checkpoint:
         size = itemsize(info.dtype)
         if count == 0:
             return torch.empty(info.shape if whole else (0,), dtype=info.dtype)
-        buf = bytearray(count * size)
-        _pread_exact(self._fd(info.file), buf, info.start + start * size, info.file)
-        out = torch.frombuffer(buf, dtype=info.dtype)
+        # Uninitialised memory: the read overwrites every byte, so no zero-fill pass.
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        _pread_exact(
+            self._fd(info.file), memoryview(buf.numpy()), info.start + start * size, info.file
+        )
+        out = buf.view(info.dtype)
         return out.reshape(info.shape) if whole else out
 
     def _fd(self, path: Path) -> int:
@@ -203,10 +206,9 @@ class Checkpoint:
         return None
 
 
-def _pread_exact(fd: int, buf: bytearray, offset: int, path: Path) -> None:
-    view = memoryview(buf)
+def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
     done = 0
-    while done < len(buf):
+    while done < len(view):
         try:
             n = os.preadv(fd, [view[done:]], offset + done)
         except OSError as e:

@@ -179,6 +179,7 @@ def run(
     options: EngineOptions,
     progress: Callable[[int], None] | None = None,
     digests: InputDigests | None = None,
+    items: list[WorkItem] | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``."""
 
@@ -188,7 +189,7 @@ def run(
         if progress is not None:
             progress(out.numel() * out.element_size())
 
-    _run_items(work_items(plan, options), work, options)
+    _run_items(items if items is not None else work_items(plan, options), work, options)
 
 
 def gather_stats(plan: Plan, stats: WholeModelStats, options: EngineOptions) -> None:

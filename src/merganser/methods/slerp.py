@@ -11,10 +11,10 @@ from merganser.methods.registry import Param, register
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """Σ a·b accumulated in float64, a few million entries at a time (no full float64 copy)."""
+    """Σ a·b with float64 accumulation, a few million entries at a time (no float64 copies)."""
     a, b = a.reshape(-1), b.reshape(-1)
     return sum(
-        float(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()))
+        float(torch.sum(a[i : i + chunk] * b[i : i + chunk], dtype=torch.float64))
         for i in range(0, a.numel(), chunk)
     )
 

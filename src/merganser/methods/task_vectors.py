@@ -35,27 +35,33 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """θ₀ + λ · mix(sparsify(θᵢ − θ₀)) (Ilharco et al. 2023; Yadav et al. 2023; Yu et al. 2024)."""
-    stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
-    for i, t in enumerate(tensors):
-        d = t - base
-        stacked[i] = sparsify(i, d) if sparsify is not None else d
-        del d
-    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
-    w = w.view(-1, *([1] * base.dim()))
-    stacked.mul_(w)  # weighted deltas, in place: n copies of the tensor is the peak
-    if consensus is not None:
+    if consensus is None:
+        # No election: accumulate Σ wᵢτᵢ model by model (two working copies, not n).
+        mixed: torch.Tensor | None = None
+        for i, t in enumerate(tensors):
+            d = t - base
+            d = (sparsify(i, d) if sparsify is not None else d).mul_(weight[i])
+            mixed = d if mixed is None else mixed.add_(d)
+        assert mixed is not None
+        if normalize:
+            total = float(sum(weight))
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    else:
+        stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+        for i, t in enumerate(tensors):
+            d = t - base
+            stacked[i] = sparsify(i, d) if sparsify is not None else d
+            del d
+        w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+        w = w.view(-1, *([1] * base.dim()))
+        stacked.mul_(w)  # weighted deltas in place: n copies of the tensor is the peak
         mask = consensus_mask(stacked, consensus)
         mixed = stacked.mul_(mask).sum(dim=0)
+        del stacked
         if normalize:
             divisor = (w * mask).sum(dim=0)
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
-    else:
-        mixed = stacked.sum(dim=0)
-        if normalize:
-            total = float(sum(weight))
-            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
-    del stacked
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
