@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama import llama_shapes
+
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "bench_out"
 MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
@@ -62,18 +65,7 @@ def make_family(size: str) -> Path:
         tie_word_embeddings=False,
     )
     cfg.architectures = ["LlamaForCausalLM"]
-    shapes = {"model.embed_tokens.weight": (32000, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (32000, hidden)
+    shapes = llama_shapes(hidden, inter, layers, 32000)
     base_gen = torch.Generator().manual_seed(0)
     base = {k: torch.empty(s).uniform_(-0.05, 0.05, generator=base_gen) for k, s in shapes.items()}
     for i, m in enumerate(["base", "e1", "e2", "e3"]):

@@ -53,7 +53,3 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point

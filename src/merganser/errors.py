@@ -11,7 +11,3 @@ class RecipeError(MerganserError):
 
 class CheckpointError(MerganserError):
     """A checkpoint is missing, unreadable, inconsistent or unsafe."""
-
-
-class MergeAborted(MerganserError):
-    """The merge stopped before completion; no output was left behind."""

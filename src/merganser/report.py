@@ -7,15 +7,6 @@ import json
 from pathlib import Path
 
 
-def with_average(
-    table: dict[str, dict[str, float]], tasks: list[str]
-) -> dict[str, dict[str, float]]:
-    return {
-        m: {**{t: row[t] for t in tasks}, "average": sum(row[t] for t in tasks) / len(tasks)}
-        for m, row in table.items()
-    }
-
-
 def format_table(table: dict[str, dict[str, float]], columns: list[str], pct: bool = True) -> str:
     """Rows are models, columns are tasks (accuracy shown in percent)."""
     width = max(12, *(len(m) for m in table)) + 2
