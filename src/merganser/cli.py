@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
 
+    k = sub.add_parser("kinship", help="pairwise kinship of models' task vectors")
+    k.add_argument("models", nargs="+", help="two or more model folders")
+    k.add_argument("--base", required=True, help="the common base model")
+    k.add_argument(
+        "--split",
+        action="store_true",
+        help="size-weighted average of per-tensor metrics (reference --split-calculation)",
+    )
+    k.add_argument("--heatmap", default="kinship.png", help="PNG of the Pearson matrix")
+    k.add_argument("--json", action="store_true", help="print JSON")
+
     z = sub.add_parser("zoo", help="the offline model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train the tiny base and experts (cached)")
@@ -243,6 +254,23 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kinship(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from merganser.kinship import METRICS, format_matrix, heatmap, kinship_matrix
+
+    matrices = kinship_matrix(a.models, a.base, split=a.split)
+    if a.json:
+        print(json.dumps({"models": a.models, "base": a.base, **matrices}, indent=2))
+    else:
+        for metric in METRICS:
+            print(f"{metric}:\n{format_matrix(a.models, matrices[metric])}\n")
+    if a.heatmap:
+        heatmap(a.models, matrices["pearson"], "pearson", Path(a.heatmap))
+        print(f"heatmap: {a.heatmap}", file=sys.stderr)
+    return 0
+
+
 def _cmd_tiny(a: argparse.Namespace) -> int:
     from merganser.tiny import build_family
 
@@ -266,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "methods": _cmd_methods,
         "tiny": _cmd_tiny,
         "zoo": _cmd_zoo,
+        "kinship": _cmd_kinship,
         "eval": _cmd_eval,
     }
     try:
