@@ -96,8 +96,8 @@ def merge(
     try:
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)
-        if stats is not None:
-            engine.work_items(plan, eopts, chunks=False)  # the statistics passes must fit too
+        # The statistics passes read whole tensors; they must fit the budget too.
+        stat_items = engine.work_items(plan, eopts, chunks=False) if stats is not None else None
         tokenizer = _tokenizer_source(plan)
         target = Path(out_dir)
         _check_not_an_input(target, plan)
@@ -113,7 +113,7 @@ def merge(
             )
             out.open_shards(shards, slots)
             if stats is not None:
-                engine.gather_stats(plan, stats, eopts)
+                engine.gather_stats(plan, stats, eopts, stat_items)
             digests = InputDigests() if options.input_checksums else None
             with Progress(plan.out_nbytes, len(items), options.progress) as bar:
                 engine.run(

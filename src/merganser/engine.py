@@ -192,9 +192,15 @@ def run(
     _run_items(items if items is not None else work_items(plan, options), work, options)
 
 
-def gather_stats(plan: Plan, stats: WholeModelStats, options: EngineOptions) -> None:
+def gather_stats(
+    plan: Plan,
+    stats: WholeModelStats,
+    options: EngineOptions,
+    items: list[WorkItem] | None = None,
+) -> None:
     """Stream every mergeable tensor through ``stats`` once per pass, then attach its results."""
-    items = work_items(plan, options, chunks=False)
+    if items is None:
+        items = work_items(plan, options, chunks=False)
     for p in range(stats.passes):
 
         def observe(item: WorkItem, p: int = p) -> None:
