@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory bench-compare clean mergekit-venv
+.PHONY: setup demo test lint bench bench-memory bench-compare bench-search bench-data-aware clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,15 @@ bench-memory: $(STAMP)
 bench-compare: $(STAMP) mergekit-venv
 	$(PY) bench/compare.py
 
-bench: bench-memory bench-compare
+# Evolver, CMA-ES, greedy soup and kinship-guided greedy merging vs the best fixed merge, on the zoo.
+bench-search: $(STAMP)
+	$(PY) bench/search.py
+
+# RegMean and Fisher merging (with `merganser calibrate`) vs averaging, on the zoo.
+bench-data-aware: $(STAMP)
+	$(PY) bench/data_aware.py
+
+bench: bench-memory bench-compare bench-search bench-data-aware
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -10,9 +10,12 @@ import torch
 from conftest import REPO, load_folder
 
 import merganser
+from merganser.calibrate import CalibrationOptions, calibrate
 from merganser.methods import all_methods
 from merganser.recipe import load_recipe
 from merganser.tiny import build_family
+from merganser.zoo.tasks import get_task
+from merganser.zoo.tokenizer import CharTokenizer
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -21,6 +24,14 @@ EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     build_family(root / "models", experts=2, seed=11, layers=4)
+    # Calibration statistics for the data-aware examples (regmean, fisher).
+    tok = CharTokenizer()
+    texts = [p + a for p, a in get_task("add").examples("train", 8)]
+    for i in (1, 2):
+        folder = root / "models" / f"expert_{i}"
+        tok.save(folder)
+        opts = CalibrationOptions(fisher=True, progress=False)
+        calibrate(folder, texts, root / "models" / f"expert_{i}.stats.safetensors", opts)
     return root
 
 

@@ -34,6 +34,7 @@ class Checkpoint:
         self.path = Path(path)
         self.config: dict[str, Any] | None = None
         self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}  # safetensors __metadata__ (of the files, merged)
         self._fds: dict[Path, int] = {}
         self._torch_state: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -96,7 +97,8 @@ class Checkpoint:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         if path.suffix == ".safetensors":
-            infos, _ = read_header(path)
+            infos, meta = read_header(path)
+            self.metadata.update(meta)
         elif path.suffix in TORCH_SUFFIXES:
             infos = self._load_torch_file(path)
         else:

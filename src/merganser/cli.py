@@ -119,6 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--heatmap", default="kinship.png", help="PNG of the Pearson matrix")
     k.add_argument("--json", action="store_true", help="print JSON")
 
+    c = sub.add_parser(
+        "calibrate", help="input Grams / Fisher of a model on data (RegMean, Fisher)"
+    )
+    c.add_argument("model", help="model folder (with its tokenizer)")
+    c.add_argument("out", help="statistics file to write (.safetensors)")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tasks", help="zoo tasks, comma-separated (their train split)")
+    src.add_argument("--data", help="JSONL of {prompt, answer} or {text}, or a .txt of lines")
+    c.add_argument("--examples", type=_positive_int, default=256, help="at most this many")
+    c.add_argument("--batch", type=_positive_int, default=16)
+    c.add_argument("--no-grams", dest="grams", action="store_false", help="skip the Grams")
+    c.add_argument("--fisher", action="store_true", help="also the diagonal Fisher")
+    c.add_argument("--fisher-labels", choices=("sampled", "empirical"), default="sampled")
+    c.add_argument(
+        "--include-padding",
+        action="store_true",
+        help="count padding rows in the Grams, as the RegMean code does",
+    )
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+
+    s = sub.add_parser("evolve", help="search merges against a dev set (Evolver, CMA-ES, soups)")
+    s.add_argument("search", help="SEARCH.yaml")
+    s.add_argument("out", help="output folder: best/, search.json, search.png, evaluations.jsonl")
+    s.add_argument("--resume", action="store_true", help="go on from OUT's evaluation journal")
+    s.add_argument("--force", action="store_true", help="discard a previous search in OUT")
+    s.add_argument("--workers", type=_positive_int, help="parallel evaluators (default: cores)")
+    s.add_argument(
+        "--ray", metavar="ADDRESS", help="evaluate on a Ray cluster ('local' starts one)"
+    )
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no per-generation progress")
+
     z = sub.add_parser("zoo", help="the offline model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train the tiny base and experts (cached)")
@@ -271,6 +305,65 @@ def _cmd_kinship(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    import torch
+
+    from merganser.calibrate import CalibrationOptions, calibrate, read_texts
+
+    torch.set_num_threads(a.threads)
+    if a.tasks:
+        from merganser.zoo.tasks import get_task
+
+        texts = [
+            p + ans
+            for t in a.tasks.split(",")
+            for p, ans in get_task(t.strip()).examples("train", a.examples, a.seed)
+        ]
+        texts = texts[:: max(1, len(texts) // a.examples)][: a.examples]
+    else:
+        texts = read_texts(a.data)
+    opts = CalibrationOptions(
+        examples=a.examples,
+        batch=a.batch,
+        grams=a.grams,
+        fisher=a.fisher,
+        fisher_labels=a.fisher_labels,
+        mask_padding=not a.include_padding,
+        seed=a.seed,
+        progress=None if a.progress else False,
+    )
+    tensors, meta = calibrate(a.model, texts, a.out, opts)
+    print(
+        f"{a.out}: {meta['kinds']} statistics from {meta['examples']} examples "
+        f"({meta['tokens']} tokens), {len(tensors)} tensors"
+    )
+    return 0
+
+
+def _cmd_evolve(a: argparse.Namespace) -> int:
+    from merganser.search.config import load_search
+    from merganser.search.run import run_search
+
+    cfg = load_search(a.search)
+    r = run_search(
+        cfg, a.out, resume=a.resume, force=a.force, workers=a.workers, ray=a.ray,
+        verbose=not a.quiet,
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(
+        f"{r['strategy']}: {r['evaluations']} evaluations, {r['workers']} workers "
+        f"({r['backend']}, {r['nodes']} node{'s' if r['nodes'] > 1 else ''})"
+    )
+    print(f"{'':<8}{'dev':>8}{'test':>8}")
+    for label, row in (("start", r["start"]), ("best", r["best"])):
+        test = "" if row["test"] is None else f"{row['test']:>8.4f}"
+        print(f"{label:<8}{row['dev']:>8.4f}{test}")
+    print(f"best model: {a.out}/best; report: {a.out}/search.json, {a.out}/search.png")
+    return 0
+
+
 def _cmd_tiny(a: argparse.Namespace) -> int:
     from merganser.tiny import build_family
 
@@ -295,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tiny": _cmd_tiny,
         "zoo": _cmd_zoo,
         "kinship": _cmd_kinship,
+        "evolve": _cmd_evolve,
+        "calibrate": _cmd_calibrate,
         "eval": _cmd_eval,
     }
     try:

@@ -163,8 +163,14 @@ def compute_item(
     if task.copy_only:
         return read_raw(plan, item, task.sources[0], digests).to(task.out_dtype)
     tensors, base = load_inputs(plan, item, options, digests)
-    out = plan.method(tensors, base, **task.params)
-    del tensors, base
+    extra = {}
+    if task.stats is not None:
+        extra["stats"] = [
+            None if r is None else read_raw(plan, item, r, digests).to(options.device)
+            for r in task.stats
+        ]
+    out = plan.method(tensors, base, **task.params, **extra)
+    del tensors, base, extra
     if not options.allow_nonfinite and not bool(torch.isfinite(out).all()):
         raise MerganserError(
             f"tensor {task.name}: merge produced NaN or Inf (check the inputs and parameters, "

@@ -56,7 +56,9 @@ Evaluator = Callable[[LoadedModel], dict[str, Score]]
 def load_model(path: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
     """Load a Hugging Face causal LM folder (and its tokenizer) in float32 for evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # its per-load bar drowns merganser's own output
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MerganserError(f"{p}: not a model folder (no config.json)")
@@ -138,27 +140,35 @@ def zoo_evaluator(
     return lambda lm: {t: score_pairs(lm, pairs) for t, pairs in sets.items()}
 
 
-def jsonl_evaluator(path: str | os.PathLike[str]) -> Evaluator:
-    """Users' own data: one ``{"prompt", "answer"[, "task"]}`` object per line."""
+def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[str, Any]]:
+    """``(where, object)`` for each non-blank line of a JSONL file; ``where`` is ``file:line``."""
     p = Path(path)
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise MerganserError(f"{p}: cannot read ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MerganserError(f"{p}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    out = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((f"{p}:{no}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise MerganserError(f"{p}:{no}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def jsonl_evaluator(path: str | os.PathLike[str]) -> Evaluator:
+    """Users' own data: one ``{"prompt", "answer"[, "task"]}`` object per line."""
+    p = Path(path)
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for where, obj in read_jsonl(p):
         if not (
             isinstance(obj, dict)
             and isinstance(obj.get("prompt"), str)
             and isinstance(obj.get("answer"), str)
         ):
-            raise MerganserError(f"{p}:{no}: expected an object with string 'prompt' and 'answer'")
+            raise MerganserError(f"{where}: expected an object with string 'prompt' and 'answer'")
         groups[str(obj.get("task", p.stem))].append((obj["prompt"], obj["answer"]))
     if not groups:
         raise MerganserError(f"{p}: no examples")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,3 +194,14 @@ def heatmap(names: Sequence[str], matrix: list[list[float]], metric: str, path: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def state_kinship(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """The metrics of two in-memory models' task vectors relative to ``base`` (spec §11.1)."""
+    m = Moments()
+    for k, t in base.items():
+        if t.is_floating_point():
+            m.add(a[k].float() - t.float(), b[k].float() - t.float())
+    return m.metrics()

@@ -40,6 +40,7 @@ class TensorTask:
     params: dict[str, Any]
     copy_only: bool = False  # non-float buffers are copied from the reference model
     fill: tuple[int, str] | None = None  # vocab policy: inputs are cut or padded to ``shape``
+    stats: list[tuple[int, str] | None] | None = None  # per source: its calibration statistic
 
     @property
     def numel(self) -> int:
@@ -63,6 +64,7 @@ class Plan:
     tasks: list[TensorTask] = field(default_factory=list)
     compute_dtype: torch.dtype | None = None  # inputs are rounded to this first (mergekit `dtype`)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    stats_files: dict[int, int] = field(default_factory=dict)  # model checkpoint -> statistics
 
     @property
     def reference_checkpoint(self) -> Checkpoint:
@@ -130,6 +132,12 @@ def build_plan(recipe: Recipe) -> Plan:
             else (groups[0].base or groups[0].contributors[0]).ckpt
         )
         plan = Plan(recipe, method, checkpoints, refs, reference, compute_dtype=compute_dtype)
+        if method.statistics:
+            _open_statistics(plan, index)
+        elif any(e.statistics for e in recipe.models or []):
+            raise RecipeError(
+                f"{src}: models[].statistics: method {method.name!r} uses no statistics"
+            )
         _plan_tensors(plan, groups, out_dtype)
         return plan
     except BaseException:
@@ -321,6 +329,14 @@ def _add_task(
         )
         return
     params = _evaluate_params(recipe, method, g, out_name, t)
+    stats = None
+    if plan.stats_files:
+        stats = [_stat_ref(plan, m.ckpt, input_name(m), shape) for m in g.contributors]
+        if method.statistics == "fisher":
+            params["fisher_norms"] = [
+                float(ckpts[plan.stats_files[m.ckpt]].metadata.get("fisher_norm", "nan"))
+                for m in g.contributors
+            ]
     plan.tasks.append(
         TensorTask(
             name=out_name,
@@ -330,10 +346,64 @@ def _add_task(
             base=(g.base.ckpt, input_name(g.base)) if g.base else None,
             params=params,
             fill=fill,
+            stats=stats,
         )
     )
     if fill is not None and "vocab_size" not in plan.config_updates and shape:
         plan.config_updates["vocab_size"] = shape[0]
+
+
+def _open_statistics(plan: Plan, index: dict[str, int]) -> None:
+    """Open each model's calibration file and check it holds the kind the method needs."""
+    recipe, kind = plan.recipe, plan.method.statistics
+    src = recipe.source_name
+    if recipe.slices:
+        raise RecipeError(f"{src}: method {plan.method.name!r} takes models:, not slices:")
+    for i, e in enumerate(recipe.models or []):
+        if e.model == recipe.base_model and plan.method.takes_base:
+            continue
+        if not e.statistics:
+            raise RecipeError(
+                f"{src}: models[{i}].statistics: method {plan.method.name!r} needs each model's "
+                f"{kind} statistics (make them with `merganser calibrate`)"
+            )
+        path = recipe.resolve(e.statistics)
+        ckpt = Checkpoint(path)
+        plan.checkpoints.append(ckpt)
+        plan.refs.append(e.statistics)
+        kinds = ckpt.metadata.get("kinds", "").split(",")
+        if (
+            not ckpt.metadata.get("format", "").startswith("merganser-statistics")
+            or kind not in kinds
+        ):
+            raise CheckpointError(
+                f"{path}: holds no {kind} statistics (expected `merganser calibrate "
+                f"--{'grams' if kind == 'gram' else 'fisher'}` output)"
+            )
+        plan.stats_files[index[e.model]] = len(plan.checkpoints) - 1
+
+
+def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tuple[int, str] | None:
+    """Where model ``model``'s statistic for tensor ``name`` lives, after checking its shape."""
+    kind = plan.method.statistics
+    si = plan.stats_files[model]
+    ckpt = plan.checkpoints[si]
+    key = f"{kind}.{name}"
+    info = ckpt.tensors.get(key)
+    if kind == "gram":
+        if info is None:
+            return None  # not a linear layer's weight: RegMean averages it
+        want = (shape[1], shape[1]) if len(shape) == 2 else None
+    else:
+        if info is None:
+            raise CheckpointError(f"{ckpt.path}: {key!r} missing (the Fisher of {name!r})")
+        want = tuple(shape)
+    if want is None or tuple(info.shape) != want:
+        raise CheckpointError(
+            f"{ckpt.path}: {key!r} has shape {list(info.shape)}, expected "
+            f"{list(want) if want else 'a 2-D weight'} for {plan.refs[model]}"
+        )
+    return si, key
 
 
 def _vocab_fit(

@@ -72,11 +72,12 @@ def _scalar(v: Any, key: str) -> Scalar:
     return v
 
 
-def _parse_value(v: Any, key: str, allow_conditional: bool = True) -> ParamValue:
+def parse_value(v: Any, key: str, allow_conditional: bool = True) -> ParamValue:
+    """A parameter in recipe syntax: a number, a layer gradient, or ``{filter, value}`` rules."""
     if isinstance(v, (bool, int, float, str)):
         return _scalar(v, key)
     if isinstance(v, dict) and allow_conditional:
-        return _parse_value([v], key)
+        return parse_value([v], key)
     if isinstance(v, list):
         if not v:
             raise ValueError(f"{key}: empty list (expected numbers or {{filter, value}} entries)")
@@ -97,7 +98,7 @@ def _parse_value(v: Any, key: str, allow_conditional: bool = True) -> ParamValue
                 filt = e.get("filter")
                 if filt is not None and not isinstance(filt, str):
                     raise ValueError(f"{key}[{i}].filter: expected a string")
-                rules.append((filt, _parse_value(e["value"], f"{key}[{i}].value", False)))
+                rules.append((filt, parse_value(e["value"], f"{key}[{i}].value", False)))
             return Conditional(tuple(rules))
     raise ValueError(
         f"{key}: expected a number, a list of numbers (layer gradient) or a list of "
@@ -114,7 +115,7 @@ def _parse_params(v: Any) -> dict[str, ParamValue] | None:
     for k, val in v.items():
         if not isinstance(k, str):
             raise ValueError(f"parameter names must be strings, got {k!r}")
-        out[k] = _parse_value(val, k)
+        out[k] = parse_value(val, k)
     return out
 
 
@@ -133,6 +134,7 @@ class _HasParams(_Strict):
 
 class ModelEntry(_HasParams):
     model: str
+    statistics: str | None = None  # `merganser calibrate` output, for data-aware methods
 
 
 class SliceSource(_HasParams):
@@ -204,7 +206,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "recipe"
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def format_error(err: dict[str, Any]) -> str:
+    """One line for a pydantic error: where (dotted path) and what was expected."""
     loc = _format_loc(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
     typ, msg = err["type"], err["msg"]
     if typ == "extra_forbidden":
@@ -238,7 +241,7 @@ def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = No
     except ValidationError as e:
         errors = e.errors()
         # A union failure lists each branch; the first is the most informative.
-        raise RecipeError(f"{name}: {_format_error(errors[0])}") from None
+        raise RecipeError(f"{name}: {format_error(errors[0])}") from None
     if not recipe.models and not recipe.slices:
         raise RecipeError(f"{name}: models: at least one model is required (or give slices)")
     if recipe.models and recipe.slices:
@@ -246,21 +249,27 @@ def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = No
     return recipe
 
 
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Read and validate a YAML recipe file."""
+def read_yaml(path: str | os.PathLike[str], what: str = "recipe") -> tuple[str, Any]:
+    """A YAML file's text and safely parsed data; any problem is one line naming the file."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(
-            f"{p}: cannot read recipe ({getattr(e, 'strerror', None) or e})"
+            f"{p}: cannot read {what} ({getattr(e, 'strerror', None) or e})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        return text, yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "syntax error"
         raise RecipeError(f"{p}: invalid YAML{where}: {problem}") from None
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    p = Path(path)
+    text, data = read_yaml(p)
     recipe = parse_recipe(data, name=str(p), source_dir=p.parent.resolve())
     return recipe.model_copy(update={"source_text": text})

@@ -98,6 +98,9 @@ class Method:
     stats: Callable[[dict[str, Any]], Any] | None = None
     # Parameters mergekit accepts for this method but that have no effect on it.
     ignored: frozenset[str] = frozenset()
+    # Calibration statistics each model must bring ("gram" or "fisher", from `merganser
+    # calibrate`); fn then takes ``stats``: one tensor (or None) per model for this tensor.
+    statistics: str | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -135,6 +138,7 @@ def register(
     validate: Callable[[dict[str, Any]], str | None] | None = None,
     stats: Callable[[dict[str, Any]], Any] | None = None,
     ignored: frozenset[str] = frozenset(),
+    statistics: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register a tensor function as merge method ``name``."""
 
@@ -156,6 +160,7 @@ def register(
             validate,
             stats,
             ignored,
+            statistics,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

@@ -35,12 +35,14 @@ def greedy_soup(
     models: Sequence[StateDict],
     evaluate: Callable[[StateDict], float],
     scores: Sequence[float] | None = None,
+    report: Callable[[int, StateDict, float], None] | None = None,
 ) -> SoupResult:
     """Sort models by held-out score, then add each to the uniform soup only if the soup's
     held-out score rises strictly (ties are rejected) — one pass, no revisiting.
 
     ``evaluate`` must score on a held-out (dev) split, never the test split. ``scores`` may give
-    the individual models' scores to avoid re-evaluating them.
+    the individual models' scores to avoid re-evaluating them; ``report(step, soup, score)``
+    is called with the soup after each step (step 0 is the best single model).
     """
     if not models:
         raise ValueError("greedy_soup needs at least one model")
@@ -50,6 +52,8 @@ def greedy_soup(
     best = individual[order[0]]
     soup = _mean([models[order[0]]])
     history = [(order[0], best, True)]
+    if report is not None:
+        report(0, soup, best)
     for i in order[1:]:
         candidate = _mean([models[j] for j in (*chosen, i)])
         score = evaluate(candidate)
@@ -58,4 +62,6 @@ def greedy_soup(
         if kept:
             chosen.append(i)
             soup, best = candidate, score
+        if report is not None:
+            report(len(history) - 1, soup, best)
     return SoupResult(soup, chosen, best, history)
