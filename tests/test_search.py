@@ -347,3 +347,17 @@ def test_example_search_files_parse(path: Path) -> None:
 
     cfg = load_search(path)
     assert cfg.resolve(cfg.models[0]).parts[-3:] == ("zoo", "seed0", "expert_reverse")
+
+
+def test_evolver_with_a_data_aware_merger() -> None:
+    # Fisher merging with equal Fishers is the plain average: the two searches must agree.
+    models = _models(3)
+    target = {k: 0.2 * models[0][k] + 0.8 * models[2][k] for k in models[0]}
+    ones = [{f"fisher.{k}": torch.ones_like(v) for k, v in m.items()} for m in models]
+    runs = [
+        evolve(models, DistanceScorer(target), EvolverConfig(generations=3, **kw))  # type: ignore[arg-type]
+        for kw in ({"merger": "linear"}, {"merger": "fisher", "merger_statistics": ones})
+    ]
+    assert runs[0].dev == pytest.approx(runs[1].dev, abs=1e-5)
+    for k, v in runs[0].best.items():
+        assert torch.allclose(v, runs[1].best[k], atol=1e-5)

@@ -76,6 +76,11 @@ def bytes_per_element(plan: Plan, task: TensorTask) -> int:
     if task.copy_only:
         return raw + itemsize(task.out_dtype)
     work = int(4 * (len(inputs) + 2 + plan.method.workspace * len(inputs)))
+    if task.stats:
+        # Statistics need not match the tensor's size (a Gram is in × in); each is read once and
+        # then held in float64 while solving, so count it three times over.
+        stat_bytes = sum(ckpts[ci].tensors[n].nbytes for ci, n in filter(None, task.stats))
+        work += -(-3 * stat_bytes // max(1, task.numel))
     return raw + work + itemsize(task.out_dtype)
 
 

@@ -30,6 +30,7 @@ class EvaluatorSection(_Strict):
 class MergerSection(_Strict):
     method: str = "linear"
     parameters: dict[str, Any] = Field(default_factory=dict)
+    statistics: list[str] | None = None  # per model, `merganser calibrate` files (regmean, fisher)
 
 
 class EvolverSection(_Strict):
@@ -109,6 +110,11 @@ def parse_search(data: Any, name: str = "<search>", source_dir: Path | None = No
     ev = cfg.evaluator
     if not ev.tasks and not (ev.dev and ev.test):
         raise RecipeError(f"{name}: evaluator: give zoo tasks, or both dev and test JSONL files")
+    stats = cfg.evolver.merger.statistics
+    if stats is not None and len(stats) != len(cfg.models):
+        raise RecipeError(
+            f"{name}: evolver.merger.statistics: needs one file per model ({len(cfg.models)})"
+        )
     if cfg.strategy == "kinship_greedy" and cfg.kinship_greedy.explore and not cfg.base_model:
         raise RecipeError(f"{name}: kinship_greedy.explore: needs base_model to measure kinship")
     return cfg

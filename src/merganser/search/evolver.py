@@ -39,6 +39,9 @@ class EvolverConfig:
     schedule: Literal["batch", "sequential"] = "batch"
     merger: str = "linear"
     merger_params: Mapping[str, Any] = field(default_factory=dict)
+    # Per-model calibration statistics for a data-aware merger (regmean, fisher). As in the
+    # official code they describe the original models and are not recomputed as they evolve.
+    merger_statistics: Sequence[Mapping[str, torch.Tensor]] | None = None
     seed: int = 0
 
 
@@ -102,6 +105,7 @@ class _Evolution:
             self.c.merger,
             [self.flat.unflatten(x) for x in pop],
             base=self.base,
+            statistics=self.c.merger_statistics,
             **dict(self.c.merger_params),
         )
 

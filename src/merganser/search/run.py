@@ -123,6 +123,9 @@ def _strategy(
                 **e.model_dump(exclude={"merger"}),
                 merger=e.merger.method,
                 merger_params=e.merger.parameters,
+                merger_statistics=[load_state(cfg.resolve(s))[0] for s in e.merger.statistics]
+                if e.merger.statistics
+                else None,
                 seed=cfg.seed,
             ),
             base,
