@@ -245,8 +245,14 @@ def test_evolve_cli_other_strategies(reduced_zoo: Path, tmp_path: Path, strategy
                "start": {"weight": 0.8, "density": 0.5}},
         kinship_greedy={"k": 2, "generations": 2},
     )  # fmt: skip
-    r = run_cli("evolve", str(s), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    keep = tmp_path / "out" / "keep.txt"
+    keep.parent.mkdir()
+    keep.write_text("the user's own file")
+    refused = run_cli("evolve", str(s), str(tmp_path / "out"), "--quiet")
+    assert refused.returncode == 1 and "is not a search folder" in refused.stderr
+    r = run_cli("evolve", str(s), str(tmp_path / "out"), "--workers", "1", "--quiet", "--force")
     assert r.returncode == 0, r.stderr
+    assert keep.read_text() == "the user's own file"  # --force replaces only search outputs
     rep = _report(tmp_path / "out")
     assert rep["best"]["dev"] >= rep["start"]["dev"]
     devs = [g["dev"] for g in rep["generations"]]

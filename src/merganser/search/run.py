@@ -28,13 +28,15 @@ from merganser.search.cmaes import CMAConfig, cma_search
 from merganser.search.common import SearchResult, StateDict
 from merganser.search.config import SearchConfig
 from merganser.search.evolver import EvolverConfig, evolve
-from merganser.search.journal import Journal, candidate_key
+from merganser.search.journal import JOURNAL_NAME, Journal, candidate_key
 from merganser.search.kinship_greedy import greedy_merge_search, slerp_merger
 from merganser.search.soup import greedy_soup
 from merganser.search.workers import EvalSpec, Pool, fitness_fn, make_pool, pack
 
 RESULTS_NAME = "search.json"
 PLOT_NAME = "search.png"
+# Everything a search writes into OUT; --force removes these and nothing else.
+OUTPUTS = ("best", ".best.tmp", RESULTS_NAME, f".{RESULTS_NAME}.tmp", PLOT_NAME, JOURNAL_NAME)
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
@@ -172,7 +174,7 @@ def run_search(
 ) -> dict[str, Any]:
     """Run the search described by ``cfg``; writes OUT/best, OUT/search.json, OUT/search.png."""
     out = Path(out)
-    journal_path = out / "evaluations.jsonl"
+    journal_path = out / JOURNAL_NAME
     if out.exists() and not journal_path.exists() and any(out.iterdir()) and not force:
         raise MerganserError(f"{out}: exists and is not a search folder (use --force)")
     if journal_path.exists() and not resume and not force:
@@ -208,8 +210,13 @@ def run_search(
         base, _ = load_state(base_ref)
         _check_same_shapes(refs[0], models[0], base_ref, base)
 
-    if force and out.exists():
-        shutil.rmtree(out)
+    if force:
+        for name in OUTPUTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     spec = EvalSpec(str(skeleton), tuple(cfg.evaluator.tasks), cfg.evaluator.n, jsonl)
     n_workers = workers or cfg.workers or os.cpu_count() or 1

@@ -76,7 +76,11 @@ class Judge:
 
 
 def pack(sd: StateDict) -> Packed:
-    return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in sd.items()}
+    """A candidate as NumPy arrays: floating tensors in float32, others as they are."""
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().numpy()
+        for k, v in sd.items()
+    }
 
 
 class Pool(Protocol):
