@@ -245,3 +245,54 @@ def test_read_texts(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"prompt": 3}\n')
     with pytest.raises(MerganserError, match=r"bad.jsonl:2: expected"):
         read_texts(tmp_path / "bad.jsonl")
+
+
+# --- AdaMerging (spec §13.5) ----------------------------------------------------------------
+
+
+def test_adamerging_spec_13_5_entropy() -> None:
+    from merganser.search.adamerging import entropy
+
+    assert float(entropy(torch.tensor([2.0, 0.0]))) == pytest.approx(0.365334, abs=1e-6)
+
+
+def test_adamerging_plus_plus_task_vectors() -> None:
+    from merganser.search.adamerging import ties_task_vectors
+
+    a, b = torch.tensor([3.0, -2.0, 0.5, 1.0, 0.0]), torch.tensor([-1.0, 4.0, -0.2, 2.0, 1.5])
+    ta, tb = ties_task_vectors([a, b], 0.4)  # keep 2 of 5 per task, then the elected sign
+    # trimmed: a -> [3, -2, 0, 0, 0], b -> [0, 4, 0, 2, 0]; the sums [3, 2, 0, 2, 0] elect +,
+    # so a's -2 disagrees and is dropped; nothing is averaged (each task keeps its own values).
+    assert ta.tolist() == [3.0, 0.0, 0.0, 0.0, 0.0]
+    assert tb.tolist() == [0.0, 4.0, 0.0, 2.0, 0.0]
+
+
+@pytest.mark.slow
+def test_adamerging_learns_coefficients_on_the_zoo(zoo: Path, tmp_path: Path) -> None:
+    from merganser.search.config import parse_search
+    from merganser.search.run import load_state, run_search
+
+    cfg = parse_search(
+        {
+            "strategy": "adamerging",
+            "models": [str(zoo / "expert_reverse"), str(zoo / "expert_add")],
+            "base_model": str(zoo / "base"),
+            "evaluator": {"tasks": ["reverse", "add"], "n": 32},
+            "workers": 1,
+            "adamerging": {"steps": 30, "lr": 0.05, "report_every": 10, "batch": 8},
+        }
+    )
+    rep = run_search(cfg, tmp_path / "out", verbose=False)
+    entropies = [h["entropy"] for h in rep["history"]]
+    assert entropies[-1] < entropies[0]  # the objective is being minimised
+    devs = [g["dev"] for g in rep["generations"]]
+    assert devs == sorted(devs) and rep["best"]["dev"] >= rep["start"]["dev"]
+    # The saved model is θ0 + Σ λ τ with the reported (clamped) per-tensor λ.
+    lams = rep["details"]["lambdas"]
+    base = load_state(zoo / "base")[0]
+    experts = [load_state(zoo / f"expert_{t}")[0] for t in ("reverse", "add")]
+    got = load_folder(tmp_path / "out" / "best")
+    for k, (l1, l2) in lams.items():
+        assert all(0.0 <= x <= 1.0 for x in (l1, l2))
+        want = base[k] + l1 * (experts[0][k] - base[k]) + l2 * (experts[1][k] - base[k])
+        assert torch.allclose(got[k], want, atol=1e-5), k

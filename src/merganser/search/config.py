@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from merganser.errors import RecipeError
 from merganser.recipe import format_error, read_yaml
 
-STRATEGIES = ("evolver", "cmaes", "greedy_soup", "kinship_greedy")
+STRATEGIES = ("evolver", "cmaes", "greedy_soup", "kinship_greedy", "adamerging")
 
 
 class _Strict(BaseModel):
@@ -67,8 +67,20 @@ class KinshipSection(_Strict):
     t: Any = None  # SLERP t in recipe syntax; default: the Model Kinship paper's schedule
 
 
+class AdaMergingSection(_Strict):
+    granularity: Literal["layer", "task"] = "layer"
+    init: float = Field(0.3, ge=0, le=1)
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(500, ge=1, le=1_000_000)
+    batch: int = Field(16, ge=1)
+    clamp: bool = True
+    ties: bool = False  # AdaMerging++
+    density: float = Field(0.2, gt=0, le=1)
+    report_every: int = Field(50, ge=1)
+
+
 class SearchConfig(_Strict):
-    strategy: Literal["evolver", "cmaes", "greedy_soup", "kinship_greedy"]
+    strategy: Literal["evolver", "cmaes", "greedy_soup", "kinship_greedy", "adamerging"]
     models: list[str] = Field(min_length=2)
     base_model: str | None = None
     evaluator: EvaluatorSection
@@ -79,6 +91,7 @@ class SearchConfig(_Strict):
     cmaes: CMASection = Field(default_factory=CMASection)
     greedy_soup: SoupSection = Field(default_factory=SoupSection)
     kinship_greedy: KinshipSection = Field(default_factory=KinshipSection)
+    adamerging: AdaMergingSection = Field(default_factory=AdaMergingSection)
 
     source_dir: Path | None = None
     source_text: str = ""
@@ -115,6 +128,8 @@ def parse_search(data: Any, name: str = "<search>", source_dir: Path | None = No
         raise RecipeError(
             f"{name}: evolver.merger.statistics: needs one file per model ({len(cfg.models)})"
         )
+    if cfg.strategy == "adamerging" and not cfg.base_model:
+        raise RecipeError(f"{name}: adamerging: needs base_model (task vectors)")
     if cfg.strategy == "kinship_greedy" and cfg.kinship_greedy.explore and not cfg.base_model:
         raise RecipeError(f"{name}: kinship_greedy.explore: needs base_model to measure kinship")
     return cfg

@@ -24,6 +24,7 @@ from merganser.api import TOKENIZER_FILES
 from merganser.checkpoint import Checkpoint
 from merganser.errors import MerganserError
 from merganser.evaluate import Score
+from merganser.search.adamerging import AdaMergingConfig, adamerging
 from merganser.search.cmaes import CMAConfig, cma_search
 from merganser.search.common import SearchResult, StateDict
 from merganser.search.config import SearchConfig
@@ -110,6 +111,8 @@ def _generations(cfg: SearchConfig) -> int | str:
         return cfg.cmaes.generations
     if cfg.strategy == "kinship_greedy":
         return cfg.kinship_greedy.generations
+    if cfg.strategy == "adamerging":
+        return cfg.adamerging.steps
     return len(cfg.models) - 1
 
 
@@ -156,10 +159,62 @@ def _strategy(
             history,
             {"ingredients": [cfg.models[i] for i in soup.ingredients]},
         )
+    if cfg.strategy == "adamerging":
+        a = cfg.adamerging
+        skeleton, prompts = _unlabelled_prompts(cfg, a.batch)
+        return adamerging(
+            skeleton,
+            base,  # type: ignore[arg-type]
+            models,
+            prompts,
+            score,
+            AdaMergingConfig(**a.model_dump(), seed=cfg.seed),
+        )
     k = cfg.kinship_greedy
     return greedy_merge_search(
         models, slerp_merger(k.t), score, base, k.k, k.explore, k.generations, k.metric
     )
+
+
+def _unlabelled_prompts(
+    cfg: SearchConfig, batch: int
+) -> tuple[torch.nn.Module, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """A model skeleton and, per task, the dev split's prompts (answers unused) in batches."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from merganser.evaluate import read_jsonl
+
+    skeleton = cfg.resolve(cfg.base_model or cfg.models[0])
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(skeleton), dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(skeleton)
+    by_task: dict[str, list[str]] = {}
+    if cfg.evaluator.tasks:
+        from merganser.zoo.tasks import get_task
+
+        for t in cfg.evaluator.tasks:
+            by_task[t] = [p for p, _ in get_task(t).examples("dev", cfg.evaluator.n)]
+    if cfg.evaluator.dev:
+        for _, obj in read_jsonl(cfg.resolve(cfg.evaluator.dev)):
+            by_task.setdefault(str(obj.get("task", "dev")), []).append(str(obj.get("prompt", "")))
+    bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    pad = tok.pad_token_id or 0
+    out = []
+    for texts in by_task.values():
+        seqs = [[*bos, *tok.encode(t, add_special_tokens=False)] for t in texts]
+        batches = []
+        for i in range(0, len(seqs), batch):
+            chunk = seqs[i : i + batch]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            batches.append((ids, mask))
+        out.append(batches)
+    return model, out
 
 
 def run_search(
