@@ -16,7 +16,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from merganser.errors import MerganserError
-from merganser.evaluate import LoadedModel, load_model, read_jsonl
+from merganser.evaluate import LoadedModel, load_model, pad_batches, read_jsonl
 
 FORMAT = "merganser-statistics-1"
 
@@ -66,22 +66,6 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
         else:
             raise MerganserError(f'{where}: expected {{"text"}} or {{"prompt", "answer"}} strings')
     return out
-
-
-def _batches(
-    lm: LoadedModel, texts: Sequence[str], size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    pad = lm.tokenizer.pad_token_id or 0
-    seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
-    for i in range(0, len(seqs), size):
-        chunk = seqs[i : i + size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, s in enumerate(chunk):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        yield ids, mask
 
 
 def calibrate(
@@ -145,7 +129,8 @@ def calibrate(
     )
     tokens = 0
     try:
-        for ids, mask in _batches(lm, texts, o.batch):
+        seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
+        for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, o.batch):
             tokens += int(mask.sum())
             mask_rows[0] = mask.bool() if o.mask_padding else None
             if o.grams:

@@ -53,6 +53,23 @@ class LoadedModel:
 Evaluator = Callable[[LoadedModel], dict[str, Score]]
 
 
+def pad_batches(
+    seqs: Sequence[Sequence[int]], pad: int, size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Token sequences in batches of ``size``, right-padded: ``(input_ids, attention_mask)``."""
+    out = []
+    for i in range(0, len(seqs), size):
+        chunk = seqs[i : i + size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        out.append((ids, mask))
+    return out
+
+
 def load_model(path: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
     """Load a Hugging Face causal LM folder (and its tokenizer) in float32 for evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -88,9 +88,11 @@ class _Evolution:
         n = self.pop.shape[0]
         others = [j for j in range(n) if j != i]
         if self.c.mutation == "rand1":
-            partners = [others.pop(int(torch.randint(len(others), (), generator=self.gen)))]
-            partners.append(others.pop(int(torch.randint(len(others), (), generator=self.gen))))
-            partners.append(others.pop(int(torch.randint(len(others), (), generator=self.gen))))
+            # Three distinct partners, drawn one after another without replacement.
+            partners = [
+                others.pop(int(torch.randint(len(others), (), generator=self.gen)))
+                for _ in range(3)
+            ]
         else:
             partners = [ref if ref is not None else self._pick(others)]
         u = torch.rand(self.pop.shape[1], generator=self.gen)

@@ -182,7 +182,7 @@ def _unlabelled_prompts(
     """A model skeleton and, per task, the dev split's prompts (answers unused) in batches."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from merganser.evaluate import read_jsonl
+    from merganser.evaluate import LoadedModel, pad_batches, read_jsonl
 
     skeleton = cfg.resolve(cfg.base_model or cfg.models[0])
     model = AutoModelForCausalLM.from_config(
@@ -198,23 +198,12 @@ def _unlabelled_prompts(
     if cfg.evaluator.dev:
         for _, obj in read_jsonl(cfg.resolve(cfg.evaluator.dev)):
             by_task.setdefault(str(obj.get("task", "dev")), []).append(str(obj.get("prompt", "")))
-    bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    lm = LoadedModel(model, tok)
     pad = tok.pad_token_id or 0
-    out = []
-    for texts in by_task.values():
-        seqs = [[*bos, *tok.encode(t, add_special_tokens=False)] for t in texts]
-        batches = []
-        for i in range(0, len(seqs), batch):
-            chunk = seqs[i : i + batch]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            batches.append((ids, mask))
-        out.append(batches)
-    return model, out
+    return model, [
+        pad_batches([[*lm.bos, *lm.encode(t)] for t in texts], pad, batch)
+        for texts in by_task.values()
+    ]
 
 
 def run_search(
