@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory bench-compare bench-search bench-data-aware clean mergekit-venv
+.PHONY: setup demo test lint bench bench-memory bench-compare bench-search bench-data-aware bench-zipit clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,11 @@ bench-search: $(STAMP)
 bench-data-aware: $(STAMP)
 	$(PY) bench/data_aware.py
 
-bench: bench-memory bench-compare bench-search bench-data-aware
+# ZipIt!, partial zipping and Git Re-Basin on experts from zoos of two different seeds.
+bench-zipit: $(STAMP)
+	$(PY) bench/zipit.py
+
+bench: bench-memory bench-compare bench-search bench-data-aware bench-zipit
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

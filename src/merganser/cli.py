@@ -119,6 +119,50 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--heatmap", default="kinship.png", help="PNG of the Pearson matrix")
     k.add_argument("--json", action="store_true", help="print JSON")
 
+    for name, helptext in (
+        ("zip", "ZipIt!: merge models from different initialisations (full or partial)"),
+        ("align", "permute a model into another's basis (Git Re-Basin); same function"),
+    ):
+        z = sub.add_parser(name, help=helptext)
+        if name == "zip":
+            z.add_argument("models", nargs="+", help="two or more model folders, then OUT")
+        else:
+            z.add_argument("ref", help="the model whose basis is kept")
+            z.add_argument("other", help="the model to permute")
+            z.add_argument("out", help="output folder for the permuted model")
+        src = z.add_mutually_exclusive_group()
+        src.add_argument("--tasks", help="zoo tasks, comma-separated (their train split)")
+        src.add_argument("--data", help="JSONL of {prompt, answer} or {text}, or a .txt")
+        z.add_argument("--examples", type=_positive_int, default=256, help="at most this many")
+        z.add_argument("--batch", type=_positive_int, default=16)
+        z.add_argument(
+            "--match",
+            choices=("zipit", "permute", "weights", "identity")
+            if name == "zip"
+            else ("weights", "permute"),
+            default="zipit" if name == "zip" else "weights",
+            help="zipit (default for zip), permute (activation matching), weights "
+            "(Git Re-Basin weight matching, no data) or identity (plain averaging)",
+        )
+        z.add_argument("--seed", type=int, default=0)
+        z.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+        z.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+        if name == "zip":
+            z.add_argument("--alpha", type=float, default=0.3, help="ZipIt α (default 0.3)")
+            z.add_argument("--beta", type=float, default=0.125, help="ZipIt β (default 0.125)")
+            z.add_argument(
+                "--layers",
+                type=int,
+                default=None,
+                help="blocks zipped into the shared trunk (default: all); fewer is a partial "
+                "zip and needs --heads",
+            )
+            z.add_argument(
+                "--heads",
+                help="comma-separated head names, one per model (usually their tasks): write "
+                "a multi-head model",
+            )
+
     c = sub.add_parser(
         "calibrate", help="input Grams / Fisher of a model on data (RegMean, Fisher)"
     )
@@ -305,12 +349,10 @@ def _cmd_kinship(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_calibrate(a: argparse.Namespace) -> int:
-    import torch
+def _texts(a: argparse.Namespace) -> list[str] | None:
+    """Texts from --tasks (zoo train split, interleaved, at most --examples) or --data."""
+    from merganser.calibrate import read_texts
 
-    from merganser.calibrate import CalibrationOptions, calibrate, read_texts
-
-    torch.set_num_threads(a.threads)
     if a.tasks:
         from merganser.zoo.tasks import get_task
 
@@ -319,9 +361,58 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
             for t in a.tasks.split(",")
             for p, ans in get_task(t.strip()).examples("train", a.examples, a.seed)
         ]
-        texts = texts[:: max(1, len(texts) // a.examples)][: a.examples]
-    else:
-        texts = read_texts(a.data)
+        return texts[:: max(1, len(texts) // a.examples)][: a.examples]
+    if a.data:
+        return read_texts(a.data)[: a.examples]
+    return None
+
+
+def _cmd_zip(a: argparse.Namespace) -> int:
+    import torch
+
+    from merganser.zipper import ZipOptions, zip_models
+
+    if len(a.models) < 3:
+        raise MerganserError("zip: give two or more model folders and then the output folder")
+    torch.set_num_threads(a.threads)
+    heads = tuple(h.strip() for h in a.heads.split(",")) if a.heads else None
+    opts = ZipOptions(
+        matcher=a.match, alpha=a.alpha, beta=a.beta, layers=a.layers, heads=heads,
+        batch=a.batch, seed=a.seed,
+    )  # fmt: skip
+    r = zip_models(a.models[:-1], _texts(a), a.models[-1], opts, force=a.force)
+    kind = f"multi-head model (heads {', '.join(r['heads'])})" if r["heads"] else "model"
+    data = f", features from {r['tokens']} tokens" if r["tokens"] else ""
+    print(f"{r['out']}: {kind}, {r['layers']}/{r['of']} blocks zipped by {r['matcher']}{data}")
+    return 0
+
+
+def _cmd_align(a: argparse.Namespace) -> int:
+    import torch
+
+    from merganser.zipper import ZipOptions, align_models
+
+    torch.set_num_threads(a.threads)
+    r = align_models(
+        a.ref, a.other, a.out, _texts(a), a.match, force=a.force,
+        options=ZipOptions(batch=a.batch, seed=a.seed),
+    )  # fmt: skip
+    print(
+        f"{r['out']}: {r['other']} permuted into {r['ref']}'s basis by {r['matcher']} matching "
+        f"({r['tensors_moved']} block tensors moved)"
+    )
+    return 0
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    import torch
+
+    from merganser.calibrate import CalibrationOptions, calibrate
+
+    torch.set_num_threads(a.threads)
+    texts = _texts(a)
+    if texts is None:
+        raise MerganserError("calibrate: give --tasks or --data")
     opts = CalibrationOptions(
         examples=a.examples,
         batch=a.batch,
@@ -390,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kinship": _cmd_kinship,
         "evolve": _cmd_evolve,
         "calibrate": _cmd_calibrate,
+        "zip": _cmd_zip,
+        "align": _cmd_align,
         "eval": _cmd_eval,
     }
     try:

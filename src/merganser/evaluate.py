@@ -33,6 +33,18 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any  # transformers tokenizer
     name: str = "model"
+    routes: dict[str, str] | None = None  # multi-head models: task -> head name
+
+    def for_task(self, task: str) -> LoadedModel:
+        """The model that answers ``task``: itself, or a multi-head model's head for it."""
+        if self.routes is None:
+            return self
+        head = self.routes.get(task, task)
+        if head not in self.model.heads:
+            raise MerganserError(
+                f"{self.name}: no head for task {task!r} (heads: {', '.join(self.model.heads)})"
+            )
+        return LoadedModel(self.model.heads[head], self.tokenizer, f"{self.name}/{head}")
 
     @property
     def bos(self) -> list[int]:
@@ -83,6 +95,12 @@ def load_model(path: str | os.PathLike[str], threads: int | None = None) -> Load
         raise MerganserError(f"{p}: no tokenizer files; evaluation needs the model's tokenizer")
     if threads:
         torch.set_num_threads(threads)
+    from merganser.multihead import is_multihead, load_multihead
+
+    if is_multihead(p):
+        multi = load_multihead(p)
+        tok = AutoTokenizer.from_pretrained(p, config=multi.config)  # not its config.json
+        return LoadedModel(multi, tok, p.name, multi.routes)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
     return LoadedModel(model, AutoTokenizer.from_pretrained(p), p.name)
 
@@ -154,7 +172,7 @@ def zoo_evaluator(
     if split not in ("train", "dev", "test"):
         raise MerganserError(f"--split: expected dev or test, got {split!r}")
     sets = {t: get_task(t).examples(split, n, seed) for t in tasks}
-    return lambda lm: {t: score_pairs(lm, pairs) for t, pairs in sets.items()}
+    return lambda lm: {t: score_pairs(lm.for_task(t), pairs) for t, pairs in sets.items()}
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[str, Any]]:
@@ -189,7 +207,7 @@ def jsonl_evaluator(path: str | os.PathLike[str]) -> Evaluator:
         groups[str(obj.get("task", p.stem))].append((obj["prompt"], obj["answer"]))
     if not groups:
         raise MerganserError(f"{p}: no examples")
-    return lambda lm: {t: score_pairs(lm, pairs) for t, pairs in groups.items()}
+    return lambda lm: {t: score_pairs(lm.for_task(t), pairs) for t, pairs in groups.items()}
 
 
 def evaluate(

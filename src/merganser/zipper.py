@@ -1,0 +1,254 @@
+"""`merganser zip` and `merganser align`: models from different initialisations, end to end.
+
+Load → check (shapes, vocabularies, known tensors) → features on shared data (activation
+matchers) or weights only (Git Re-Basin weight matching) → unmerges per merge point → merged
+tensors (align.py) → one model folder, written atomically: a plain Llama when every block is
+zipped into one model, a multi-head model (multihead.py) for a partial zip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from merganser.align import (
+    MATCHERS,
+    Alignment,
+    Shape,
+    activation_unmerges,
+    identity_unmerges,
+    layer_of,
+    roles,
+    weight_unmerges,
+)
+from merganser.api import TOKENIZER_FILES
+from merganser.checkpoint import Checkpoint
+from merganser.errors import MerganserError
+from merganser.evaluate import load_model
+from merganser.features import collect_features
+from merganser.multihead import save_multihead, trunk_names
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ZipOptions:
+    matcher: str = "zipit"  # zipit | permute (activations) | weights (Re-Basin) | identity
+    alpha: float = 0.3  # ZipIt: decay of a merged feature's correlations
+    beta: float = 0.125  # ZipIt: share of merges that may be within one model
+    layers: int | None = None  # blocks zipped into the shared trunk (None: all)
+    heads: tuple[str, ...] | None = None  # multi-head output, one head name per model
+    batch: int = 16
+    max_iter: int = 100  # weight matching rounds
+    seed: int = 0
+
+
+def _read(path: Path) -> tuple[StateDict, Any]:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise MerganserError(f"{path}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    with Checkpoint(path) as c:
+        return {k: c.read(k) for k in c}, config
+
+
+def _check(paths: Sequence[Path], states: Sequence[StateDict], configs: Sequence[Any]) -> Shape:
+    """One-line errors before any heavy work: architecture, shapes, tensors, vocabularies."""
+    shapes = []
+    for p, c in zip(paths, configs, strict=True):
+        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if not all(hasattr(c, a) for a in need):
+            raise MerganserError(f"{p}: not a Llama-style model (config lacks {need})")
+        shapes.append(Shape.of(c))
+    for p, s, shape in zip(paths[1:], states[1:], shapes[1:], strict=True):
+        for f in fields(Shape):
+            got, want = getattr(shape, f.name), getattr(shapes[0], f.name)
+            if got != want:
+                raise MerganserError(f"{p}: {f.name} is {got}, expected {want} (as {paths[0]})")
+        for k, t in states[0].items():
+            if k not in s:
+                raise MerganserError(f"{p}: tensor {k!r} missing (present in {paths[0]})")
+            if s[k].shape != t.shape:
+                raise MerganserError(
+                    f"{p}: tensor {k!r} has shape {list(s[k].shape)}, expected {list(t.shape)}"
+                )
+        extra = sorted(set(s) - set(states[0]))
+        if extra:
+            raise MerganserError(f"{p}: tensor {extra[0]!r} not in {paths[0]}")
+    for k in states[0]:
+        roles(k)  # an unknown tensor is an error naming it
+    return shapes[0]
+
+
+def _same_vocab(paths: Sequence[Path]) -> None:
+    from transformers import AutoTokenizer
+
+    vocabs = [AutoTokenizer.from_pretrained(p).get_vocab() for p in paths]
+    for p, v in zip(paths[1:], vocabs[1:], strict=True):
+        if v != vocabs[0]:
+            raise MerganserError(f"{p}: tokenizer vocabulary differs from {paths[0]}'s")
+
+
+def _write_folder(out: Path, source: Path, force: bool, write: Any, config: bool = True) -> None:
+    """Fill a temporary sibling of ``out`` with ``write(tmp)`` and the source's tokenizer, then
+    rename it into place: ``out`` is either untouched or complete."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise MerganserError(f"{out}: output exists and is not an empty folder (use --force)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        names = ("config.json", *TOKENIZER_FILES) if config else TOKENIZER_FILES
+        for name in names:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alignment(
+    paths: Sequence[Path],
+    states: Sequence[StateDict],
+    shape: Shape,
+    texts: Sequence[str] | None,
+    o: ZipOptions,
+    residual_states: int,
+) -> tuple[Alignment, int]:
+    if o.matcher == "identity":
+        return identity_unmerges(shape, len(paths)), 0
+    if o.matcher == "weights":
+        floats = [{k: t.float() for k, t in s.items()} for s in states]
+        return weight_unmerges(floats, shape, o.max_iter, o.seed), 0
+    if not texts:
+        raise MerganserError(f"--match {o.matcher}: needs data (--tasks or --data)")
+    models = [load_model(p) for p in paths]
+    feats = collect_features(models, texts, o.batch)
+    return (
+        activation_unmerges(
+            feats, shape, len(paths), o.matcher, o.alpha, o.beta, residual_states=residual_states
+        ),
+        feats.tokens,
+    )
+
+
+def zip_models(
+    paths: Sequence[str | os.PathLike[str]],
+    texts: Sequence[str] | None,
+    out: str | os.PathLike[str],
+    options: ZipOptions | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Zip models from different initialisations into ``out`` (ZipIt!, spec §8.2).
+
+    Every block zipped and no heads: a plain Llama folder, every tensor merged. Otherwise a
+    multi-head model: the zipped trunk (embeddings and the first ``layers`` blocks) and, per
+    model, its residual unmerge, later blocks, final norm and lm_head.
+    """
+    o = options or ZipOptions()
+    if o.matcher not in MATCHERS:
+        raise MerganserError(f"--match: expected one of {', '.join(MATCHERS)}, got {o.matcher!r}")
+    ps = [Path(p) for p in paths]
+    out = Path(out)
+    if len(ps) < 2:
+        raise MerganserError("zip: needs at least two models")
+    if any(out.resolve() == p.resolve() for p in ps):
+        raise MerganserError(f"{out}: the output would overwrite an input model")
+    read = [_read(p) for p in ps]
+    states, configs = [s for s, _ in read], [c for _, c in read]
+    shape = _check(ps, states, configs)
+    _same_vocab(ps)
+    k = shape.layers if o.layers is None else o.layers
+    if not 0 <= k <= shape.layers:
+        raise MerganserError(f"--layers: expected 0..{shape.layers}, got {k}")
+    if o.heads is not None and len(o.heads) != len(ps):
+        raise MerganserError(f"--heads: {len(o.heads)} names for {len(ps)} models")
+    if o.heads is None and k < shape.layers:
+        raise MerganserError("a partial zip (--layers < all) is a multi-head model: name --heads")
+    if o.heads is not None and len(set(o.heads)) != len(o.heads):
+        raise MerganserError(f"--heads: names must differ, got {','.join(o.heads)}")
+    if o.matcher == "zipit" and getattr(configs[0], "tie_word_embeddings", False):
+        raise MerganserError(f"{ps[0]}: zipping needs untied embeddings (lm_head ≠ embed_tokens)")
+    alignment, tokens = _alignment(ps, states, shape, texts, o, k)
+    names = list(states[0])
+    if o.heads is None:
+        merged = {n: alignment.merge_tensor(n, [s[n] for s in states]) for n in names}
+
+        def write(tmp: Path) -> None:
+            save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+        _write_folder(out, ps[0], force, write)
+    else:
+        trunk = trunk_names(names, k)
+        tensors = {n: alignment.merge_tensor(n, [s[n] for s in states]) for n in trunk}
+        for i, head in enumerate(o.heads):
+            tensors[f"heads.{head}.unmerge"] = alignment.u("res", i).float()
+            for n in names:
+                if n not in trunk:
+                    tensors[f"heads.{head}.{n}"] = states[i][n]
+
+        def write(tmp: Path) -> None:
+            save_multihead(tmp, configs[0], k, tensors, o.heads or ())
+
+        _write_folder(out, ps[0], force, write, config=False)
+    return {
+        "models": [str(p) for p in ps],
+        "matcher": o.matcher,
+        "layers": k,
+        "of": shape.layers,
+        "heads": list(o.heads) if o.heads else None,
+        "tokens": tokens,
+        "out": str(out),
+    }
+
+
+def align_models(
+    ref: str | os.PathLike[str],
+    other: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    texts: Sequence[str] | None = None,
+    matcher: str = "weights",
+    force: bool = False,
+    options: ZipOptions | None = None,
+) -> dict[str, Any]:
+    """Permute ``other`` into ``ref``'s basis (Git Re-Basin); it computes the same function.
+
+    The result can then be merged with ``ref`` by any recipe method (linear, SLERP, ...).
+    """
+    if matcher not in ("weights", "permute"):
+        raise MerganserError(
+            f"--match: align permutes: expected weights or permute, got {matcher!r}"
+        )
+    o = options or ZipOptions()
+    o = ZipOptions(**{**o.__dict__, "matcher": matcher})
+    ps = [Path(ref), Path(other)]
+    out = Path(out)
+    if any(out.resolve() == p.resolve() for p in ps):
+        raise MerganserError(f"{out}: the output would overwrite an input model")
+    read = [_read(p) for p in ps]
+    states = [s for s, _ in read]
+    shape = _check(ps, states, [c for _, c in read])
+    _same_vocab(ps)
+    alignment, tokens = _alignment(ps, states, shape, texts, o, shape.layers)
+    aligned = {n: alignment.align_tensor(n, t, 1) for n, t in states[1].items()}
+    moved = sum(
+        int(not torch.equal(aligned[n], t)) for n, t in states[1].items() if layer_of(n) is not None
+    )
+
+    def write(tmp: Path) -> None:
+        save_file(aligned, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    _write_folder(out, ps[1], force, write)
+    return {"ref": str(ps[0]), "other": str(ps[1]), "matcher": matcher, "tokens": tokens,
+            "tensors_moved": moved, "out": str(out)}  # fmt: skip
