@@ -225,6 +225,21 @@ def test_zip_of_a_model_and_its_permuted_copy_is_the_model(
         assert torch.allclose(got[k], want[k], atol=1e-6), k
 
 
+@pytest.mark.parametrize("match", ["zipit", "permute"])
+def test_zip_of_three_models_with_two_copies(
+    pair: tuple[Path, Path, Path], tmp_path: Path, match: str
+) -> None:
+    """n = 3 (r = 2/3): a model, its permuted copy and itself again zip back to the model."""
+    from merganser.zipper import ZipOptions, zip_models
+
+    a, a_perm, _ = pair
+    # α = 1 keeps a pair's correlation with the third copy at 1; the default 0.3 would let
+    # chance correlations inside one model win once two copies are grouped.
+    zip_models([a, a_perm, a], TEXTS, tmp_path / "out", ZipOptions(matcher=match, alpha=1.0))
+    # zipped groups may come out in another order than A's features: compare the function
+    assert torch.allclose(_logits(tmp_path / "out"), _logits(a), atol=1e-5)
+
+
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_partial_zip_heads_reproduce_each_model(
     pair: tuple[Path, Path, Path], tmp_path: Path, layers: int

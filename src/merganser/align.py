@@ -31,6 +31,7 @@ from merganser.features import Features
 from merganser.matching import (
     Axis,
     PermSpec,
+    correlation,
     permute_match,
     solve_lap,
     weight_matching,
@@ -176,8 +177,6 @@ def activation_unmerges(
     so a partial zip matches only what its shared blocks see. Heads are matched as units by
     the cosine of their attention patterns, then v/o dims inside each matched set of heads.
     """
-    from merganser.matching import correlation
-
     if matcher == "zipit":
 
         def match(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,9 +65,9 @@ class Features:
     tokens: int = 0
 
 
-def _capture(net: Any) -> tuple[dict[str, Any], list[Any]]:
+def _capture(net: Any) -> tuple[dict[Any, Any], list[Any]]:
     """Hooks that store this forward pass's features in the returned dict."""
-    store: dict[str, Any] = {}
+    store: dict[Any, Any] = {}
     inner = net.model
     handles = [
         inner.embed_tokens.register_forward_hook(lambda m, a, out: store.__setitem__(0, out))
@@ -94,7 +94,7 @@ def _capture(net: Any) -> tuple[dict[str, Any], list[Any]]:
 
 
 def collect_features(
-    models: Sequence[LoadedModel], texts: Sequence[str], batch: int = 16, patterns: bool = True
+    models: Sequence[LoadedModel], texts: Sequence[str], batch: int = 16
 ) -> Features:
     """Run every model on ``texts`` and accumulate the stacked features at each merge point."""
     if len(models) < 2:
@@ -120,9 +120,8 @@ def collect_features(
     old_impl = []
     for m in models:
         m.model.eval()
-        if patterns:
-            old_impl.append(m.model.config._attn_implementation)
-            m.model.set_attn_implementation("eager")  # the only one that returns patterns
+        old_impl.append(m.model.config._attn_implementation)
+        m.model.set_attn_implementation("eager")  # the only one that returns patterns
         hooks.append(_capture(m.model))
     try:
         for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, batch):
@@ -138,8 +137,6 @@ def collect_features(
             for i in range(layers):
                 feats.mlp[i].add(torch.cat([st[("mlp", i)][keep] for st in stores], -1))
                 feats.attn[i].add(torch.cat([st[("attn", i)][keep] for st in stores], -1))
-                if not patterns:
-                    continue
                 # [B, H, T, T] -> per KV head, the query rows that are real tokens
                 pats = []
                 for st in stores:
@@ -152,16 +149,12 @@ def collect_features(
                 for mi, p in enumerate(pats[1:]):
                     feats.heads[i][mi] += torch.einsum("rau,rbu->ab", pats[0], p)
     finally:
-        for (_, handles), m, impl in zip(
-            hooks, models, old_impl or [None] * len(models), strict=True
-        ):
+        for (_, handles), m, impl in zip(hooks, models, old_impl, strict=True):
             for h in handles:
                 h.remove()
-            if impl is not None:
-                m.model.set_attn_implementation(impl)
-    if patterns:
-        for i in range(layers):
-            for mi in range(1, len(models)):
-                denom = torch.outer(norms[i][0], norms[i][mi]).sqrt().clamp_min(1e-12)
-                feats.heads[i][mi - 1] /= denom
+            m.model.set_attn_implementation(impl)
+    for i in range(layers):
+        for mi in range(1, len(models)):
+            denom = torch.outer(norms[i][0], norms[i][mi]).sqrt().clamp_min(1e-12)
+            feats.heads[i][mi - 1] /= denom
     return feats

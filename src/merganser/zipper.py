@@ -178,6 +178,8 @@ def zip_models(
         raise MerganserError("a partial zip (--layers < all) is a multi-head model: name --heads")
     if o.heads is not None and len(set(o.heads)) != len(o.heads):
         raise MerganserError(f"--heads: names must differ, got {','.join(o.heads)}")
+    if o.heads is not None and getattr(configs[0], "model_type", "") != "llama":
+        raise MerganserError(f"{ps[0]}: multi-head output is built for Llama models only")
     if o.matcher == "zipit" and getattr(configs[0], "tie_word_embeddings", False):
         raise MerganserError(f"{ps[0]}: zipping needs untied embeddings (lm_head ≠ embed_tokens)")
     alignment, tokens = _alignment(ps, states, shape, texts, o, k)
