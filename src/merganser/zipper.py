@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +232,7 @@ def align_models(
         raise MerganserError(
             f"--match: align permutes: expected weights or permute, got {matcher!r}"
         )
-    o = options or ZipOptions()
-    o = ZipOptions(**{**o.__dict__, "matcher": matcher})
+    o = replace(options or ZipOptions(), matcher=matcher)
     ps = [Path(ref), Path(other)]
     out = Path(out)
     if any(out.resolve() == p.resolve() for p in ps):
