@@ -65,6 +65,13 @@ class Features:
     tokens: int = 0
 
 
+def _set_attention(net: Any, impl: str) -> None:
+    if hasattr(net, "set_attn_implementation"):
+        net.set_attn_implementation(impl)
+    else:  # transformers before set_attn_implementation existed
+        net.config._attn_implementation = impl
+
+
 def _capture(net: Any) -> tuple[dict[Any, Any], list[Any]]:
     """Hooks that store this forward pass's features in the returned dict."""
     store: dict[Any, Any] = {}
@@ -121,7 +128,7 @@ def collect_features(
     for m in models:
         m.model.eval()
         old_impl.append(m.model.config._attn_implementation)
-        m.model.set_attn_implementation("eager")  # the only one that returns patterns
+        _set_attention(m.model, "eager")  # the only implementation that returns patterns
         hooks.append(_capture(m.model))
     try:
         for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, batch):
@@ -152,7 +159,7 @@ def collect_features(
         for (_, handles), m, impl in zip(hooks, models, old_impl, strict=True):
             for h in handles:
                 h.remove()
-            m.model.set_attn_implementation(impl)
+            _set_attention(m.model, impl)
     for i in range(layers):
         for mi in range(1, len(models)):
             denom = torch.outer(norms[i][0], norms[i][mi]).sqrt().clamp_min(1e-12)
