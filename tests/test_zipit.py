@@ -341,6 +341,8 @@ def test_zip_errors_are_one_line_and_write_nothing(
         ([a, b], {"layers": 1}, "partial zip"),
         ([a, b], {"heads": ("x",)}, "--heads: 1 names for 2 models"),
         ([tied, tied], {}, "untied embeddings"),
+        ([tied, tied], {"matcher": "weights", "heads": ("x", "y")}, "untied embeddings"),
+        ([a, b], {"heads": ("x", "x.y")}, "--heads: names are letters"),
     ]
     for models, kw, msg in cases:
         with pytest.raises(MerganserError, match=msg.replace("(", r"\(").replace(".", r"\.")):

@@ -9,6 +9,7 @@ zipped into one model, a multi-head model (multihead.py) for a partial zip.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -180,8 +181,15 @@ def zip_models(
         raise MerganserError(f"--heads: names must differ, got {','.join(o.heads)}")
     if o.heads is not None and getattr(configs[0], "model_type", "") != "llama":
         raise MerganserError(f"{ps[0]}: multi-head output is built for Llama models only")
-    if o.matcher == "zipit" and getattr(configs[0], "tie_word_embeddings", False):
-        raise MerganserError(f"{ps[0]}: zipping needs untied embeddings (lm_head ≠ embed_tokens)")
+    if o.heads is not None and not all(re.fullmatch(r"[\w-]+", h) for h in o.heads):
+        raise MerganserError(
+            f"--heads: names are letters, digits, _ and -, got {','.join(o.heads)}"
+        )
+    if (o.matcher == "zipit" or o.heads) and getattr(configs[0], "tie_word_embeddings", False):
+        raise MerganserError(
+            f"{ps[0]}: zipping or splitting into heads needs untied embeddings (lm_head ≠ "
+            "embed_tokens)"
+        )
     alignment, tokens = _alignment(ps, states, shape, texts, o, k)
     names = list(states[0])
     if o.heads is None:
