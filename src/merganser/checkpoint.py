@@ -12,14 +12,14 @@ import json
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merganser.dtypes import itemsize
-from merganser.errors import CheckpointError
+from merganser.errors import CheckpointError, MerganserError
 from merganser.safetensors_header import TensorInfo, read_header
 
 ST_INDEX = "model.safetensors.index.json"
@@ -236,3 +236,16 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot parse JSON ({e})") from None
+
+
+def check_same_tensors(
+    ref: Path, a: Mapping[str, torch.Tensor], path: Path, b: Mapping[str, torch.Tensor]
+) -> None:
+    """One-line error unless ``b`` has every tensor of ``a``, each with the same shape."""
+    for k, t in a.items():
+        if k not in b:
+            raise MerganserError(f"{path}: tensor {k!r} missing (present in {ref})")
+        if b[k].shape != t.shape:
+            raise MerganserError(
+                f"{path}: tensor {k!r} has shape {list(b[k].shape)}, expected {list(t.shape)}"
+            )

@@ -169,14 +169,11 @@ def apply_perms(
     spec: PermSpec,
     perms: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
-    skip: tuple[str, Axis] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model B with every permutation applied: ``b'[i] = b[perm[i]]`` along each axis."""
     out = dict(params)
     for name, axes in spec.items():
         for ax in axes:
-            if skip is not None and skip == (name, ax):
-                continue
             out[ax.param] = _take(out[ax.param], ax, perms[name])
     return out
 

@@ -30,7 +30,7 @@ from merganser.align import (
     weight_unmerges,
 )
 from merganser.api import TOKENIZER_FILES
-from merganser.checkpoint import Checkpoint
+from merganser.checkpoint import Checkpoint, check_same_tensors
 from merganser.errors import MerganserError
 from merganser.evaluate import load_model
 from merganser.features import collect_features
@@ -74,13 +74,7 @@ def _check(paths: Sequence[Path], states: Sequence[StateDict], configs: Sequence
             got, want = getattr(shape, f.name), getattr(shapes[0], f.name)
             if got != want:
                 raise MerganserError(f"{p}: {f.name} is {got}, expected {want} (as {paths[0]})")
-        for k, t in states[0].items():
-            if k not in s:
-                raise MerganserError(f"{p}: tensor {k!r} missing (present in {paths[0]})")
-            if s[k].shape != t.shape:
-                raise MerganserError(
-                    f"{p}: tensor {k!r} has shape {list(s[k].shape)}, expected {list(t.shape)}"
-                )
+        check_same_tensors(paths[0], states[0], p, s)
         extra = sorted(set(s) - set(states[0]))
         if extra:
             raise MerganserError(f"{p}: tensor {extra[0]!r} not in {paths[0]}")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from merganser.api import TOKENIZER_FILES
-from merganser.checkpoint import Checkpoint
+from merganser.checkpoint import Checkpoint, check_same_tensors
 from merganser.errors import MerganserError
 from merganser.evaluate import Score
 from merganser.search.adamerging import AdaMergingConfig, adamerging
@@ -248,11 +248,11 @@ def run_search(
     models = [sd for sd, _ in loaded]
     dtypes = loaded[0][1]
     for p, sd in zip(refs[1:], models[1:], strict=True):
-        _check_same_shapes(refs[0], models[0], p, sd)
+        check_same_tensors(refs[0], models[0], p, sd)
     base = None
     if base_ref is not None:
         base, _ = load_state(base_ref)
-        _check_same_shapes(refs[0], models[0], base_ref, base)
+        check_same_tensors(refs[0], models[0], base_ref, base)
 
     if force:
         for name in OUTPUTS:
@@ -301,16 +301,6 @@ def run_search(
     finally:
         pool.close()
         journal.close()
-
-
-def _check_same_shapes(ref: Path, a: StateDict, path: Path, b: StateDict) -> None:
-    for k, t in a.items():
-        if k not in b:
-            raise MerganserError(f"{path}: tensor {k!r} missing (present in {ref})")
-        if b[k].shape != t.shape:
-            raise MerganserError(
-                f"{path}: tensor {k!r} has shape {list(b[k].shape)}, expected {list(t.shape)}"
-            )
 
 
 def _save_model(
