@@ -8,11 +8,16 @@ block into one model, and partial zips ZipIt!_{k/L} (a multi-head model, each ta
 its model's head) for every k.
 
     python bench/zipit.py [--pairs reverse,add sort,shift] [--n 200] [--examples 128]
+                          [--spec hidden=256,intermediate=512] [--device cuda]
+
+``--spec`` overrides fields of the zoo's ZooSpec (wider models zip better, at a training cost);
+``--device`` only trains the zoos there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -75,11 +80,15 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200, help="test examples per task")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "zipit")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--spec", default="", help="ZooSpec overrides: field=int,...")
+    ap.add_argument("--device", default="cpu", help="where the zoos are trained")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    zoos = [build_zoo(a.zoo / f"seed{s}", ZooSpec(seed=s)) for s in (0, 1)]
+    over = {k: int(v) for k, v in (f.split("=") for f in a.spec.split(",") if f)}
+    specs = [dataclasses.replace(ZooSpec(seed=s), **over) for s in (0, 1)]
+    zoos = [build_zoo(a.zoo / f"seed{sp.seed}", sp, device=a.device) for sp in specs]
     a.out.mkdir(parents=True, exist_ok=True)
-    layers = ZooSpec().layers
+    layers = specs[0].layers
     report: dict[str, Any] = {}
     verdicts: list[tuple[str, bool]] = []
     for pair in a.pairs:

@@ -57,3 +57,19 @@ def test_cuda_matches_cpu(tmp_path, method) -> None:
     )
     for k in cpu:
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_calibration_matches_cpu(reduced_zoo) -> None:
+    from merganser.calibrate import CalibrationOptions, calibrate
+
+    model = reduced_zoo / "zoo" / "seed0" / "expert_add"
+    texts = ["REV:abc=cba", "ADD:1+2=3", "REV:abcdh=hdcba", "ADD:9+9=18"]
+    opts = CalibrationOptions(batch=2, fisher=True)
+    cpu, meta_cpu = calibrate(model, texts, options=opts)
+    gpu, meta_gpu = calibrate(model, texts, options=CalibrationOptions(batch=2, fisher=True,
+                                                                       device="cuda"))  # fmt: skip
+    assert meta_gpu["tokens"] == meta_cpu["tokens"] and cpu.keys() == gpu.keys()
+    for k in cpu:
+        assert gpu[k].device.type == "cpu"
+        # TF32 and other reduction orders: agreement to a relative tolerance, not bits.
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=2e-3, atol=1e-5, msg=k)

@@ -14,6 +14,7 @@ import torch
 
 from merganser import engine
 from merganser.card import model_card
+from merganser.device import check_device
 from merganser.dtypes import dtype_name
 from merganser.errors import MerganserError, RecipeError
 from merganser.methods import get_method
@@ -88,8 +89,7 @@ def merge(
     options = options or MergeOptions()
     if options.out_shard_size <= 0:
         raise MerganserError("--out-shard-size must be positive")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MerganserError(f"--device {options.device}: CUDA is not available on this machine")
+    check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()
     plan = build_plan(rec)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from merganser.device import check_device
 from merganser.errors import MerganserError
 from merganser.evaluate import LoadedModel, load_model, pad_batches, read_jsonl
 
@@ -41,6 +42,7 @@ class CalibrationOptions:
     mask_padding: bool = True  # False reproduces the RegMean code (padding rows counted)
     seed: int = 0
     progress: bool | None = None
+    device: str = "cpu"  # where the forward/backward passes and the sums run (cpu, cuda[:N])
 
 
 def read_texts(path: str | os.PathLike[str]) -> list[str]:
@@ -88,8 +90,11 @@ def calibrate(
     texts = list(texts)[: o.examples]
     if not texts:
         raise MerganserError("calibrate: no calibration examples")
+    dev = check_device(o.device)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     net = lm.model.eval()
+    home = next(net.parameters()).device
+    net.to(dev)
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     # The rows to keep of the batch being run (None: all), and whether the hooks record.
@@ -131,6 +136,7 @@ def calibrate(
     try:
         seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
         for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, o.batch):
+            ids, mask = ids.to(dev), mask.to(dev)
             tokens += int(mask.sum())
             mask_rows[0] = mask.bool() if o.mask_padding else None
             if o.grams:
@@ -147,15 +153,16 @@ def calibrate(
         for h in handles:
             h.remove()
         net.zero_grad(set_to_none=True)
+        net.to(home)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, g in grams.items():
-        tensors[f"gram.{name}"] = (g / max(1, rows[name])).float()
+        tensors[f"gram.{name}"] = (g / max(1, rows[name])).float().cpu()
     norm_sq = 0.0
     for name, f in fisher.items():
         f = f / len(texts)
         norm_sq += float(f.square().sum())
-        tensors[f"fisher.{name}"] = f.float()
+        tensors[f"fisher.{name}"] = f.float().cpu()
     meta = {
         "format": FORMAT,
         "model": str(lm.name),
@@ -193,7 +200,8 @@ def _fisher_step(
     logp = torch.log_softmax(logits.float(), dim=-1)
     if o.fisher_labels == "sampled":
         with torch.no_grad():
-            y = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+            # Drawn on the CPU generator so a seed gives the same labels on any device.
+            y = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(ids.device)
     else:
         y = ids[0, 1:n]
     net.zero_grad(set_to_none=True)

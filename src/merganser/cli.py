@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="count padding rows in the Grams, as the RegMean code does",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
     c.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
     c.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -422,6 +423,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         mask_padding=not a.include_padding,
         seed=a.seed,
         progress=None if a.progress else False,
+        device=a.device,
     )
     tensors, meta = calibrate(a.model, texts, a.out, opts)
     print(

@@ -79,9 +79,16 @@ def _save(model: torch.nn.Module, folder: Path, tok: CharTokenizer) -> None:
 
 
 def build_zoo(
-    root: str | Path, spec: ZooSpec | None = None, threads: int = 1, verbose: bool = True
+    root: str | Path,
+    spec: ZooSpec | None = None,
+    threads: int = 1,
+    verbose: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Path]:
-    """Build (or reuse) the zoo under ``root``; returns ``{"base": path, task: path, ...}``."""
+    """Build (or reuse) the zoo under ``root``; returns ``{"base": path, task: path, ...}``.
+
+    ``device`` only changes speed: weights trained on a GPU differ from the CPU's in rounding.
+    """
     from transformers import LlamaForCausalLM
 
     spec = spec or ZooSpec()
@@ -118,6 +125,7 @@ def build_zoo(
             spec.base_lr,
             spec.batch,
             spec.seed,
+            device=device,
         )
         _save(base, paths["base"], tok)
         for i, task in enumerate(spec.experts):
@@ -130,6 +138,7 @@ def build_zoo(
                 spec.expert_lr,
                 spec.batch,
                 spec.seed * 1000 + i + 1,
+                device=device,
             )
             _save(expert, paths[task], tok)
         marker.write_text(json.dumps(want, indent=2))

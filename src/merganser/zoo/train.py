@@ -41,9 +41,12 @@ def train(
     batch: int,
     seed: int,
     log: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> None:
     """AdamW with warm-up and cosine decay on a uniform mixture of ``tasks`` (train split)."""
     tok = CharTokenizer()
+    home = next(model.parameters()).device
+    model.to(device)
     rngs = [random.Random(SPLIT_SEEDS["train"] + 104729 * seed + hash_tag(t.tag)) for t in tasks]
     pick = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -60,7 +63,7 @@ def train(
         for _ in range(batch):
             i = pick.randrange(len(tasks))
             pairs.append(tasks[i].example(rngs[i]))
-        ids, mask, labels = batch_tensors(pairs, tok)
+        ids, mask, labels = (t.to(device) for t in batch_tensors(pairs, tok))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,4 +72,4 @@ def train(
         sched.step()
         if log is not None and (step % 100 == 0 or step == steps - 1):
             log(step, float(loss))
-    model.eval()
+    model.to(home).eval()
