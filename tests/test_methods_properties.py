@@ -3,6 +3,8 @@ identity, and the special cases collapse to task arithmetic."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -94,3 +96,49 @@ def test_ties_trim_keeps_exactly_the_density_count(seed, shape, density) -> None
     x = _rand(seed, shape)
     out = merganser.merge_tensors("ties", [x], base=base, density=density)
     assert int((out != 0).sum()) == int(density * x.numel())
+
+
+def _streamed_mask(mag: torch.Tensor, density: float, blocks: list[int], miss: bool = False):
+    from merganser.methods.sparsify import StreamingTopK
+
+    s = StreamingTopK(mag.numel(), density)
+    cuts = [0, *sorted(blocks), mag.numel()]
+    spans = [(a, b - a) for a, b in itertools.pairwise(cuts) if b > a]
+    p = 0
+    while s.wants_pass(p):
+        for a, n in spans:
+            if p == 0:
+                idx, slots = s.want(a, n)
+                s.take_sample(slots, mag[a + idx])
+            else:
+                s.observe(p, mag[a : a + n])
+        s.end_pass(p)
+        if p == 0 and miss:
+            s.lo = s.hi = mag.max() + 1  # a bracket that misses: pass 2 must decide
+        p += 1
+    return torch.cat([s.mask(mag[a : a + n]) for a, n in spans]), p
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=seeds,
+    density=st.floats(0.0, 1.0),
+    levels=st.sampled_from([7, 1000, 0]),
+    cuts=st.lists(st.integers(0, 300_000), max_size=4),
+    miss=st.booleans(),
+)
+def test_streaming_topk_keeps_exactly_the_entries_topk_mask_keeps(
+    seed, density, levels, cuts, miss
+) -> None:
+    from merganser.methods.sparsify import topk_mask
+
+    g = torch.Generator().manual_seed(seed)
+    n = 300_000  # above 4 samples, so the sample bracket is used
+    mag = torch.rand(n, generator=g)
+    if levels:  # few distinct values: many ties at the threshold, kept lowest index first
+        mag = (mag * levels).floor()
+    got, passes = _streamed_mask(mag, density, cuts, miss)
+    assert torch.equal(got, topk_mask(mag, density))
+    assert int(got.sum()) == int(density * n)
+    if miss and 0 < int(density * n) < n:
+        assert passes == 3

@@ -20,7 +20,7 @@ from merganser.errors import MerganserError, RecipeError
 from merganser.methods import get_method
 from merganser.plan import Plan, build_plan, tensor_seed
 from merganser.progress import Progress
-from merganser.provenance import InputDigests
+from merganser.provenance import ALGORITHM, InputDigests
 from merganser.recipe import Recipe, load_recipe, parse_recipe
 from merganser.stats import WholeModelStats
 from merganser.writer import MANIFEST_NAME, AtomicOutput, layout
@@ -164,6 +164,7 @@ def _manifest(plan: Plan, shards: dict[str, Any], inputs: dict[str, str | None])
         "method": plan.method.name,
         "recipe_sha256": plan.recipe.sha256,
         "inputs": inputs,
+        "input_digest": ALGORITHM,
         "shards": shards,
     }
 

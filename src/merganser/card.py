@@ -29,7 +29,7 @@ def model_card(
     for ref, ckpt in zip(plan.refs, plan.checkpoints, strict=True):
         role = " (base)" if ref == base else ""
         n = sum(t.numel for t in ckpt.tensors.values())
-        digest = f", tensor content sha256 `{inputs[ref]}`" if inputs.get(ref) else ""
+        digest = f", tensor content blake3 `{inputs[ref]}`" if inputs.get(ref) else ""
         lines.append(f"- `{ref}`{role}: {len(ckpt.tensors)} tensors, {n:,} parameters{digest}")
     lines += ["", "## Recipe", "", "```yaml", recipe.source_text.rstrip(), "```", ""]
     lines += [

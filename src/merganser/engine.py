@@ -1,28 +1,43 @@
 """The streaming engine: computes a plan's tensors in a thread pool under a memory budget.
 
-Each work item reads its inputs (positional reads release the GIL), upcasts to float32, calls
-the method, checks for NaN/Inf, casts to the output dtype and hands the result to a sink. Items
-are admitted in plan order only while their estimated footprint fits the budget, so peak memory
-is bounded whatever the model size; tensors too large for one item are cut into flat chunks when
-the method is elementwise.
+Each work item reads its inputs (positional reads release the GIL) and hands its result to a
+sink. Items are admitted in plan order only while their estimated footprint fits the budget, so
+peak memory is bounded whatever the model size.
+
+On the CPU, methods that are elementwise or have a BlockMerge run block by block: the raw
+inputs are read into buffers each thread reuses (no page faults, no float32 copy of a tensor),
+and each BLOCK of entries is upcast, merged and cast back while it sits in the CPU cache. A
+tensor too large for one item is cut into chunks (elementwise) or read in segments once per
+statistic pass (a BlockMerge; later passes come from the page cache). Elsewhere (GPU,
+vocabulary filling, calibration statistics, whole-tensor methods) an item is upcast whole.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from merganser.dtypes import itemsize
 from merganser.errors import MerganserError
+from merganser.methods.blockwise import BlockMerge
 from merganser.plan import Plan, TensorTask
 from merganser.provenance import InputDigests
 from merganser.stats import WholeModelStats
 
+# (task, result or a flat chunk of it, its first element). The sink must be done with the tensor
+# when it returns: its memory is reused for the next chunk.
 Sink = Callable[[TensorTask, torch.Tensor, int], None]
+
+# Entries per compute block: a block's float32 working set stays in a core's cache. A constant:
+# sums over blocks (L1 norms of DARE/TIES rescaling) depend on it, and outputs must not depend
+# on settings.
+BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -68,12 +83,29 @@ class MemoryBudget:
             self._cv.notify_all()
 
 
-def bytes_per_element(plan: Plan, task: TensorTask) -> int:
+def blockwise(plan: Plan, task: TensorTask, options: EngineOptions) -> bool:
+    """Whether ``task`` runs block by block (see the module docstring)."""
+    m = plan.method
+    simple = task.fill is None and task.stats is None and not task.copy_only
+    return (
+        options.device == "cpu"
+        and simple
+        and (m.elementwise or (m.blockwise is not None and m.blockwise(task.params, task.numel)))
+    )
+
+
+def block_merge(plan: Plan, task: TensorTask) -> BlockMerge | None:
+    """The method's BlockMerge for ``task``, or None where the method is elementwise."""
+    bw = plan.method.blockwise
+    return None if bw is None else bw(task.params, task.numel)
+
+
+def bytes_per_element(plan: Plan, task: TensorTask, in_blocks: bool = False) -> int:
     """Estimated peak bytes one element of ``task`` needs while it is being merged."""
     ckpts = plan.checkpoints
     inputs = [*task.sources, *([task.base] if task.base else [])]
     raw = sum(itemsize(ckpts[ci].tensors[n].dtype) for ci, n in inputs)
-    if task.copy_only:
+    if task.copy_only or in_blocks:
         return raw + itemsize(task.out_dtype)
     work = int(4 * (len(inputs) + 2 + plan.method.workspace * len(inputs)))
     if task.stats:
@@ -91,10 +123,15 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
     for task in plan.tasks:
         if not chunks and task.copy_only:
             continue
-        per = bytes_per_element(plan, task)
+        in_blocks = chunks and blockwise(plan, task, options)
+        per = bytes_per_element(plan, task, in_blocks)
         need = per * task.numel
         if need <= cap or task.numel <= 1:
             items.append(WorkItem(task, 0, task.numel, need, True))
+            continue
+        if in_blocks and not plan.method.elementwise:
+            # A BlockMerge needs the whole tensor in one item; it reads it in segments.
+            items.append(WorkItem(task, 0, task.numel, segment(cap, per) * per, True))
             continue
         chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
         if not chunks or not chunkable:
@@ -111,6 +148,125 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             count = min(step, task.numel - start)
             items.append(WorkItem(task, start, count, per * count, False))
     return items
+
+
+def segment(cap: int, per: int) -> int:
+    """Entries of a tensor held at once within ``cap`` bytes: whole blocks, at least one."""
+    return max(BLOCK, cap // per // BLOCK * BLOCK)
+
+
+class _Scratch(threading.local):
+    """Per-thread byte buffers, grown on demand and reused across items."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
+
+
+def merge_blocks(
+    plan: Plan,
+    item: WorkItem,
+    options: EngineOptions,
+    scratch: _Scratch,
+    digests: InputDigests | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Merge ``item`` block by block; yields (first element, flat result) per segment."""
+    task = item.task
+    refs = [*task.sources, *([task.base] if task.base else [])]
+    has_base = task.base is not None
+    bm = block_merge(plan, task)
+    per = bytes_per_element(plan, task, True)
+    held = min(item.count, segment(min(options.max_item_bytes, options.memory_budget), per))
+    segs = [(s, min(held, item.start + item.count - s))
+            for s in range(item.start, item.start + item.count, held)]  # fmt: skip
+    work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(refs))]
+
+    def read(start: int, count: int, record: bool) -> list[torch.Tensor]:
+        raws = []
+        for j, (ci, name) in enumerate(refs):
+            ckpt = plan.checkpoints[ci]
+            info = ckpt.tensors[name]
+            buf = scratch.get(f"raw.{j}", count * itemsize(info.dtype), torch.uint8)
+            raws.append(ckpt.read(name, start, count, out=buf).reshape(-1))
+            if record and digests is not None:
+                digests.add(ci, name, info.nbytes, start * itemsize(info.dtype), raws[-1])
+        return raws
+
+    def upcast(raws: list[torch.Tensor], a: int, n: int) -> tuple[list[torch.Tensor], Any]:
+        out = []
+        for j, r in enumerate(raws):
+            x = r[a : a + n]
+            if plan.compute_dtype is not None and x.dtype != plan.compute_dtype:
+                x = x.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` first
+            out.append(work[j][:n].copy_(x))
+        return (out[:-1], out[-1]) if has_base else (out, None)
+
+    def gather(
+        raws: list[torch.Tensor], a: int, idx: torch.Tensor
+    ) -> tuple[list[torch.Tensor], Any]:
+        out = []
+        for r in raws:
+            x = r[a + idx]
+            if plan.compute_dtype is not None and x.dtype != plan.compute_dtype:
+                x = x.to(plan.compute_dtype)
+            out.append(x.float())
+        return (out[:-1], out[-1]) if has_base else (out, None)
+
+    cached = read(*segs[0], record=False) if bm is not None and len(segs) == 1 else None
+    p = 0
+    while bm is not None and bm.wants_pass(p):
+        for s, c in segs:
+            raws = cached if cached is not None else read(s, c, record=False)
+            for a in range(0, c, BLOCK):
+                n = min(BLOCK, c - a)
+
+                def load(
+                    idx: torch.Tensor | None, raws: list = raws, a: int = a, n: int = n
+                ) -> Any:
+                    return upcast(raws, a, n) if idx is None else gather(raws, a, idx)
+
+                bm.observe(p, s + a, n, load)
+        bm.end_pass(p)
+        p += 1
+    for s, c in segs:
+        if cached is not None:
+            raws = cached
+            if digests is not None:
+                for (ci, name), r in zip(refs, raws, strict=True):
+                    info = plan.checkpoints[ci].tensors[name]
+                    digests.add(ci, name, info.nbytes, s * itemsize(info.dtype), r)
+        else:
+            raws = read(s, c, record=True)
+        out = scratch.get("out", c * itemsize(task.out_dtype), task.out_dtype)
+        for a in range(0, c, BLOCK):
+            n = min(BLOCK, c - a)
+            tensors, base = upcast(raws, a, n)
+            if bm is not None:
+                res = bm.merge(s + a, tensors, base)
+            else:
+                res = plan.method(tensors, base, **task.params)
+            _check_finite(task, res, options)
+            out[a : a + n].copy_(res)
+        yield s, out.view(task.shape) if item.whole and c == task.numel else out
+
+
+def _check_finite(task: TensorTask, out: torch.Tensor, options: EngineOptions) -> None:
+    if options.allow_nonfinite:
+        return
+    # A finite sum proves every entry finite in one cheap pass; only a non-finite sum (or a
+    # float32 overflow of a huge but finite sum) needs the exact, costlier check.
+    if math.isfinite(float(out.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(out).all()):
+        raise MerganserError(
+            f"tensor {task.name}: merge produced NaN or Inf (check the inputs and parameters, "
+            "or pass --allow-nonfinite)"
+        )
 
 
 def read_raw(
@@ -176,11 +332,7 @@ def compute_item(
         ]
     out = plan.method(tensors, base, **task.params, **extra)
     del tensors, base, extra
-    if not options.allow_nonfinite and not bool(torch.isfinite(out).all()):
-        raise MerganserError(
-            f"tensor {task.name}: merge produced NaN or Inf (check the inputs and parameters, "
-            "or pass --allow-nonfinite)"
-        )
+    _check_finite(task, out, options)
     return out.to(dtype=task.out_dtype).cpu()
 
 
@@ -193,12 +345,19 @@ def run(
     items: list[WorkItem] | None = None,
 ) -> None:
     """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``."""
+    scratch = _Scratch()
 
     def work(item: WorkItem) -> None:
-        out = compute_item(plan, item, options, digests)
-        sink(item.task, out, item.start)
-        if progress is not None:
-            progress(out.numel() * out.element_size())
+        if blockwise(plan, item.task, options):
+            parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
+                plan, item, options, scratch, digests
+            )
+        else:
+            parts = [(item.start, compute_item(plan, item, options, digests))]
+        for start, out in parts:
+            sink(item.task, out, start)
+            if progress is not None:
+                progress(out.numel() * out.element_size())
 
     _run_items(items if items is not None else work_items(plan, options), work, options)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import register
-from merganser.methods.sparsify import bernoulli_mask, generator
+from merganser.methods.sparsify import BlockBernoulli, l1_scale
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
@@ -27,10 +30,61 @@ def dare_sparsify(density: list[float], seed: int, how: str) -> Sparsifier:
             return d
         if keep <= 0:
             return torch.zeros_like(d)
-        mask = bernoulli_mask(d.shape, keep, generator(model_seed(seed, i))).to(d.device)
-        return apply_rescale(d, mask, how, keep)
+        mask = BlockBernoulli(model_seed(seed, i))(0, d.numel(), keep)
+        return apply_rescale(d, mask.view(d.shape).to(d.device), how, keep)
 
     return sparsify
+
+
+class DareBlocks(BlockMerge):
+    """DARE block by block: the masks of any block can be drawn alone (BlockBernoulli); with
+    ``rescale: l1`` one statistic pass first sums |τᵢ| and |mᵢ⊙τᵢ| over the whole tensor.
+    """
+
+    def __init__(self, params: dict[str, Any], consensus: str | None):
+        self.params, self.consensus = params, consensus
+        n = len(params["density"])
+        self.draw = [BlockBernoulli(model_seed(params["seed"], i)) for i in range(n)]
+        self.before, self.after = [0.0] * n, [0.0] * n
+        self.dropping = [0 < k < 1 for k in params["density"]]
+
+    def wants_pass(self, p: int) -> bool:
+        return p == 0 and self.params["rescale"] == "l1" and any(self.dropping)
+
+    def observe(self, p: int, start: int, count: int, load: Load) -> None:
+        tensors, base = load(None)
+        for i, t in enumerate(tensors):
+            if self.dropping[i]:
+                mag = (t - base).abs_()
+                self.before[i] += float(mag.sum(dtype=torch.float64))
+                mag.mul_(self.draw[i](start, count, self.params["density"][i]))
+                self.after[i] += float(mag.sum(dtype=torch.float64))
+
+    def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
+        prm = self.params
+
+        def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
+            keep = prm["density"][i]
+            if keep >= 1:
+                return d
+            if keep <= 0:
+                return d.zero_()
+            kept = d.mul_(self.draw[i](start, d.numel(), keep))
+            if prm["rescale"] == "inverse":
+                return kept.div_(keep)
+            if prm["rescale"] == "l1":
+                return kept.mul_(l1_scale(self.before[i], self.after[i]))
+            return kept
+
+        return generalized_task_arithmetic(
+            tensors,
+            base,
+            prm["weight"],
+            sparsify=sparsify,
+            consensus=self.consensus,
+            normalize=prm["normalize"],
+            lambda_=prm["lambda_"],
+        )
 
 
 @register(
@@ -39,6 +93,7 @@ def dare_sparsify(density: list[float], seed: int, how: str) -> Sparsifier:
     needs_base=True,
     stochastic=True,
     workspace=1.5,
+    blockwise=lambda params, numel: DareBlocks(params, None),
     reference=REFERENCE,
 )
 def dare_linear(
@@ -70,6 +125,7 @@ def dare_linear(
     needs_base=True,
     stochastic=True,
     workspace=1.5,
+    blockwise=lambda params, numel: DareBlocks(params, "mass"),
     reference=REFERENCE,
 )
 def dare_ties(

@@ -101,6 +101,9 @@ class Method:
     # Calibration statistics each model must bring ("gram" or "fisher", from `merganser
     # calibrate`); fn then takes ``stats``: one tensor (or None) per model for this tensor.
     statistics: str | None = None
+    # ``blockwise(params, numel)``: a BlockMerge that computes fn's result block by block (after
+    # statistic passes over the blocks), or None where the whole tensor is needed at once.
+    blockwise: Callable[[dict[str, Any], int], Any] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -139,6 +142,7 @@ def register(
     stats: Callable[[dict[str, Any]], Any] | None = None,
     ignored: frozenset[str] = frozenset(),
     statistics: str | None = None,
+    blockwise: Callable[[dict[str, Any], int], Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register a tensor function as merge method ``name``."""
 
@@ -161,6 +165,7 @@ def register(
             stats,
             ignored,
             statistics,
+            blockwise,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

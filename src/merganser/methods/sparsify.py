@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -37,7 +38,26 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask.view(delta.shape)
 
 
-def kth_largest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
+SAMPLE = 1 << 16
+
+
+def sample_positions(n: int, k: int, sample: int = SAMPLE) -> torch.Tensor:
+    """The seeded positions whose values bracket the k-th largest of ``n`` (see kth_largest)."""
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    return torch.randint(n, (sample,), generator=gen)
+
+
+def bracket(picks: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds that hold the k-th largest of ``n`` values with near certainty, from sorted picks."""
+    sample = picks.numel()
+    q = (n - k) / n
+    margin = 6 * math.sqrt(q * (1 - q) / sample) + 4 / sample
+    lo = picks[max(0, math.floor((q - margin) * sample))]
+    hi = picks[min(sample - 1, math.ceil((q + margin) * sample))]
+    return lo, hi
+
+
+def kth_largest(values: torch.Tensor, k: int, sample: int = SAMPLE) -> torch.Tensor:
     """The exact k-th largest of a 1-D tensor in about two linear passes.
 
     A seeded sample brackets the answer; only the values inside the bracket are selected
@@ -46,12 +66,8 @@ def kth_largest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Te
     n = values.numel()
     if n <= 4 * sample:
         return values.kthvalue(n - k + 1).values
-    gen = torch.Generator().manual_seed(n * 31 + k)
-    picks = values[torch.randint(n, (sample,), generator=gen).to(values.device)].sort().values
-    q = (n - k) / n
-    margin = 6 * math.sqrt(q * (1 - q) / sample) + 4 / sample
-    lo = picks[max(0, math.floor((q - margin) * sample))]
-    hi = picks[min(sample - 1, math.ceil((q + margin) * sample))]
+    pos = sample_positions(n, k, sample).to(values.device)
+    lo, hi = bracket(values[pos].sort().values, n, k)
     above = int((values > hi).sum())
     band = values[(values >= lo) & (values <= hi)]
     rank = k - above  # position of the answer inside the band, from the top
@@ -83,6 +99,111 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[n_bot : n - n_top]] = True
     return mask.view(delta.shape)
+
+
+class StreamingTopK:
+    """``topk_mask`` for a tensor seen block by block, in order: the same entries, exactly.
+
+    Pass 0 reads the seeded sample (``want`` gives its positions in a block), pass 1 counts the
+    magnitudes above the sample's bracket and keeps those inside it, and if the bracket missed,
+    pass 2 keeps them all. ``mask`` then keeps ``|δ| > thr`` plus the first entries equal to
+    ``thr``, lowest index first, as ``topk_mask`` does. It also yields the L1 norms ``rescale``
+    needs. Only for ``n > 4 * SAMPLE`` (smaller tensors take the whole-tensor path).
+    """
+
+    def __init__(self, n: int, density: float):
+        self.n, self.k = n, int(density * n)
+        self.trivial = self.k >= n or self.k <= 0
+        self._pos: torch.Tensor | None = None  # drawn when first needed: constructing is cheap
+        self._picks = torch.empty(SAMPLE)
+        self.lo = self.hi = torch.tensor(0.0)
+        self.above, self.band = 0, []
+        self.total_l1 = self.above_l1 = 0.0
+        self.thr: float | None = 0.0
+        self.short, self.kept_l1 = 0, 0.0
+
+    def wants_pass(self, p: int) -> bool:
+        return not self.trivial and (p < 2 or (p == 2 and self.thr is None))
+
+    def want(self, start: int, count: int) -> tuple[torch.Tensor, slice]:
+        """Sample positions inside [start, start+count), relative to start, and their slots."""
+        if self._pos is None:
+            self._pos = sample_positions(self.n, self.k).sort().values
+        a = int(torch.searchsorted(self._pos, start))
+        b = int(torch.searchsorted(self._pos, start + count))
+        return self._pos[a:b] - start, slice(a, b)
+
+    def take_sample(self, slots: slice, mag: torch.Tensor) -> None:
+        self._picks[slots] = mag.float().cpu()
+
+    def observe(self, p: int, mag: torch.Tensor) -> None:
+        """Pass 1 (bracketed) or 2 (everything): counts, band and L1 sums of one block."""
+        if p == 2:
+            self.band.append(mag.clone())
+            return
+        hi_mask = mag > self.hi
+        self.above += int(hi_mask.sum())
+        self.above_l1 += float(mag[hi_mask].sum(dtype=torch.float64))
+        self.total_l1 += float(mag.sum(dtype=torch.float64))
+        self.band.append(mag[(mag >= self.lo) & (mag <= self.hi)])
+
+    def end_pass(self, p: int) -> None:
+        if p == 0:
+            self.lo, self.hi = bracket(self._picks.sort().values, self.n, self.k)
+            return
+        band = torch.cat(self.band) if self.band else torch.empty(0)
+        self.band = []
+        if p == 2:
+            self.above, self.above_l1 = 0, 0.0
+        rank = self.k - self.above
+        if not 1 <= rank <= band.numel():
+            self.thr = None  # the bracket missed: pass 2 looks at everything
+            return
+        thr = band.kthvalue(band.numel() - rank + 1).values
+        over = band > thr
+        self.thr = float(thr)
+        self.short = rank - int(over.sum())
+        band_l1 = float(band[over].sum(dtype=torch.float64))
+        self.kept_l1 = self.above_l1 + band_l1 + self.short * self.thr
+
+    def mask(self, mag: torch.Tensor) -> torch.Tensor:
+        """The kept entries of the next block (blocks must come in order)."""
+        if self.trivial:
+            return torch.full_like(mag, self.k >= self.n, dtype=torch.bool)
+        keep = mag > self.thr
+        if self.short > 0:
+            ties = torch.nonzero(mag == self.thr).reshape(-1)[: self.short]
+            keep[ties] = True
+            self.short -= ties.numel()
+        return keep
+
+
+def l1_scale(before: float, after: float) -> float:
+    """``rescale: l1``'s factor from whole-tensor L1 norms (1 where either is ~0)."""
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+class BlockBernoulli:
+    """DARE's keep masks for one model's tensor: entry j is kept with probability ``keep`` (to
+    2⁻²⁴, like a float32 uniform). Entry j's draw is the j-th 32-bit half of one seeded PCG64
+    stream, so any range of entries can be drawn alone, the same however the tensor is split.
+    """
+
+    def __init__(self, seed: int):
+        self._bits = np.random.PCG64(seed)
+        self._state = self._bits.state
+
+    def __call__(self, start: int, count: int, keep: float) -> torch.Tensor:
+        limit = math.ceil(keep * (1 << 24))
+        if limit >= 1 << 24:
+            return torch.ones(count, dtype=torch.bool)
+        self._bits.state = self._state
+        self._bits.advance(start // 2)  # numpy keeps PCG64's raw output and advance() stable
+        off = start % 2
+        words = self._bits.random_raw((off + count + 1) // 2)
+        u = words.astype("<u8", copy=False).view("<u4")[off : off + count]
+        # Kept when the draw's top 24 bits are below limit.
+        return torch.from_numpy(u < np.uint32(limit << 8))
 
 
 def bernoulli_mask(
@@ -117,7 +238,6 @@ def rescale(
         return masked
     if how == "inverse":
         return masked / keep
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+    before = float(delta.abs().sum(dtype=torch.float64))
+    after = float(masked.abs().sum(dtype=torch.float64))
+    return masked.mul_(l1_scale(before, after))

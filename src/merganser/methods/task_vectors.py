@@ -14,14 +14,19 @@ import torch
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]  # (model index, τᵢ) -> sparse τᵢ
 
 
-def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
-    """TIES sign election over stacked weighted deltas: ``mass`` elects the sign of the sum,
-    ``frequency`` the most common sign; a tie elects +1 (mergekit and PEFT convention).
-    Entries whose own sign disagrees (or are zero) are excluded.
+def elect_positive(weighted: torch.Tensor, method: str) -> torch.Tensor:
+    """TIES sign election over stacked weighted deltas: where +1 is elected. ``mass`` elects
+    the sign of the sum, ``frequency`` the most common sign; a tie elects +1 (mergekit and PEFT
+    convention).
     """
-    pos, neg = weighted > 0, weighted < 0
-    elect_pos = weighted.sum(dim=0) >= 0 if method == "mass" else pos.sum(dim=0) >= neg.sum(dim=0)
-    return torch.where(elect_pos, pos, neg)
+    if method == "mass":
+        return weighted.sum(dim=0) >= 0
+    return (weighted > 0).sum(dim=0) >= (weighted < 0).sum(dim=0)
+
+
+def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
+    """The entries that agree with the elected sign (zeros never do)."""
+    return torch.where(elect_positive(weighted, method), weighted > 0, weighted < 0)
 
 
 def generalized_task_arithmetic(
@@ -55,13 +60,18 @@ def generalized_task_arithmetic(
         w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
         w = w.view(-1, *([1] * base.dim()))
         stacked.mul_(w)  # weighted deltas in place: n copies of the tensor is the peak
-        mask = consensus_mask(stacked, consensus)
-        mixed = stacked.mul_(mask).sum(dim=0)
-        del stacked
+        # Σ of the entries that agree with the elected sign, as a select between the sums of
+        # the positive and of the negative entries: vectorised, where a per-model boolean
+        # mask is not (the same numbers as consensus_mask, up to the sign of zero sums).
+        elect = elect_positive(stacked, consensus)
+        mixed = torch.where(elect, stacked.clamp(min=0).sum(dim=0), stacked.clamp(max=0).sum(dim=0))
         if normalize:
-            divisor = (w * mask).sum(dim=0)
+            pos = ((stacked > 0).to(stacked.dtype) * w).sum(dim=0)
+            neg = ((stacked < 0).to(stacked.dtype) * w).sum(dim=0)
+            divisor = torch.where(elect, pos, neg)
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
+        del stacked
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)

@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
+from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import Param, register
+from merganser.methods.sparsify import SAMPLE, StreamingTopK, l1_scale, threshold_mask, topk_mask
 from merganser.methods.sparsify import rescale as apply_rescale
-from merganser.methods.sparsify import threshold_mask, topk_mask
 from merganser.methods.task_vectors import generalized_task_arithmetic
 from merganser.stats import GlobalTopK
 
@@ -35,12 +36,74 @@ def _global_stats(params: dict[str, Any]) -> GlobalTopK | None:
     return GlobalTopK() if params.get("scope") == "global" else None
 
 
+class TiesBlocks(BlockMerge):
+    """``ties`` (per-tensor scope) block by block: each model's exact top-k threshold comes
+    from statistic passes (StreamingTopK), then the trim, election and mean run per block.
+    """
+
+    def __init__(self, params: dict[str, Any], numel: int):
+        self.params = params
+        self.sel = [StreamingTopK(numel, d) for d in params["density"]]
+
+    def wants_pass(self, p: int) -> bool:
+        return any(s.wants_pass(p) for s in self.sel)
+
+    def observe(self, p: int, start: int, count: int, load: Load) -> None:
+        if p == 0:
+            for i, s in enumerate(self.sel):
+                if s.wants_pass(0):
+                    idx, slots = s.want(start, count)
+                    if idx.numel():
+                        tensors, base = load(idx)
+                        s.take_sample(slots, (tensors[i] - base).abs_())
+            return
+        tensors, base = load(None)
+        for i, s in enumerate(self.sel):
+            if s.wants_pass(p):
+                s.observe(p, (tensors[i] - base).abs_())
+
+    def end_pass(self, p: int) -> None:
+        for s in self.sel:
+            if s.wants_pass(p):
+                s.end_pass(p)
+
+    def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
+        prm = self.params
+        how, density = prm["rescale"], prm["density"]
+
+        def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
+            s = self.sel[i]
+            kept = d.mul_(s.mask(d.abs()))
+            if how == "inverse":
+                return kept.div_(density[i])
+            if how == "l1" and not s.trivial:
+                return kept.mul_(l1_scale(s.total_l1, s.kept_l1))
+            return kept
+
+        return generalized_task_arithmetic(
+            tensors,
+            base,
+            prm["weight"],
+            sparsify=sparsify,
+            consensus=prm["sign_method"],
+            normalize=prm["normalize"],
+            lambda_=prm["lambda_"],
+        )
+
+
+def _blocks(params: dict[str, Any], numel: int) -> BlockMerge | None:
+    if params.get("scope") == "global":
+        return None  # thresholds are given: the method is elementwise as it stands
+    return TiesBlocks(params, numel) if numel > 4 * SAMPLE else None
+
+
 @register(
     "ties",
     params=(WEIGHT, DENSITY, LAMBDA, normalize(True), SIGN, SCOPE, rescale("none")),
     needs_base=True,
     workspace=2.5,
     stats=_global_stats,
+    blockwise=_blocks,
     reference="Yadav et al., TIES-Merging, NeurIPS 2023, arXiv 2306.01708",
 )
 def ties(

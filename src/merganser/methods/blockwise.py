@@ -1,0 +1,36 @@
+"""Merging one tensor block by block: statistic passes over its blocks, then a merge pass.
+
+The engine feeds a tensor's blocks in order as float32 ``(models, base)``. A method whose result
+at an entry depends on whole-tensor quantities (a top-k threshold, an L1 norm) gathers them in
+statistic passes first, so no float32 copy of a whole tensor is ever made and the working set
+stays in the CPU cache. Each BlockMerge must give exactly the result of its whole-tensor function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# (positions inside the block, or None for all of it) -> the models' and base's values there.
+Load = Callable[[torch.Tensor | None], tuple[list[torch.Tensor], torch.Tensor | None]]
+
+
+class BlockMerge:
+    """Base class: ``wants_pass(p)`` says whether statistic pass ``p`` runs; ``observe`` sees each
+    block of that pass in order; ``merge`` then maps each block, in order, to its result.
+    """
+
+    def wants_pass(self, p: int) -> bool:
+        return False
+
+    def observe(self, p: int, start: int, count: int, load: Load) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, p: int) -> None:
+        pass
+
+    def merge(
+        self, start: int, tensors: list[torch.Tensor], base: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
