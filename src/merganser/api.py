@@ -126,7 +126,7 @@ def merge(
                 )
             out.close_shards()
             _write_side_files(out, plan, tokenizer)
-            manifest = out.verify_and_index(eopts.threads)
+            manifest = out.verify_and_index()
             inputs = {
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
             }

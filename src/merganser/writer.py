@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import signal
+import threading
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,79 @@ def layout(
     return shards, slots
 
 
+class _ShardHasher(threading.Thread):
+    """sha256 of each shard, computed while the shards are being written.
+
+    Writers report each byte range they fill; this thread hashes every shard, in order, up to
+    its first unfilled byte (reading back through the page cache) as soon as the ranges before
+    it are complete. The checksums are then ready about when the last tensor lands, instead of
+    costing a serial re-read of the whole output afterwards.
+    """
+
+    def __init__(self, fds: dict[int, int], shards: list[Shard]):
+        super().__init__(name="shard-sha256", daemon=True)
+        self.fds, self.shards = fds, shards
+        self.digests: list[str | None] = [None] * len(shards)
+        self.error: BaseException | None = None
+        self._frontier = [len(sh.header) for sh in shards]  # bytes known to be written
+        self._pending: list[dict[int, int]] = [{} for _ in shards]  # start -> end, past it
+        self._cv = threading.Condition()
+        self._halt = False
+
+    def filled(self, shard: int, start: int, end: int) -> None:
+        with self._cv:
+            pending = self._pending[shard]
+            pending[start] = end
+            f = self._frontier[shard]
+            while f in pending:
+                f = pending.pop(f)
+            if f != self._frontier[shard]:
+                self._frontier[shard] = f
+                self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._halt = True
+            self._cv.notify_all()
+
+    def run(self) -> None:
+        try:
+            for i, shard in enumerate(self.shards):
+                h, done = hashlib.sha256(), 0
+                while done < shard.size:
+                    with self._cv:
+                        while self._frontier[i] <= done and not self._halt:
+                            self._cv.wait()
+                        if self._halt:
+                            return
+                        upto = self._frontier[i]
+                    while done < upto:
+                        chunk = os.pread(self.fds[i], min(8 << 20, upto - done), done)
+                        if not chunk:
+                            raise OSError(f"{shard.filename}: short read while hashing")
+                        h.update(chunk)
+                        done += len(chunk)
+                self.digests[i] = h.hexdigest()
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> list[str]:
+        """The digests, once every byte was reported (joins the thread; never waits for bytes
+        that will not come).
+        """
+        with self._cv:
+            complete = all(f == sh.size for f, sh in zip(self._frontier, self.shards, strict=True))
+            if not complete:
+                self._halt = True
+                self._cv.notify_all()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if not complete or any(d is None for d in self.digests):
+            raise MerganserError("internal: output shards were not completely written")
+        return [d for d in self.digests if d is not None]
+
+
 class AtomicOutput:
     """A temporary folder beside ``target`` that becomes ``target`` only when complete."""
 
@@ -109,6 +182,8 @@ class AtomicOutput:
         self._fds: dict[int, int] = {}
         self.shards: list[Shard] = []
         self.slots: dict[str, Slot] = {}
+        self._hasher: _ShardHasher | None = None
+        self._shard_sha256: list[str] = []
 
     # -- tensors -----------------------------------------------------------------------------
 
@@ -119,6 +194,9 @@ class AtomicOutput:
             self._fds[i] = fd
             _pwrite_all(fd, shard.header, 0, shard.filename)
             os.ftruncate(fd, shard.size)
+        hasher = _ShardHasher(dict(self._fds), shards)
+        hasher.start()
+        self._hasher = hasher  # only once started: abort() joins it
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write ``tensor`` (or a flat chunk of it beginning at element ``start``) in place."""
@@ -134,8 +212,13 @@ class AtomicOutput:
         _pwrite_all(
             self._fds[slot.shard], memoryview(data), offset, self.shards[slot.shard].filename
         )
+        if self._hasher is not None and data.nbytes:
+            self._hasher.filled(slot.shard, offset, offset + data.nbytes)
 
     def close_shards(self) -> None:
+        if self._hasher is not None:
+            self._shard_sha256 = self._hasher.result()
+            self._hasher = None
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
@@ -153,18 +236,17 @@ class AtomicOutput:
     def copy_file(self, src: Path, name: str | None = None) -> None:
         shutil.copyfile(src, self.tmp / (name or src.name))
 
-    def verify_and_index(self, threads: int = 2) -> dict[str, Any]:
-        """Re-check every shard header, hash every shard and write the index; return the hashes."""
-
-        def check(shard: Shard) -> tuple[str, dict[str, Any]]:
+    def verify_and_index(self) -> dict[str, Any]:
+        """Re-check every shard header and write the index; return the shards' sha256 (hashed
+        while they were written, see _ShardHasher).
+        """
+        manifest = {}
+        for shard, digest in zip(self.shards, self._shard_sha256, strict=True):
             path = self.tmp / shard.filename
             infos, _ = read_header(path)
             if list(infos) != shard.names or path.stat().st_size != shard.size:
                 raise MerganserError(f"{path}: written shard does not match its layout")
-            return shard.filename, {"sha256": sha256_file(path), "bytes": shard.size}
-
-        with ThreadPoolExecutor(max(1, threads)) as ex:
-            manifest = dict(ex.map(check, self.shards))
+            manifest[shard.filename] = {"sha256": digest, "bytes": shard.size}
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.slots.values())},
@@ -194,6 +276,10 @@ class AtomicOutput:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
+        if self._hasher is not None:
+            self._hasher.stop()
+            self._hasher.join()
+            self._hasher = None
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
