@@ -48,7 +48,7 @@ class EngineOptions:
     device: str = "cpu"
     allow_nonfinite: bool = False
     # Upper bound for one work item; smaller items spread big tensors over all threads.
-    max_item_bytes: int = 256 << 20
+    max_item_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

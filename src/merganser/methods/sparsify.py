@@ -39,6 +39,7 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 SAMPLE = 1 << 16
+KEEP_BUFFER = 1 << 20  # values StreamingTopK holds before folding them into (value, count)
 
 
 def sample_positions(n: int, k: int, sample: int = SAMPLE) -> torch.Tensor:
@@ -109,6 +110,9 @@ class StreamingTopK:
     pass 2 keeps them all. ``mask`` then keeps ``|δ| > thr`` plus the first entries equal to
     ``thr``, lowest index first, as ``topk_mask`` does. It also yields the L1 norms ``rescale``
     needs. Only for ``n > 4 * SAMPLE`` (smaller tensors take the whole-tensor path).
+
+    Kept values are folded into (distinct value, count) pairs once they pile up: deltas of bf16
+    weights take few distinct values, so a bracket can hold a large share of a tensor.
     """
 
     def __init__(self, n: int, density: float):
@@ -117,8 +121,12 @@ class StreamingTopK:
         self._pos: torch.Tensor | None = None  # drawn when first needed: constructing is cheap
         self._picks = torch.empty(SAMPLE)
         self.lo = self.hi = torch.tensor(0.0)
-        self.above, self.band = 0, []
-        self.total_l1 = self.above_l1 = 0.0
+        self.above, self.above_l1, self.total_l1 = 0, 0.0, 0.0
+        # Kept values not yet folded, in one buffer: many small long-lived tensors interleaved
+        # with each block's temporaries would fragment the heap (hundreds of MB of RSS).
+        self._raw = torch.empty(0)
+        self._used = 0
+        self._folded = (torch.empty(0), torch.empty(0, dtype=torch.int64))  # ascending, counts
         self.thr: float | None = 0.0
         self.short, self.kept_l1 = 0, 0.0
 
@@ -137,33 +145,60 @@ class StreamingTopK:
         self._picks[slots] = mag.float().cpu()
 
     def observe(self, p: int, mag: torch.Tensor) -> None:
-        """Pass 1 (bracketed) or 2 (everything): counts, band and L1 sums of one block."""
+        """Pass 1 (bracketed) or 2 (everything): counts, kept values and L1 sums of one block."""
         if p == 2:
-            self.band.append(mag.clone())
+            self._keep(mag.clone())
             return
         hi_mask = mag > self.hi
         self.above += int(hi_mask.sum())
         self.above_l1 += float(mag[hi_mask].sum(dtype=torch.float64))
         self.total_l1 += float(mag.sum(dtype=torch.float64))
-        self.band.append(mag[(mag >= self.lo) & (mag <= self.hi)])
+        self._keep(mag[(mag >= self.lo) & (mag <= self.hi)])
+
+    def _keep(self, values: torch.Tensor) -> None:
+        values = values.reshape(-1).cpu()
+        if self._raw.numel() == 0:
+            self._raw = torch.empty(KEEP_BUFFER)
+        while values.numel():
+            take = min(values.numel(), KEEP_BUFFER - self._used)
+            self._raw[self._used : self._used + take] = values[:take]
+            self._used += take
+            values = values[take:]
+            if self._used == KEEP_BUFFER:
+                self._fold()
+
+    def _fold(self) -> None:
+        vals, counts = self._folded
+        new, new_counts = torch.unique(self._raw[: self._used], return_counts=True)
+        self._used = 0
+        vals, inverse = torch.unique(torch.cat([vals, new]), return_inverse=True)
+        self._folded = (
+            vals,
+            torch.zeros(vals.numel(), dtype=torch.int64).index_add_(
+                0, inverse, torch.cat([counts, new_counts])
+            ),
+        )
 
     def end_pass(self, p: int) -> None:
         if p == 0:
             self.lo, self.hi = bracket(self._picks.sort().values, self.n, self.k)
             return
-        band = torch.cat(self.band) if self.band else torch.empty(0)
-        self.band = []
+        self._fold()
+        vals, counts = self._folded
+        self._folded = (torch.empty(0), torch.empty(0, dtype=torch.int64))
+        self._raw = torch.empty(0)
         if p == 2:
             self.above, self.above_l1 = 0, 0.0
         rank = self.k - self.above
-        if not 1 <= rank <= band.numel():
+        if not 1 <= rank <= int(counts.sum()):
             self.thr = None  # the bracket missed: pass 2 looks at everything
             return
-        thr = band.kthvalue(band.numel() - rank + 1).values
-        over = band > thr
-        self.thr = float(thr)
-        self.short = rank - int(over.sum())
-        band_l1 = float(band[over].sum(dtype=torch.float64))
+        vals, counts = vals.flip(0), counts.flip(0)  # largest first
+        at = int(torch.searchsorted(counts.cumsum(0), rank))  # first reaching the rank
+        self.thr = float(vals[at])
+        over = int(counts[:at].sum())
+        self.short = rank - over
+        band_l1 = float((vals[:at].double() * counts[:at]).sum())
         self.kept_l1 = self.above_l1 + band_l1 + self.short * self.thr
 
     def mask(self, mag: torch.Tensor) -> torch.Tensor:
