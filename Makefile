@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory bench-compare bench-search bench-data-aware bench-zipit clean mergekit-venv
+.PHONY: setup demo test lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-memory: $(STAMP)
 bench-compare: $(STAMP) mergekit-venv
 	$(PY) bench/compare.py
 
+# Cold page cache: the inputs are evicted (posix_fadvise) before every run and floor read.
+bench-cold: $(STAMP)
+	$(PY) bench/compare.py --cold --no-mergekit --sizes 125m --methods linear,ties --repeats 2
+
 # Evolver, CMA-ES, greedy soup and kinship-guided greedy merging vs the best fixed merge, on the zoo.
 bench-search: $(STAMP)
 	$(PY) bench/search.py
@@ -56,7 +60,7 @@ bench-data-aware: $(STAMP)
 bench-zipit: $(STAMP)
 	$(PY) bench/zipit.py
 
-bench: bench-memory bench-compare bench-search bench-data-aware bench-zipit
+bench: bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -220,8 +220,9 @@ def main() -> int:
                     row[f"{tool}_rss_GB"] = statistics.median(r[2] for r in rs) / 2**30
             results.append(row)
             _print_row(row)
-    (ROOT / "compare.json").write_text(json.dumps(results, indent=2))
-    print(f"\nraw figures: {ROOT / 'compare.json'}")
+    raw = ROOT / ("compare_cold.json" if a.cold else "compare.json")
+    raw.write_text(json.dumps(results, indent=2))
+    print(f"\nraw figures: {raw}")
     return 0
 
 
