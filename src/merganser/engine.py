@@ -186,42 +186,36 @@ def merge_blocks(
             for s in range(item.start, item.start + item.count, held)]  # fmt: skip
     work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(refs))]
 
-    def read(start: int, count: int, record: bool) -> list[torch.Tensor]:
+    def read(start: int, count: int) -> list[torch.Tensor]:
         raws = []
         for j, (ci, name) in enumerate(refs):
             ckpt = plan.checkpoints[ci]
-            info = ckpt.tensors[name]
-            buf = scratch.get(f"raw.{j}", count * itemsize(info.dtype), torch.uint8)
+            buf = scratch.get(f"raw.{j}", count * itemsize(ckpt.tensors[name].dtype), torch.uint8)
             raws.append(ckpt.read(name, start, count, out=buf).reshape(-1))
-            if record and digests is not None:
-                digests.add(ci, name, info.nbytes, start * itemsize(info.dtype), raws[-1])
         return raws
 
+    def record(start: int, raws: list[torch.Tensor]) -> None:
+        if digests is not None:
+            for (ci, name), r in zip(refs, raws, strict=True):
+                info = plan.checkpoints[ci].tensors[name]
+                digests.add(ci, name, info.nbytes, start * itemsize(info.dtype), r)
+
+    def split(values: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        return (values[:-1], values[-1]) if has_base else (values, None)
+
     def upcast(raws: list[torch.Tensor], a: int, n: int) -> tuple[list[torch.Tensor], Any]:
-        out = []
-        for j, r in enumerate(raws):
-            x = r[a : a + n]
-            if plan.compute_dtype is not None and x.dtype != plan.compute_dtype:
-                x = x.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` first
-            out.append(work[j][:n].copy_(x))
-        return (out[:-1], out[-1]) if has_base else (out, None)
+        return split([work[j][:n].copy_(rounded(plan, r[a : a + n])) for j, r in enumerate(raws)])
 
     def gather(
         raws: list[torch.Tensor], a: int, idx: torch.Tensor
     ) -> tuple[list[torch.Tensor], Any]:
-        out = []
-        for r in raws:
-            x = r[a + idx]
-            if plan.compute_dtype is not None and x.dtype != plan.compute_dtype:
-                x = x.to(plan.compute_dtype)
-            out.append(x.float())
-        return (out[:-1], out[-1]) if has_base else (out, None)
+        return split([rounded(plan, r[a + idx]).float() for r in raws])
 
-    cached = read(*segs[0], record=False) if bm is not None and len(segs) == 1 else None
+    cached = read(*segs[0]) if bm is not None and len(segs) == 1 else None
     p = 0
     while bm is not None and bm.wants_pass(p):
         for s, c in segs:
-            raws = cached if cached is not None else read(s, c, record=False)
+            raws = cached if cached is not None else read(s, c)
             for a in range(0, c, BLOCK):
                 n = min(BLOCK, c - a)
 
@@ -234,14 +228,8 @@ def merge_blocks(
         bm.end_pass(p)
         p += 1
     for s, c in segs:
-        if cached is not None:
-            raws = cached
-            if digests is not None:
-                for (ci, name), r in zip(refs, raws, strict=True):
-                    info = plan.checkpoints[ci].tensors[name]
-                    digests.add(ci, name, info.nbytes, s * itemsize(info.dtype), r)
-        else:
-            raws = read(s, c, record=True)
+        raws = cached if cached is not None else read(s, c)
+        record(s, raws)  # each input byte once, in the merge pass
         out = scratch.get("out", c * itemsize(task.out_dtype), task.out_dtype)
         for a in range(0, c, BLOCK):
             n = min(BLOCK, c - a)
@@ -291,9 +279,7 @@ def load_inputs(
     """The item's inputs as float32 on the compute device (sources, then base or None)."""
 
     def load(ref: tuple[int, str]) -> torch.Tensor:
-        t = read_raw(plan, item, ref, digests)
-        if plan.compute_dtype is not None and t.dtype != plan.compute_dtype:
-            t = t.to(plan.compute_dtype)  # mergekit rounds inputs to `dtype` before merging
+        t = rounded(plan, read_raw(plan, item, ref, digests))
         return t.to(device=options.device, dtype=torch.float32)
 
     task = item.task
@@ -304,6 +290,13 @@ def load_inputs(
         tensors = [fit(t, task.shape, filler) for t in tensors]
         base = fit(base, task.shape, filler) if base is not None else None
     return tensors, base
+
+
+def rounded(plan: Plan, t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the recipe's ``dtype`` first, as mergekit does before merging."""
+    if plan.compute_dtype is not None and t.dtype != plan.compute_dtype:
+        return t.to(plan.compute_dtype)
+    return t
 
 
 def fit(t: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import register
-from merganser.methods.sparsify import BlockBernoulli, l1_scale
+from merganser.methods.sparsify import BlockBernoulli, l1_scale, rescale_kept
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
@@ -70,11 +70,8 @@ class DareBlocks(BlockMerge):
             if keep <= 0:
                 return d.zero_()
             kept = d.mul_(self.draw[i](start, d.numel(), keep))
-            if prm["rescale"] == "inverse":
-                return kept.div_(keep)
-            if prm["rescale"] == "l1":
-                return kept.mul_(l1_scale(self.before[i], self.after[i]))
-            return kept
+            l1 = l1_scale(self.before[i], self.after[i])
+            return rescale_kept(kept, prm["rescale"], keep, l1)
 
         return generalized_task_arithmetic(
             tensors,

@@ -118,8 +118,9 @@ class StreamingTopK:
     def __init__(self, n: int, density: float):
         self.n, self.k = n, int(density * n)
         self.trivial = self.k >= n or self.k <= 0
-        self._pos: torch.Tensor | None = None  # drawn when first needed: constructing is cheap
-        self._picks = torch.empty(SAMPLE)
+        # The sample is drawn when first needed: constructing one is cheap.
+        self._pos: torch.Tensor | None = None
+        self._picks = torch.empty(0)
         self.lo = self.hi = torch.tensor(0.0)
         self.above, self.above_l1, self.total_l1 = 0, 0.0, 0.0
         # Kept values not yet folded, in one buffer: many small long-lived tensors interleaved
@@ -137,6 +138,7 @@ class StreamingTopK:
         """Sample positions inside [start, start+count), relative to start, and their slots."""
         if self._pos is None:
             self._pos = sample_positions(self.n, self.k).sort().values
+            self._picks = torch.empty(SAMPLE)
         a = int(torch.searchsorted(self._pos, start))
         b = int(torch.searchsorted(self._pos, start + count))
         return self._pos[a:b] - start, slice(a, b)
@@ -269,10 +271,21 @@ def rescale(
     ``l1`` matches the L1 norm of the unmasked tensor (mergekit), ``none`` only masks.
     """
     masked = delta * mask
-    if how == "none":
-        return masked
+    l1 = 1.0
+    if how == "l1":
+        before = float(delta.abs().sum(dtype=torch.float64))
+        l1 = l1_scale(before, float(masked.abs().sum(dtype=torch.float64)))
+    return rescale_kept(masked, how, keep, l1)
+
+
+def rescale_kept(
+    kept: torch.Tensor, how: str, keep: float | torch.Tensor, l1: float
+) -> torch.Tensor:
+    """``rescale`` of already-masked deltas, in place, given the L1 factor (``l1_scale`` of the
+    whole tensor's norms, which a block-by-block merge gathers in a statistic pass).
+    """
     if how == "inverse":
-        return masked / keep
-    before = float(delta.abs().sum(dtype=torch.float64))
-    after = float(masked.abs().sum(dtype=torch.float64))
-    return masked.mul_(l1_scale(before, after))
+        return kept.div_(keep)
+    if how == "l1":
+        return kept.mul_(l1)
+    return kept

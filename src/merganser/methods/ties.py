@@ -9,7 +9,14 @@ import torch
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import Param, register
-from merganser.methods.sparsify import SAMPLE, StreamingTopK, l1_scale, threshold_mask, topk_mask
+from merganser.methods.sparsify import (
+    SAMPLE,
+    StreamingTopK,
+    l1_scale,
+    rescale_kept,
+    threshold_mask,
+    topk_mask,
+)
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import generalized_task_arithmetic
 from merganser.stats import GlobalTopK
@@ -73,12 +80,8 @@ class TiesBlocks(BlockMerge):
 
         def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
             s = self.sel[i]
-            kept = d.mul_(s.mask(d.abs()))
-            if how == "inverse":
-                return kept.div_(density[i])
-            if how == "l1" and not s.trivial:
-                return kept.mul_(l1_scale(s.total_l1, s.kept_l1))
-            return kept
+            l1 = 1.0 if s.trivial else l1_scale(s.total_l1, s.kept_l1)
+            return rescale_kept(d.mul_(s.mask(d.abs())), how, density[i], l1)
 
         return generalized_task_arithmetic(
             tensors,
