@@ -168,6 +168,7 @@ BLOCK_CASES = [
     ("dare_linear", {"density": 0.7, "rescale": "none"}),
     ("task_arithmetic", {}),
     ("linear", {}),
+    ("slerp", {"t": 0.3}),  # one model, far enough from the base to take the spherical path
 ]
 
 
@@ -180,9 +181,10 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
     """
     g = torch.Generator().manual_seed(1)
     base = torch.randn(700, 1100, generator=g)  # 770k entries: several blocks, > 4 samples
+    spread, n = (1.0, 1) if method == "slerp" else (0.02, 2)
     models = [
-        {"w": (base + 0.02 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)}
-        for _ in range(2)
+        {"w": (base + spread * torch.randn(base.shape, generator=g)).to(torch.bfloat16)}
+        for _ in range(n)
     ]
     paths = [write_model(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
     b = write_model(tmp_path / "base", {"w": base.to(torch.bfloat16)})
@@ -209,8 +211,10 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
         want = plan.method(tensors, base_f, **task.params)
     finally:
         plan.close()
-    # Bit-exact, except that L1 rescaling sums in another order (float64, block by block).
-    tol = 1e-6 if params.get("rescale", "l1" if "dare" in method else "none") == "l1" else 0.0
+    # Bit-exact, except that L1 rescaling and SLERP's angle sum in another order (float64,
+    # block by block).
+    l1 = params.get("rescale", "l1" if "dare" in method else "none") == "l1"
+    tol = 1e-6 if l1 or method == "slerp" else 0.0
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 

@@ -355,3 +355,84 @@ def test_zip_errors_are_one_line_and_write_nothing(
     r = run_cli("zip", str(a), str(b), str(out), "--layers", "1")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- least-squares refit (PLeaS) ----------------------------------------------------------------
+
+
+def test_lstsq_weights_solves_the_ridge_problem() -> None:
+    from merganser.refit import lstsq_weights
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    t = z @ w.T
+    assert torch.allclose(lstsq_weights(z.T @ z, t.T @ z, 0.0), w, atol=1e-10)
+    # ridge λ = r · mean diag(ZᵀZ): the least-squares solution of [Z; √λ I] W ᵀ = [T; 0]
+    t = t + 0.1 * torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    lam = 0.5 * float(torch.diagonal(z.T @ z).mean())
+    big = torch.cat([z, lam**0.5 * torch.eye(7, dtype=torch.float64)])
+    want = torch.linalg.lstsq(big, torch.cat([t, torch.zeros(7, 5, dtype=torch.float64)])).solution
+    assert torch.allclose(lstsq_weights(z.T @ z, t.T @ z, 0.5), want.T, atol=1e-10)
+    # with a prior W₀ the ridge pulls towards it: ‖W − W₀‖ penalised, i.e. rows [√λ I | √λ W₀ᵀ]
+    w0 = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    want = torch.linalg.lstsq(big, torch.cat([t, lam**0.5 * w0.T])).solution
+    assert torch.allclose(lstsq_weights(z.T @ z, t.T @ z, 0.5, w0), want.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("layers", [None, 1])
+def test_refit_zip_of_a_model_and_its_permuted_copy_is_the_model(
+    pair: tuple[Path, Path, Path], tmp_path: Path, layers: int | None
+) -> None:
+    """Every target is the model's own feature, and the ridge pulls towards the zip (already the
+    model), so the refit gives the model back, even where the data leaves the fit open."""
+    from merganser.zipper import ZipOptions, zip_models
+
+    a, a_perm, _ = pair
+    heads = None if layers is None else ("x", "y")
+    opts = ZipOptions(layers=layers, heads=heads, refit=True)
+    zip_models([a, a_perm], TEXTS, tmp_path / "out", opts)
+    for head in heads or (None,):
+        assert torch.allclose(_logits(tmp_path / "out", head), _logits(a), atol=1e-4)
+
+
+def _mse(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).square().mean())
+
+
+def test_refit_brings_zips_of_different_models_closer_to_them(
+    pair: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from merganser.zipper import ZipOptions, zip_models
+
+    a, _, b = pair
+    err = {}
+    for refit in (False, True):
+        one, multi = tmp_path / f"one{refit}", tmp_path / f"multi{refit}"
+        zip_models([a, b], TEXTS, one, ZipOptions(refit=refit))
+        zip_models([a, b], TEXTS, multi, ZipOptions(layers=1, heads=("a", "b"), refit=refit))
+        mean = (_logits(a) + _logits(b)) / 2  # the one model's last target: the mean logits
+        err[refit] = (
+            _mse(_logits(one), mean),
+            _mse(_logits(multi, "a"), _logits(a)),
+            _mse(_logits(multi, "b"), _logits(b)),
+        )
+    assert all(r < p / 2 for r, p in zip(err[True], err[False], strict=True)), err
+    stored = load_file(str(tmp_path / "multiTrue" / "model.safetensors"))
+    assert stored["heads.a.unmerge"].shape == (32, 32)
+    r = run_cli("zip", str(a), str(b), str(tmp_path / "cli"), "--data",
+                str(_texts_file(tmp_path)), "--refit", "--match", "identity")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2/2 blocks zipped by identity" in r.stdout and "refit by least squares" in r.stdout
+
+
+def test_refit_errors(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from merganser.zipper import ZipOptions, zip_models
+
+    a, _, b = pair
+    out = tmp_path / "out"
+    with pytest.raises(MerganserError, match="--refit: needs data"):
+        zip_models([a, b], None, out, ZipOptions(matcher="weights", refit=True))
+    with pytest.raises(MerganserError, match="--ridge: expected ≥ 0"):
+        zip_models([a, b], TEXTS, out, ZipOptions(refit=True, ridge=-1.0))
+    assert not out.exists()

@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                 help="comma-separated head names, one per model (usually their tasks): write "
                 "a multi-head model",
             )
+            z.add_argument(
+                "--refit",
+                action="store_true",
+                help="refit the zipped linears by least squares on the data, block by block "
+                "(PLeaS); needed for models from different initialisations to work",
+            )
+            z.add_argument(
+                "--ridge", type=float, default=1e-4, help="the refit's ridge (default 1e-4)"
+            )
 
     c = sub.add_parser(
         "calibrate", help="input Grams / Fisher of a model on data (RegMean, Fisher)"
@@ -379,12 +388,15 @@ def _cmd_zip(a: argparse.Namespace) -> int:
     heads = tuple(h.strip() for h in a.heads.split(",")) if a.heads else None
     opts = ZipOptions(
         matcher=a.match, alpha=a.alpha, beta=a.beta, layers=a.layers, heads=heads,
-        batch=a.batch, seed=a.seed,
+        batch=a.batch, seed=a.seed, refit=a.refit, ridge=a.ridge,
     )  # fmt: skip
     r = zip_models(a.models[:-1], _texts(a), a.models[-1], opts, force=a.force)
     kind = f"multi-head model (heads {', '.join(r['heads'])})" if r["heads"] else "model"
     data = f", features from {r['tokens']} tokens" if r["tokens"] else ""
-    print(f"{r['out']}: {kind}, {r['layers']}/{r['of']} blocks zipped by {r['matcher']}{data}")
+    refit = ", refit by least squares" if r["refit"] else ""
+    print(
+        f"{r['out']}: {kind}, {r['layers']}/{r['of']} blocks zipped by {r['matcher']}{data}{refit}"
+    )
     return 0
 
 

@@ -35,6 +35,7 @@ from merganser.errors import MerganserError
 from merganser.evaluate import load_model
 from merganser.features import collect_features
 from merganser.multihead import save_multihead, trunk_names
+from merganser.refit import fit_unmerges, refit_layers
 
 StateDict = dict[str, torch.Tensor]
 
@@ -49,6 +50,8 @@ class ZipOptions:
     batch: int = 16
     max_iter: int = 100  # weight matching rounds
     seed: int = 0
+    refit: bool = False  # least-squares refit of the zipped linears on the data (PLeaS)
+    ridge: float = 1e-4  # the refit's ridge, relative to the mean input energy
 
 
 def _read(path: Path) -> tuple[StateDict, Any]:
@@ -113,8 +116,18 @@ def _write_folder(out: Path, source: Path, force: bool, write: Any, config: bool
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _models(paths: Sequence[Path], texts: Sequence[str] | None, o: ZipOptions) -> list[Any]:
+    """The models loaded for evaluation when matching or refitting runs them on data."""
+    if o.matcher in ("zipit", "permute") and not texts:
+        raise MerganserError(f"--match {o.matcher}: needs data (--tasks or --data)")
+    if o.refit and not texts:
+        raise MerganserError("--refit: needs data (--tasks or --data)")
+    runs = o.matcher in ("zipit", "permute") or o.refit
+    return [load_model(p) for p in paths] if runs else []
+
+
 def _alignment(
-    paths: Sequence[Path],
+    models: Sequence[Any],
     states: Sequence[StateDict],
     shape: Shape,
     texts: Sequence[str] | None,
@@ -122,20 +135,40 @@ def _alignment(
     residual_states: int,
 ) -> tuple[Alignment, int]:
     if o.matcher == "identity":
-        return identity_unmerges(shape, len(paths)), 0
+        return identity_unmerges(shape, len(states)), 0
     if o.matcher == "weights":
         floats = [{k: t.float() for k, t in s.items()} for s in states]
         return weight_unmerges(floats, shape, o.max_iter, o.seed), 0
-    if not texts:
-        raise MerganserError(f"--match {o.matcher}: needs data (--tasks or --data)")
-    models = [load_model(p) for p in paths]
+    assert texts
     feats = collect_features(models, texts, o.batch)
     return (
         activation_unmerges(
-            feats, shape, len(paths), o.matcher, o.alpha, o.beta, residual_states=residual_states
+            feats, shape, len(states), o.matcher, o.alpha, o.beta, residual_states=residual_states
         ),
         feats.tokens,
     )
+
+
+def _refit(
+    models: Sequence[Any], config: Any, alignment: Alignment, merged: StateDict,
+    unmerges: list[torch.Tensor], texts: Sequence[str], o: ZipOptions, blocks: int,
+) -> tuple[StateDict, list[torch.Tensor]]:  # fmt: skip
+    """The zipped tensors with the trunk's linears refit (and lm_head for one model), and
+    each model's unmerge fitted to the refit trunk (PLeaS, see refit.py)."""
+    from transformers import LlamaForCausalLM
+
+    net = LlamaForCausalLM(config).float().eval()
+    net.load_state_dict({n: t.float() for n, t in merged.items()})
+    lm = models[0]
+    seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
+    pad = lm.tokenizer.pad_token_id or 0
+    sources = [m.model for m in models]
+    refit_layers(sources, net, alignment, seqs, pad, blocks, o.heads is None, o.ridge, o.batch)
+    fitted = net.state_dict()
+    out = {n: fitted[n].to(t.dtype) for n, t in merged.items()}
+    if o.heads is not None:
+        unmerges = fit_unmerges(sources, net, seqs, pad, blocks, unmerges, o.ridge, o.batch)
+    return out, unmerges
 
 
 def zip_models(
@@ -179,27 +212,38 @@ def zip_models(
         raise MerganserError(
             f"--heads: names are letters, digits, _ and -, got {','.join(o.heads)}"
         )
-    if (o.matcher == "zipit" or o.heads) and getattr(configs[0], "tie_word_embeddings", False):
+    tied = getattr(configs[0], "tie_word_embeddings", False)
+    if (o.matcher == "zipit" or o.heads or o.refit) and tied:
         raise MerganserError(
-            f"{ps[0]}: zipping or splitting into heads needs untied embeddings (lm_head ≠ "
-            "embed_tokens)"
+            f"{ps[0]}: zipping, refitting or splitting into heads needs untied embeddings "
+            "(lm_head ≠ embed_tokens)"
         )
-    alignment, tokens = _alignment(ps, states, shape, texts, o, k)
+    if o.ridge < 0:
+        raise MerganserError(f"--ridge: expected ≥ 0, got {o.ridge}")
+    models = _models(ps, texts, o)
+    alignment, tokens = _alignment(models, states, shape, texts, o, k)
     names = list(states[0])
+    keep = set(names if o.heads is None else trunk_names(names, k))
+    # the refit runs the whole merged model, so it needs every tensor merged
+    merged = {
+        n: alignment.merge_tensor(n, [s[n] for s in states]) for n in names if o.refit or n in keep
+    }
+    unmerges = [alignment.u("res", i).float() for i in range(len(ps))]
+    if o.refit:
+        assert texts
+        merged, unmerges = _refit(models, configs[0], alignment, merged, unmerges, texts, o, k)
     if o.heads is None:
-        merged = {n: alignment.merge_tensor(n, [s[n] for s in states]) for n in names}
 
         def write(tmp: Path) -> None:
             save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
         _write_folder(out, ps[0], force, write)
     else:
-        trunk = trunk_names(names, k)
-        tensors = {n: alignment.merge_tensor(n, [s[n] for s in states]) for n in trunk}
+        tensors = {n: merged[n] for n in names if n in keep}
         for i, head in enumerate(o.heads):
-            tensors[f"heads.{head}.unmerge"] = alignment.u("res", i).float()
+            tensors[f"heads.{head}.unmerge"] = unmerges[i].float()
             for n in names:
-                if n not in trunk:
+                if n not in keep:
                     tensors[f"heads.{head}.{n}"] = states[i][n]
 
         def write(tmp: Path) -> None:
@@ -212,6 +256,7 @@ def zip_models(
         "layers": k,
         "of": shape.layers,
         "heads": list(o.heads) if o.heads else None,
+        "refit": o.refit,
         "tokens": tokens,
         "out": str(out),
     }
@@ -243,7 +288,7 @@ def align_models(
     states = [s for s, _ in read]
     shape = _check(ps, states, [c for _, c in read])
     _same_vocab(ps)
-    alignment, tokens = _alignment(ps, states, shape, texts, o, shape.layers)
+    alignment, tokens = _alignment(_models(ps, texts, o), states, shape, texts, o, shape.layers)
     aligned = {n: alignment.align_tensor(n, t, 1) for n, t in states[1].items()}
     moved = sum(
         int(not torch.equal(aligned[n], t)) for n, t in states[1].items() if layer_of(n) is not None

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import WEIGHT
 from merganser.methods.registry import Param, register
 
@@ -19,21 +20,61 @@ def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> float:
     )
 
 
-def slerp_tensors(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+def slerp_coefficients(
+    t: float, sq0: float, sq1: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float] | None:
+    """SLERP's (c₀, c₁) from ‖v₀‖², ‖v₁‖² and v₀·v₁ (Shoemake 1985), or None where the tensors
+    are nearly colinear and the interpolation is linear."""
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(cos) > dot_threshold:
+        return None
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def _apply(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, c: tuple[float, float] | None
 ) -> torch.Tensor:
+    if c is None:
+        return torch.lerp(v0, v1, t)
+    return (v0 * c[0]).add_(v1, alpha=c[1])
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of two whole tensors (Shoemake 1985, mergekit's slerp): the angle
     is taken between the flattened, normalised tensors; the coefficients are applied to the
     unnormalised ones; nearly colinear tensors are interpolated linearly.
     """
-    n0, n1 = math.sqrt(_dot64(v0, v0)), math.sqrt(_dot64(v1, v1))
-    dot = _dot64(v0, v1) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
-    if abs(dot) > dot_threshold:
-        return torch.lerp(v0, v1, t)
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    out = v0 * (math.sin((1 - t) * theta) / s)
-    return out.add_(v1, alpha=math.sin(t * theta) / s)
+    return _apply(t, v0, v1, slerp_coefficients(t, _dot64(v0, v0), _dot64(v1, v1), _dot64(v0, v1)))
+
+
+class SlerpBlocks(BlockMerge):
+    """SLERP block by block: one statistic pass sums ‖v₀‖², ‖v₁‖² and v₀·v₁ in float64."""
+
+    def __init__(self, t: float):
+        self.t = t
+        self.sums = [0.0, 0.0, 0.0]
+        self.coef: tuple[float, float] | None = None
+
+    def wants_pass(self, p: int) -> bool:
+        return p == 0
+
+    def observe(self, p: int, start: int, count: int, load: Load) -> None:
+        tensors, base = load(None)
+        assert base is not None
+        for k, (a, b) in enumerate(((base, base), (tensors[0], tensors[0]), (base, tensors[0]))):
+            self.sums[k] += float(torch.sum(a * b, dtype=torch.float64))
+
+    def end_pass(self, p: int) -> None:
+        self.coef = slerp_coefficients(self.t, *self.sums)
+
+    def merge(
+        self, start: int, tensors: list[torch.Tensor], base: torch.Tensor | None
+    ) -> torch.Tensor:
+        assert base is not None
+        return _apply(self.t, base, tensors[0], self.coef)
 
 
 @register(
@@ -42,6 +83,7 @@ def slerp_tensors(
     needs_base=True,
     max_models=1,
     workspace=2.0,
+    blockwise=lambda params, numel: SlerpBlocks(params["t"]),
     reference="Shoemake 1985; mergekit slerp (Goddard et al., arXiv 2403.13257)",
 )
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor, t: float = 0.5) -> torch.Tensor:
