@@ -436,3 +436,31 @@ def test_refit_errors(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
     with pytest.raises(MerganserError, match="--ridge: expected ≥ 0"):
         zip_models([a, b], TEXTS, out, ZipOptions(refit=True, ridge=-1.0))
     assert not out.exists()
+
+
+def test_refit_handles_biases(tmp_path: Path) -> None:
+    """Linears with biases are solved with a constant input column: a model zipped with itself
+    and refit (matching by identity) comes back unchanged, biases included."""
+    from transformers import LlamaForCausalLM
+
+    from merganser.tiny import tiny_llama_config
+    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zoo.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=32, intermediate=48, kv_heads=4)
+    cfg.attention_bias = cfg.mlp_bias = True
+    torch.manual_seed(3)
+    net = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    net.save_pretrained(tmp_path / "a")
+    tok.save(tmp_path / "a")
+    a = tmp_path / "a"
+    zip_models([a, a], TEXTS, tmp_path / "out", ZipOptions(matcher="identity", refit=True))
+    got, want = load_folder(tmp_path / "out"), load_folder(a)
+    assert any(k.endswith("q_proj.bias") for k in want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-4), k

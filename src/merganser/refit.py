@@ -20,7 +20,7 @@ from the merged one. Memory is one batch of activations plus in² moments per la
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -142,7 +142,6 @@ def refit_layers(
     lm_head: bool,
     ridge: float = 1e-4,
     batch: int = 16,
-    tick: Callable[[str], None] | None = None,
 ) -> None:
     """Refit, in place and in forward order, the linears of ``merged``'s first ``blocks``
     blocks (and its lm_head, to the models' mean logits) on the token sequences ``seqs``."""
@@ -152,8 +151,6 @@ def refit_layers(
         todo.append(["lm_head"])
     for names in todo:
         _refit_group(sources, merged, alignment, names, batches, ridge)
-        if tick:
-            tick(names[0])
 
 
 def _state_module(state: int) -> str:
