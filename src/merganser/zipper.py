@@ -2,8 +2,9 @@
 
 Load → check (shapes, vocabularies, known tensors) → features on shared data (activation
 matchers) or weights only (Git Re-Basin weight matching) → unmerges per merge point → merged
-tensors (align.py) → one model folder, written atomically: a plain Llama when every block is
-zipped into one model, a multi-head model (multihead.py) for a partial zip.
+tensors (align.py) → optionally their least-squares refit on the data (refit.py) → one model
+folder, written atomically: a plain Llama when every block is zipped into one model, a
+multi-head model (multihead.py) for a partial zip.
 """
 
 from __future__ import annotations
