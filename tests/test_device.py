@@ -8,20 +8,25 @@ from conftest import write_model
 
 import merganser
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
-def test_no_cuda_error(tmp_path) -> None:
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [pytest.param("cuda", "CUDA is not available", marks=NO_CUDA), ("tpu", "expected cpu or cuda")],
+)
+def test_device_errors_are_one_line_and_write_nothing(tmp_path, device, message) -> None:
     m = write_model(tmp_path / "m", {"w": torch.ones(2)})
-    with pytest.raises(merganser.MerganserError, match="CUDA is not available"):
+    with pytest.raises(merganser.MerganserError, match=message):
         merganser.merge(
             {"merge_method": "linear", "models": [{"model": str(m)}]},
             tmp_path / "o",
-            merganser.MergeOptions(device="cuda"),
+            merganser.MergeOptions(device=device),
         )
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+@NO_CUDA
 def test_calibrate_without_cuda_is_one_line(tmp_path) -> None:
     from merganser.calibrate import CalibrationOptions, calibrate
 
@@ -29,13 +34,3 @@ def test_calibrate_without_cuda_is_one_line(tmp_path) -> None:
     with pytest.raises(merganser.MerganserError, match="CUDA is not available"):
         calibrate(tmp_path / "nowhere", ["x"], out, CalibrationOptions(device="cuda"))
     assert not out.exists()
-
-
-def test_unknown_device_is_one_line(tmp_path) -> None:
-    m = write_model(tmp_path / "m", {"w": torch.ones(2)})
-    with pytest.raises(merganser.MerganserError, match="expected cpu or cuda"):
-        merganser.merge(
-            {"merge_method": "linear", "models": [{"model": str(m)}]},
-            tmp_path / "o",
-            merganser.MergeOptions(device="tpu"),
-        )
