@@ -65,7 +65,7 @@ class SlerpBlocks(BlockMerge):
         tensors, base = load(None)
         assert base is not None
         for k, (a, b) in enumerate(((base, base), (tensors[0], tensors[0]), (base, tensors[0]))):
-            self.sums[k] += float(torch.sum(a * b, dtype=torch.float64))
+            self.sums[k] += _dot64(a, b)
 
     def end_pass(self, p: int) -> None:
         self.coef = slerp_coefficients(self.t, *self.sums)
