@@ -3,8 +3,9 @@
 Generates Llama-shaped bf16 checkpoints locally (base + 3 experts, ~125M and ~1B parameters,
 cached under bench_out/), runs the same YAML recipes through both tools (each in its own venv,
 each with its defaults), repeats each run and reports medians of wall time, CPU time and peak
-RSS, and the ratios. The floor is a sequential read of the same input files plus a write of the
-output's size, each measured here in the same run.
+RSS, and the ratios. The floor is a sequential read of the same input files plus a dd-style
+write of the output's size, each measured here in the same run; a second floor writes with
+O_DIRECT into reserved blocks, as merganser does.
 
     python bench/compare.py [--sizes 125m,1b] [--repeats 3] [--methods linear,ties,...]
                             [--cold]    # evict the inputs from the page cache before each run
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import subprocess
@@ -132,6 +134,7 @@ def warm(files: list[Path]) -> float:
 
 
 def write_floor(nbytes: int, path: Path) -> float:
+    """dd-style: sequential 16 MiB writes through the page cache, then fsync; returns seconds."""
     block = bytes(16 << 20)
     t = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
@@ -142,6 +145,29 @@ def write_floor(nbytes: int, path: Path) -> float:
     dt = time.perf_counter() - t
     path.unlink()
     return dt
+
+
+def direct_write_floor(nbytes: int, path: Path) -> float | None:
+    """The fastest write this machine offers: blocks reserved up front, 16 MiB O_DIRECT writes
+    (no page-cache copy), then fsync; None where the file system has no O_DIRECT.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    block = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+    aligned = nbytes // 4096 * 4096
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    try:
+        os.posix_fallocate(fd, 0, aligned)
+        for off in range(0, aligned, len(block)):
+            os.pwrite(fd, memoryview(block)[: min(len(block), aligned - off)], off)
+        os.fsync(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        path.unlink()
+    return time.perf_counter() - t
 
 
 def main() -> int:
@@ -176,6 +202,8 @@ def main() -> int:
             for _ in range(a.repeats):
                 for tool in ["merganser", "mergekit"] if have_mk else ["merganser"]:
                     out = ROOT / f"out_{tool}"
+                    # Neither tool is timed deleting the previous run's output.
+                    subprocess.run(["rm", "-rf", str(out)])
                     if a.cold:
                         evict(used)
                     else:
@@ -190,7 +218,6 @@ def main() -> int:
                             "--no-progress",
                         ]
                     else:
-                        subprocess.run(["rm", "-rf", str(out)])
                         cmd = [
                             str(MERGEKIT),
                             str(rpath),
@@ -204,7 +231,14 @@ def main() -> int:
                 if a.cold:
                     evict(used)
                 read_s = warm(used)
-                floors.append((read_s, write_floor(out_bytes, ROOT / "floor.bin")))
+                floor_bin = ROOT / "floor.bin"
+                floors.append(
+                    (
+                        read_s,
+                        write_floor(out_bytes, floor_bin),
+                        direct_write_floor(out_bytes, floor_bin),
+                    )
+                )
             row = {
                 "size": size,
                 "method": name,
@@ -213,6 +247,8 @@ def main() -> int:
                 "read_s": statistics.median(f[0] for f in floors),
                 "floor_s": statistics.median(f[0] + f[1] for f in floors),
             }
+            if all(f[2] is not None for f in floors):
+                row["direct_floor_s"] = statistics.median(f[0] + f[2] for f in floors)
             for tool, rs in runs.items():
                 if rs:
                     row[f"{tool}_wall_s"] = statistics.median(r[0] for r in rs)
@@ -242,6 +278,11 @@ def _print_row(r: dict) -> None:
     line += (
         f" | floor {r['floor_s']:.1f}s, merganser/floor {r['merganser_wall_s'] / r['floor_s']:.2f}x"
     )
+    if "direct_floor_s" in r:
+        line += (
+            f" | O_DIRECT floor {r['direct_floor_s']:.1f}s, "
+            f"merganser/it {r['merganser_wall_s'] / r['direct_floor_s']:.2f}x"
+        )
     if r["cache"] == "cold":
         seq = r["input_GB"] / r["read_s"]
         eff = r["input_GB"] / r["merganser_wall_s"]

@@ -53,6 +53,29 @@ def test_verify_accepts_a_merge_and_catches_tampering(tmp_path, capsys) -> None:
     assert "checksum does not match" in capsys.readouterr().err
 
 
+def test_verify_reads_manifests_that_record_sha256(tmp_path, capsys) -> None:
+    """Outputs of versions before BLAKE3 shard checksums still verify, and still catch edits."""
+    import hashlib
+
+    a = write_model(tmp_path / "a", {"w": torch.randn(100, 100)})
+    r = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(a)}]})
+    out = tmp_path / "out"
+    assert main(["merge", str(r), str(out), "--no-progress"]) == 0
+    mpath = out / "merganser_manifest.json"
+    manifest = json.loads(mpath.read_text())
+    shard = out / "model.safetensors"
+    info = manifest["shards"]["model.safetensors"]
+    del info["blake3"]
+    info["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    mpath.write_text(json.dumps(manifest))
+    assert main(["verify", str(out)]) == 0
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    assert "checksum does not match" in capsys.readouterr().err
+
+
 def test_methods_lists_every_registered_method(capsys) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

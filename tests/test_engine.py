@@ -218,19 +218,102 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_shard_checksums_hashed_while_writing_match_the_files(tmp_path) -> None:
-    """Chunks land out of order on several threads; the sha256 computed behind the write
-    frontier must equal a hash of the finished files (what `merganser verify` recomputes).
+@pytest.mark.parametrize(
+    ("path", "block"),
+    [("direct", 8192), ("page cache", 8192), ("direct refused", 8192), ("page cache", 256)],
+)
+def test_shards_staged_out_of_order_are_written_and_hashed_exactly(
+    tmp_path, monkeypatch, path, block
+) -> None:
+    """Chunks land out of order on several threads into a staging area of a few small blocks;
+    the files must hold the same bytes whichever way they reach the disk (O_DIRECT, the page
+    cache where the file system has no O_DIRECT, or the page cache after the device refuses
+    O_DIRECT's alignment), and the BLAKE3 hashed from the staged blocks must be the hash of the
+    files (what `merganser verify` recomputes). Blocks of 256 bytes are smaller than a header.
     """
-    import hashlib
+    import errno
     import json
+    import os
+
+    from blake3 import blake3
+
+    import merganser.writer as writer
 
     paths = _family(tmp_path, layers=6)
     opts = merganser.MergeOptions(threads=3, memory_budget=4096, out_shard_size=20_000)
+    want = load_folder(merganser.merge(_recipe(paths), tmp_path / "ref"))
+    monkeypatch.setattr(writer, "STAGE_BLOCK", block)
+    monkeypatch.setattr(writer, "STAGE_LIMIT", 3)
+    direct_fds: set[int] = set()
+    open_direct = writer._open_direct
+
+    def tracked(p):
+        fd = None if path == "page cache" else open_direct(p)
+        if fd is not None:
+            direct_fds.add(fd)
+        return fd
+
+    monkeypatch.setattr(writer, "_open_direct", tracked)
+    real_pwrite = os.pwrite
+    direct_writes = []
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            direct_writes.append(len(data))
+            if path == "direct refused":
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
     out = merganser.merge(_recipe(paths), tmp_path / "o", opts)
+    assert (len(direct_writes) > 1) == (path == "direct" and bool(direct_fds))
+    got = load_folder(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     shards = json.loads((out / "merganser_manifest.json").read_text())["shards"]
     assert len(shards) > 1
     for name, info in shards.items():
         data = (out / name).read_bytes()
-        assert info["bytes"] == len(data)
-        assert info["sha256"] == hashlib.sha256(data).hexdigest()
+        if block == 256:
+            assert int.from_bytes(data[:8], "little") > block  # the header spans blocks
+        assert info["bytes"] == len(data) and len(data) % 4096 != 0  # an unaligned tail
+        assert info["blake3"] == blake3(data).hexdigest()
+
+
+def test_a_failing_tensor_does_not_strand_writers_waiting_for_staging(tmp_path, monkeypatch):
+    """Writers wait while the staging area is full, until the block the output is stalled on
+    arrives; when the merge of that block's tensor fails, they must be released, not hang.
+    """
+    import threading
+    import time
+
+    import merganser.engine as engine
+    import merganser.writer as writer
+
+    g = torch.Generator().manual_seed(0)
+    m = write_model(tmp_path / "m", {f"t{i}": torch.randn(256, 256, generator=g) for i in range(8)})
+    recipe = {"merge_method": "linear", "models": [{"model": str(m)}]}
+    monkeypatch.setattr(writer, "STAGE_BLOCK", 4096)
+    monkeypatch.setattr(writer, "STAGE_LIMIT", 2)
+    check = engine._check_finite
+
+    def fail_first(task, out, options):
+        if task.name == "t0":
+            time.sleep(0.5)  # the other threads run ahead and fill the staging area
+            raise merganser.MerganserError("tensor t0: boom")
+        check(task, out, options)
+
+    monkeypatch.setattr(engine, "_check_finite", fail_first)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(threads=3))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "merge hung after a tensor failed"
+    assert len(errors) == 1 and "tensor t0: boom" in str(errors[0])
+    assert not (tmp_path / "out").exists()

@@ -123,6 +123,7 @@ def merge(
                     bar.update,
                     digests,
                     items,
+                    on_abort=out.cancel_writes,
                 )
             out.close_shards()
             _write_side_files(out, plan, tokenizer)

@@ -39,5 +39,5 @@ def model_card(
         f"- recipe sha256: `{recipe.sha256}`",
     ]
     for fname, info in manifest.items():
-        lines.append(f"- `{fname}` sha256: `{info['sha256']}`")
+        lines.append(f"- `{fname}` blake3: `{info['blake3']}`")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from merganser.dtypes import itemsize
 from merganser.errors import MerganserError
 from merganser.methods.blockwise import BlockMerge
 from merganser.plan import Plan, TensorTask
+from merganser.provenance import BLOCK as DIGEST_BLOCK
 from merganser.provenance import InputDigests
 from merganser.stats import WholeModelStats
 
@@ -131,7 +132,7 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             continue
         if in_blocks and not plan.method.elementwise:
             # A BlockMerge needs the whole tensor in one item; it reads it in segments.
-            items.append(WorkItem(task, 0, task.numel, segment(cap, per) * per, True))
+            items.append(WorkItem(task, 0, task.numel, segment(plan, task, cap, per) * per, True))
             continue
         chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
         if not chunks or not chunkable:
@@ -143,16 +144,29 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
                 )
             items.append(WorkItem(task, 0, task.numel, need, True))
             continue
-        step = max(1, cap // per)
+        step = aligned(plan, task, cap // per)
         for start in range(0, task.numel, step):
             count = min(step, task.numel - start)
             items.append(WorkItem(task, start, count, per * count, False))
     return items
 
 
-def segment(cap: int, per: int) -> int:
+def segment(plan: Plan, task: TensorTask, cap: int, per: int) -> int:
     """Entries of a tensor held at once within ``cap`` bytes: whole blocks, at least one."""
-    return max(BLOCK, cap // per // BLOCK * BLOCK)
+    return max(BLOCK, aligned(plan, task, cap // per))
+
+
+def aligned(plan: Plan, task: TensorTask, n: int) -> int:
+    """``n`` entries rounded down to whole digest blocks of every input where that leaves any,
+    else to whole compute blocks: chunks that split no digest block are hashed straight from
+    the read buffer, with no piece kept aside to assemble.
+    """
+    inputs = [*task.sources, *([task.base] if task.base else [])]
+    narrowest = min(itemsize(plan.checkpoints[ci].tensors[name].dtype) for ci, name in inputs)
+    for unit in (max(BLOCK, DIGEST_BLOCK // narrowest), BLOCK):
+        if n >= unit:
+            return n // unit * unit
+    return max(1, n)
 
 
 class _Scratch(threading.local):
@@ -181,7 +195,9 @@ def merge_blocks(
     has_base = task.base is not None
     bm = block_merge(plan, task)
     per = bytes_per_element(plan, task, True)
-    held = min(item.count, segment(min(options.max_item_bytes, options.memory_budget), per))
+    held = min(
+        item.count, segment(plan, task, min(options.max_item_bytes, options.memory_budget), per)
+    )
     segs = [(s, min(held, item.start + item.count - s))
             for s in range(item.start, item.start + item.count, held)]  # fmt: skip
     work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(refs))]
@@ -336,8 +352,14 @@ def run(
     progress: Callable[[int], None] | None = None,
     digests: InputDigests | None = None,
     items: list[WorkItem] | None = None,
+    on_abort: Callable[[], None] | None = None,
 ) -> None:
-    """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``."""
+    """Compute every tensor of ``plan`` and pass each result (or chunk) to ``sink``.
+
+    ``on_abort`` is called as soon as the run fails or is interrupted, before it waits for the
+    items in flight: a sink that makes writers wait (for bytes an unfinished item would have
+    produced) must release them there.
+    """
     scratch = _Scratch()
 
     def work(item: WorkItem) -> None:
@@ -352,7 +374,7 @@ def run(
             if progress is not None:
                 progress(out.numel() * out.element_size())
 
-    _run_items(items if items is not None else work_items(plan, options), work, options)
+    _run_items(items if items is not None else work_items(plan, options), work, options, on_abort)
 
 
 def gather_stats(
@@ -378,20 +400,33 @@ def gather_stats(
 
 
 def _run_items(
-    items: list[WorkItem], fn: Callable[[WorkItem], None], options: EngineOptions
+    items: list[WorkItem],
+    fn: Callable[[WorkItem], None],
+    options: EngineOptions,
+    on_abort: Callable[[], None] | None = None,
 ) -> None:
     """Run ``fn`` over ``items`` on a thread pool, admitting items while they fit the budget."""
     budget = MemoryBudget(options.memory_budget)
     abort = threading.Event()
+    lock = threading.Lock()
+    first: list[BaseException] = []  # the cause; failures it sets off in other items follow it
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, options.torch_threads))
+
+    def stop() -> None:
+        abort.set()
+        if on_abort is not None:
+            on_abort()
 
     def work(item: WorkItem, held: int) -> None:
         try:
             if not abort.is_set():
                 fn(item)
-        except BaseException:
-            abort.set()
+        except BaseException as e:
+            with lock:
+                if not first:
+                    first.append(e)
+            stop()
             raise
         finally:
             budget.release(held)
@@ -405,13 +440,11 @@ def _run_items(
             if not budget.acquire(held, abort):
                 break
             futures.append(pool.submit(work, item, held))
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            exc = f.exception()
-            if exc is not None:
-                raise exc
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if first:
+            raise first[0]
     except BaseException:
-        abort.set()
+        stop()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from merganser.errors import MerganserError
 from merganser.safetensors_header import read_header
-from merganser.writer import INDEX_NAME, MANIFEST_NAME, sha256_file
+from merganser.writer import INDEX_NAME, MANIFEST_NAME, SHARD_DIGEST, file_digest
 
 
 def verify_output(folder: str | Path) -> dict[str, int]:
@@ -28,7 +28,9 @@ def verify_output(folder: str | Path) -> dict[str, int]:
         tensors, _ = read_header(path)
         if path.stat().st_size != info["bytes"]:
             raise MerganserError(f"{path}: size {path.stat().st_size} != recorded {info['bytes']}")
-        if sha256_file(path) != info["sha256"]:
+        # Manifests written before BLAKE3 record sha256.
+        algorithm = SHARD_DIGEST if SHARD_DIGEST in info else "sha256"
+        if file_digest(path, algorithm) != info.get(algorithm):
             raise MerganserError(f"{path}: checksum does not match the manifest")
         for n in tensors:
             names[n] = fname
