@@ -142,22 +142,19 @@ class _ShardStream(threading.Thread):
 
     def _entry(self, shard: int, block: int) -> list[Any]:
         """The staging entry of a block, allocated once there is room (call with the lock)."""
-        entry = self._blocks.get((shard, block))
+        # Another writer may create the entry while this one waits, so look again after each.
+        while (entry := self._blocks.get((shard, block))) is None:
+            if isinstance(self.error, MerganserError):
+                raise self.error
+            if self.error is not None:
+                raise MerganserError(f"output writer failed ({self.error})")
+            if self._halt:
+                raise MerganserError("output writes cancelled")
+            if self._staged < STAGE_LIMIT or (shard, block) <= self._next:
+                break
+            self._cv.wait()
         if entry is not None:
             return entry
-        while (
-            self._staged >= STAGE_LIMIT
-            and (shard, block) > self._next
-            and not self._halt
-            and self.error is None
-        ):
-            self._cv.wait()
-        if isinstance(self.error, MerganserError):
-            raise self.error
-        if self.error is not None:
-            raise MerganserError(f"output writer failed ({self.error})")
-        if self._halt:
-            raise MerganserError("output writes cancelled")
         buf = self._pool.pop() if self._pool else _aligned_buffer(STAGE_BLOCK)
         entry = self._blocks[shard, block] = [buf, self._header_bytes(shard, block)]
         self._staged += 1
