@@ -74,3 +74,50 @@ def test_writers_racing_over_shared_blocks_stage_every_byte(tmp_path, monkeypatc
             )
             assert torch.equal(got, tensors[name])
     out.abort()
+
+
+@pytest.mark.parametrize("fallocate", ["refused", "missing"])
+def test_shards_are_sized_where_blocks_cannot_be_reserved(tmp_path, monkeypatch, fallocate):
+    """File systems without fallocate (EOPNOTSUPP) and systems without posix_fallocate (macOS)
+    still get whole, correct shards; other errors (a full disk) still fail.
+    """
+    import errno
+    import os
+
+    if fallocate == "missing":
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    else:
+
+        def refuse(fd, offset, size):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", refuse)
+    t = torch.arange(5000, dtype=torch.float32)
+    shards, slots = layout([("w", tuple(t.shape), t.dtype)], 10**9)
+    out = AtomicOutput(tmp_path / "out")
+    out.open_shards(shards, slots)
+    out.write("w", t)
+    out.close_shards()
+    manifest = out.verify_and_index()
+    data = (out.tmp / "model.safetensors").read_bytes()
+    assert manifest["model.safetensors"]["blake3"] == blake3(data).hexdigest()
+    info = read_header(out.tmp / "model.safetensors")[0]["w"]
+    got = torch.frombuffer(bytearray(data[info.start : info.start + info.nbytes]), dtype=t.dtype)
+    assert torch.equal(got, t)
+    out.abort()
+
+
+def test_a_full_disk_fails_when_the_shards_are_opened(tmp_path, monkeypatch) -> None:
+    import errno
+    import os
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    shards, slots = layout([("w", (10,), torch.float32)], 10**9)
+    out = AtomicOutput(tmp_path / "out")
+    with pytest.raises(OSError, match="No space left"):
+        out.open_shards(shards, slots)
+    out.abort()
+    assert not any(tmp_path.iterdir())

@@ -432,12 +432,15 @@ def _preallocate(fd: int, size: int) -> None:
     """Give the file its full size, reserving its blocks where the file system can: writes into
     reserved blocks cost a fraction of the CPU, and a full disk fails here, before any work.
     """
+    fallocate = getattr(os, "posix_fallocate", None)  # not on macOS
     try:
-        os.posix_fallocate(fd, 0, size)
+        if fallocate is not None:
+            fallocate(fd, 0, size)
+            return
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        os.ftruncate(fd, size)
+    os.ftruncate(fd, size)
 
 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
