@@ -67,6 +67,29 @@ def test_stochastic_and_sparse_methods_are_byte_identical_across_threads(tmp_pat
         assert tree_digest(other) != tree_digest(a)
 
 
+def test_chunks_split_no_input_digest_block_where_the_budget_allows(tmp_path) -> None:
+    """Chunk starts fall on the input digest's 4 MiB blocks, so each chunk is hashed straight
+    from its read buffer (bf16: 2M entries a block); a budget too small for one block still
+    works, with chunks of whole compute blocks.
+    """
+    from merganser.engine import BLOCK
+    from merganser.provenance import BLOCK as DIGEST_BLOCK
+
+    w = torch.zeros(4096, 3000, dtype=torch.bfloat16)  # 12.3M entries: several digest blocks
+    paths = [write_model(tmp_path / f"m{i}", {"w": w + i}) for i in range(2)]
+    plan = build_plan(
+        parse_recipe({"merge_method": "linear", "models": [{"model": str(p)} for p in paths]})
+    )
+    try:
+        for budget, unit in ((64 << 20, DIGEST_BLOCK // 2), (8 << 20, BLOCK)):
+            items = work_items(plan, EngineOptions(memory_budget=budget))
+            assert len(items) > 1 and sum(i.count for i in items) == w.numel()
+            assert all(i.start % unit == 0 for i in items)
+            assert all(i.count % unit == 0 for i in items[:-1])
+    finally:
+        plan.close()
+
+
 def test_big_tensors_are_chunked_to_fit_the_budget(tmp_path) -> None:
     plan = build_plan(parse_recipe(_recipe(_family(tmp_path))))
     try:
