@@ -148,15 +148,19 @@ def write_floor(nbytes: int, path: Path) -> float:
 
 
 def direct_write_floor(nbytes: int, path: Path) -> float | None:
-    """The fastest write this machine offers: blocks reserved up front, 16 MiB O_DIRECT writes
-    (no page-cache copy), then fsync; None where the file system has no O_DIRECT.
+    """The write merganser does: blocks reserved up front, 16 MiB O_DIRECT writes (no
+    page-cache copy), then fsync; None where the file system has no O_DIRECT.
     """
     if not hasattr(os, "O_DIRECT"):
         return None
     block = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
     aligned = nbytes // 4096 * 4096
     t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
     try:
         os.posix_fallocate(fd, 0, aligned)
         for off in range(0, aligned, len(block)):
