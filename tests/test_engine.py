@@ -268,15 +268,15 @@ def test_shards_staged_out_of_order_are_written_and_hashed_exactly(
     monkeypatch.setattr(writer, "STAGE_BLOCK", block)
     monkeypatch.setattr(writer, "STAGE_LIMIT", 3)
     direct_fds: set[int] = set()
-    open_direct = writer._open_direct
+    open_direct = writer.open_direct
 
-    def tracked(p):
-        fd = None if path == "page cache" else open_direct(p)
+    def tracked(p, flags):
+        fd = None if path == "page cache" else open_direct(p, flags)
         if fd is not None:
             direct_fds.add(fd)
         return fd
 
-    monkeypatch.setattr(writer, "_open_direct", tracked)
+    monkeypatch.setattr(writer, "open_direct", tracked)
     real_pwrite = os.pwrite
     direct_writes = []
 

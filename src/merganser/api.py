@@ -14,6 +14,7 @@ import torch
 
 from merganser import engine
 from merganser.card import model_card
+from merganser.checkpoint import ReadMode
 from merganser.device import check_device
 from merganser.dtypes import dtype_name
 from merganser.errors import MerganserError, RecipeError
@@ -56,17 +57,20 @@ class MergeOptions:
     memory_budget: int | None = None
     threads: int | None = None
     torch_threads: int = 1
+    read_ahead: int = 1
     device: str = "cpu"
     force: bool = False
     allow_nonfinite: bool = False
     progress: bool | None = None
     input_checksums: bool = True
+    read_mode: ReadMode = "auto"
 
     def engine_options(self) -> engine.EngineOptions:
         return engine.EngineOptions(
             memory_budget=self.memory_budget or default_memory_budget(),
             threads=self.threads or os.cpu_count() or 1,
             torch_threads=self.torch_threads,
+            read_ahead=self.read_ahead,
             device=self.device,
             allow_nonfinite=self.allow_nonfinite,
         )
@@ -92,7 +96,7 @@ def merge(
     check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()
-    plan = build_plan(rec)
+    plan = build_plan(rec, options.read_mode)
     try:
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)

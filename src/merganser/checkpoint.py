@@ -3,21 +3,25 @@
 Supported: Hugging Face folders (single or sharded safetensors, or torch .bin), single
 .safetensors files, and .bin/.pt/.pth files through ``torch.load(weights_only=True)`` only.
 Tensor data is read with ``preadv`` into private buffers rather than mmap, so the resident set
-holds only the tensors in flight and not every page of every input that was ever touched.
+holds only the tensors in flight and not every page of every input that was ever touched. By
+default ranges the page cache does not hold are read with O_DIRECT (see direct_io): a merge reads
+each byte once, and filling the cache would cost more CPU than the merge.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
+from merganser import direct_io
 from merganser.dtypes import itemsize
 from merganser.errors import CheckpointError, MerganserError
 from merganser.safetensors_header import TensorInfo, read_header
@@ -26,16 +30,26 @@ ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
+# auto: the page cache where it holds the range, else O_DIRECT; cache: always the page cache
+# (keeps the inputs cached for the next run); direct: always O_DIRECT where the file system can.
+ReadMode = Literal["auto", "cache", "direct"]
+READ_MODES: tuple[str, ...] = get_args(ReadMode)
+
 
 class Checkpoint:
     """One model's tensors, known from headers; data is read on demand."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], read_mode: ReadMode = "auto"):
+        if read_mode not in READ_MODES:
+            expected = ", ".join(READ_MODES)
+            raise MerganserError(f"read mode {read_mode!r}: expected one of {expected}")
         self.path = Path(path)
+        self.read_mode = read_mode
         self.config: dict[str, Any] | None = None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}  # safetensors __metadata__ (of the files, merged)
         self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, int | None] = {}  # None: the file system refuses O_DIRECT
         self._torch_state: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         if not self.path.exists():
@@ -148,10 +162,17 @@ class Checkpoint:
     # -- data --------------------------------------------------------------------------------
 
     def read(
-        self, name: str, start: int = 0, count: int | None = None, out: torch.Tensor | None = None
+        self,
+        name: str,
+        start: int = 0,
+        count: int | None = None,
+        out: torch.Tensor | None = None,
+        again: bool = False,
     ) -> torch.Tensor:
         """Read tensor ``name`` (or elements [start, start+count) of it, flattened), into the
         bytes of ``out`` when given (a reused buffer spares the page faults of a fresh one).
+        ``again``: the caller will read these bytes again, so in auto mode they go through the
+        page cache.
         """
         info = self.tensors[name]
         whole = start == 0 and (count is None or count == info.numel)
@@ -166,11 +187,37 @@ class Checkpoint:
         # Uninitialised memory: the read overwrites every byte, so no zero-fill pass.
         buf = torch.empty(count * size, dtype=torch.uint8) if out is None else out.view(-1)
         buf = buf.view(torch.uint8)[: count * size]
-        _pread_exact(
-            self._fd(info.file), memoryview(buf.numpy()), info.start + start * size, info.file
-        )
+        self._read_bytes(info.file, buf, info.start + start * size, again)
         out = buf.view(info.dtype)
         return out.reshape(info.shape) if whole else out
+
+    def _read_bytes(self, path: Path, buf: torch.Tensor, offset: int, again: bool) -> None:
+        fd = self._fd(path)
+        if self.read_mode == "direct" or (
+            self.read_mode == "auto"
+            and not again
+            and direct_io.resident(fd, offset, buf.numel()) is False
+        ):
+            direct = self._direct_fd(path)
+            if direct is not None:
+                try:
+                    got = direct_io.pread_direct(direct, buf, offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
+                    self._direct[path] = None  # alignment this device refuses: use the cache
+                else:
+                    if got < buf.numel():
+                        raise CheckpointError(f"{path}: file ended early (truncated while reading)")
+                    return
+        _pread_exact(fd, memoryview(buf.numpy()), offset, path)
+
+    def _direct_fd(self, path: Path) -> int | None:
+        if path not in self._direct:
+            with self._lock:
+                if path not in self._direct:
+                    self._direct[path] = direct_io.open_direct(path, os.O_RDONLY)
+        return self._direct[path]
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -187,9 +234,11 @@ class Checkpoint:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in [*self._fds.values(), *self._direct.values()]:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct.clear()
             self._torch_state.clear()
 
     def __enter__(self) -> Checkpoint:

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from merganser import __version__
 from merganser.errors import MerganserError
@@ -42,14 +42,21 @@ def parse_size(text: str) -> int:
     return n
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return n
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch intra-op threads per worker (default 1)",
     )
+    m.add_argument(
+        "--read-ahead",
+        type=_non_negative_int,
+        default=1,
+        help="work items read ahead per worker thread, so that cold inputs have more reads in "
+        "flight (default 1)",
+    )
     m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
     m.add_argument(
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
@@ -94,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="input_checksums",
         action="store_false",
         help="skip hashing the input tensors for the model card",
+    )
+    m.add_argument(
+        "--read",
+        choices=("auto", "cache", "direct"),  # checkpoint.READ_MODES (no torch import here)
+        default="auto",
+        help="auto (default): inputs the page cache holds are read from it, the rest with "
+        "O_DIRECT, leaving the cache alone; cache: always through the page cache, which keeps "
+        "the inputs cached for another run; direct: always O_DIRECT",
     )
     g = m.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None)
@@ -249,11 +271,13 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         memory_budget=a.memory_budget,
         threads=a.threads,
         torch_threads=a.torch_threads,
+        read_ahead=a.read_ahead,
         device=a.device,
         force=a.force,
         allow_nonfinite=a.allow_nonfinite,
         progress=a.progress,
         input_checksums=a.input_checksums,
+        read_mode=a.read,
     )
     out = merge(a.recipe, a.out, opts)
     print(f"merged into {out}")

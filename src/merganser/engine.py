@@ -14,10 +14,12 @@ vocabulary filling, calibration statistics, whole-tensor methods) an item is upc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,9 @@ from merganser.stats import WholeModelStats
 # (task, result or a flat chunk of it, its first element). The sink must be done with the tensor
 # when it returns: its memory is reused for the next chunk.
 Sink = Callable[[TensorTask, torch.Tensor, int], None]
+# A compute slot: held while an item does math, not while it reads or waits for the writer.
+ComputeSlot = AbstractContextManager[Any]
+NO_SLOT: ComputeSlot = contextlib.nullcontext()
 
 # Entries per compute block: a block's float32 working set stays in a core's cache. A constant:
 # sums over blocks (L1 norms of DARE/TIES rescaling) depend on it, and outputs must not depend
@@ -50,6 +55,9 @@ class EngineOptions:
     allow_nonfinite: bool = False
     # Upper bound for one work item; smaller items spread big tensors over all threads.
     max_item_bytes: int = 64 << 20
+    # Items read ahead per compute thread by elementwise merges: cold reads want many requests
+    # in flight (O_DIRECT reads here ran at 0.75 GB/s with 64 MiB in flight, 1.3 with 256 MiB).
+    read_ahead: int = 1
 
 
 @dataclass(frozen=True)
@@ -188,8 +196,12 @@ def merge_blocks(
     options: EngineOptions,
     scratch: _Scratch,
     digests: InputDigests | None = None,
+    compute: ComputeSlot = NO_SLOT,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Merge ``item`` block by block; yields (first element, flat result) per segment."""
+    """Merge ``item`` block by block; yields (first element, flat result) per segment.
+
+    Reads happen outside ``compute`` (a slot among the compute threads), the math inside it.
+    """
     task = item.task
     refs = [*task.sources, *([task.base] if task.base else [])]
     has_base = task.base is not None
@@ -201,13 +213,15 @@ def merge_blocks(
     segs = [(s, min(held, item.start + item.count - s))
             for s in range(item.start, item.start + item.count, held)]  # fmt: skip
     work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(refs))]
+    # Segments are read once per pass: through the page cache, or later passes go to the disk.
+    again = bm is not None and len(segs) > 1
 
     def read(start: int, count: int) -> list[torch.Tensor]:
         raws = []
         for j, (ci, name) in enumerate(refs):
             ckpt = plan.checkpoints[ci]
             buf = scratch.get(f"raw.{j}", count * itemsize(ckpt.tensors[name].dtype), torch.uint8)
-            raws.append(ckpt.read(name, start, count, out=buf).reshape(-1))
+            raws.append(ckpt.read(name, start, count, out=buf, again=again).reshape(-1))
         return raws
 
     def record(start: int, raws: list[torch.Tensor]) -> None:
@@ -232,30 +246,34 @@ def merge_blocks(
     while bm is not None and bm.wants_pass(p):
         for s, c in segs:
             raws = cached if cached is not None else read(s, c)
-            for a in range(0, c, BLOCK):
-                n = min(BLOCK, c - a)
+            with compute:
+                for a in range(0, c, BLOCK):
+                    n = min(BLOCK, c - a)
 
-                def load(
-                    idx: torch.Tensor | None, raws: list = raws, a: int = a, n: int = n
-                ) -> Any:
-                    return upcast(raws, a, n) if idx is None else gather(raws, a, idx)
+                    def load(
+                        idx: torch.Tensor | None, raws: list = raws, a: int = a, n: int = n
+                    ) -> Any:
+                        return upcast(raws, a, n) if idx is None else gather(raws, a, idx)
 
-                bm.observe(p, s + a, n, load)
-        bm.end_pass(p)
+                    bm.observe(p, s + a, n, load)
+        with compute:
+            bm.end_pass(p)
         p += 1
     for s, c in segs:
         raws = cached if cached is not None else read(s, c)
-        record(s, raws)  # each input byte once, in the merge pass
         out = scratch.get("out", c * itemsize(task.out_dtype), task.out_dtype)
-        for a in range(0, c, BLOCK):
-            n = min(BLOCK, c - a)
-            tensors, base = upcast(raws, a, n)
-            if bm is not None:
-                res = bm.merge(s + a, tensors, base)
-            else:
-                res = plan.method(tensors, base, **task.params)
-            _check_finite(task, res, options)
-            out[a : a + n].copy_(res)
+        with compute:
+            record(s, raws)  # each input byte once, in the merge pass
+            for a in range(0, c, BLOCK):
+                n = min(BLOCK, c - a)
+                tensors, base = upcast(raws, a, n)
+                if bm is not None:
+                    res = bm.merge(s + a, tensors, base)
+                else:
+                    res = plan.method(tensors, base, **task.params)
+                _check_finite(task, res, options)
+                out[a : a + n].copy_(res)
+        # The sink may wait for the writer, and must not hold a compute slot while it does.
         yield s, out.view(task.shape) if item.whole and c == task.numel else out
 
 
@@ -274,15 +292,21 @@ def _check_finite(task: TensorTask, out: torch.Tensor, options: EngineOptions) -
 
 
 def read_raw(
-    plan: Plan, item: WorkItem, ref: tuple[int, str], digests: InputDigests | None = None
+    plan: Plan,
+    item: WorkItem,
+    ref: tuple[int, str],
+    digests: InputDigests | None = None,
+    again: bool = False,
 ) -> torch.Tensor:
-    """One input of the item as stored on disk (recorded in ``digests`` when given)."""
+    """One input of the item as stored on disk (recorded in ``digests`` when given; ``again``:
+    it will be read again, see Checkpoint.read).
+    """
     ci, name = ref
     ckpt = plan.checkpoints[ci]
     if item.whole:
-        t, start = ckpt.read(name), 0
+        t, start = ckpt.read(name, again=again), 0
     else:
-        t, start = ckpt.read(name, item.start, item.count), item.start
+        t, start = ckpt.read(name, item.start, item.count, again=again), item.start
     if digests is not None:
         info = ckpt.tensors[name]
         digests.add(ci, name, info.nbytes, start * t.element_size(), t)
@@ -290,12 +314,16 @@ def read_raw(
 
 
 def load_inputs(
-    plan: Plan, item: WorkItem, options: EngineOptions, digests: InputDigests | None = None
+    plan: Plan,
+    item: WorkItem,
+    options: EngineOptions,
+    digests: InputDigests | None = None,
+    again: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The item's inputs as float32 on the compute device (sources, then base or None)."""
 
     def load(ref: tuple[int, str]) -> torch.Tensor:
-        t = rounded(plan, read_raw(plan, item, ref, digests))
+        t = rounded(plan, read_raw(plan, item, ref, digests, again))
         return t.to(device=options.device, dtype=torch.float32)
 
     task = item.task
@@ -326,7 +354,11 @@ def fit(t: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor) -> torch.
 
 
 def compute_item(
-    plan: Plan, item: WorkItem, options: EngineOptions, digests: InputDigests | None = None
+    plan: Plan,
+    item: WorkItem,
+    options: EngineOptions,
+    digests: InputDigests | None = None,
+    compute: ComputeSlot = NO_SLOT,
 ) -> torch.Tensor:
     """Merge one work item and return it in the output dtype (flat unless ``item.whole``)."""
     task = item.task
@@ -339,10 +371,11 @@ def compute_item(
             None if r is None else read_raw(plan, item, r, digests).to(options.device)
             for r in task.stats
         ]
-    out = plan.method(tensors, base, **task.params, **extra)
-    del tensors, base, extra
-    _check_finite(task, out, options)
-    return out.to(dtype=task.out_dtype).cpu()
+    with compute:
+        out = plan.method(tensors, base, **task.params, **extra)
+        del tensors, base, extra
+        _check_finite(task, out, options)
+        return out.to(dtype=task.out_dtype).cpu()
 
 
 def run(
@@ -362,19 +395,23 @@ def run(
     """
     scratch = _Scratch()
 
-    def work(item: WorkItem) -> None:
+    def work(item: WorkItem, compute: ComputeSlot) -> None:
         if blockwise(plan, item.task, options):
             parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
-                plan, item, options, scratch, digests
+                plan, item, options, scratch, digests, compute
             )
         else:
-            parts = [(item.start, compute_item(plan, item, options, digests))]
+            parts = [(item.start, compute_item(plan, item, options, digests, compute))]
         for start, out in parts:
             sink(item.task, out, start)
             if progress is not None:
                 progress(out.numel() * out.element_size())
 
-    _run_items(items if items is not None else work_items(plan, options), work, options, on_abort)
+    # Elementwise merges are bound by I/O, so they read ahead; the statistic passes of the
+    # others are bound by compute, where reading ahead would only hold more memory.
+    ahead = options.read_ahead if plan.method.elementwise else 0
+    items = items if items is not None else work_items(plan, options)
+    _run_items(items, work, options, on_abort, ahead)
 
 
 def gather_stats(
@@ -388,9 +425,10 @@ def gather_stats(
         items = work_items(plan, options, chunks=False)
     for p in range(stats.passes):
 
-        def observe(item: WorkItem, p: int = p) -> None:
-            tensors, base = load_inputs(plan, item, options)
-            stats.observe(p, item.task.name, tensors, base, item.task.params)
+        def observe(item: WorkItem, compute: ComputeSlot, p: int = p) -> None:
+            tensors, base = load_inputs(plan, item, options, again=True)  # the merge rereads
+            with compute:
+                stats.observe(p, item.task.name, tensors, base, item.task.params)
 
         _run_items(items, observe, options)
         stats.end_pass(p)
@@ -401,12 +439,19 @@ def gather_stats(
 
 def _run_items(
     items: list[WorkItem],
-    fn: Callable[[WorkItem], None],
+    fn: Callable[[WorkItem, ComputeSlot], None],
     options: EngineOptions,
     on_abort: Callable[[], None] | None = None,
+    read_ahead: int = 0,
 ) -> None:
-    """Run ``fn`` over ``items`` on a thread pool, admitting items while they fit the budget."""
+    """Run ``fn`` over ``items`` on a thread pool, admitting items while they fit the budget.
+
+    The pool holds ``read_ahead`` more items per thread than there are compute threads: ``fn``
+    reads outside the compute slot it is given, and does its math inside it.
+    """
     budget = MemoryBudget(options.memory_budget)
+    threads = max(1, options.threads)
+    compute = threading.BoundedSemaphore(threads)
     abort = threading.Event()
     lock = threading.Lock()
     first: list[BaseException] = []  # the cause; failures it sets off in other items follow it
@@ -421,7 +466,7 @@ def _run_items(
     def work(item: WorkItem, held: int) -> None:
         try:
             if not abort.is_set():
-                fn(item)
+                fn(item, compute)
         except BaseException as e:
             with lock:
                 if not first:
@@ -432,7 +477,7 @@ def _run_items(
             budget.release(held)
 
     futures: list[Future[None]] = []
-    pool = ThreadPoolExecutor(max(1, options.threads), thread_name_prefix="merge")
+    pool = ThreadPoolExecutor(threads * (1 + read_ahead), thread_name_prefix="merge")
     try:
         for item in items:
             # An item larger than the whole budget runs alone once everything else drained.

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from merganser.checkpoint import Checkpoint
+from merganser.checkpoint import Checkpoint, ReadMode
 from merganser.dtypes import itemsize, parse_dtype
 from merganser.errors import CheckpointError, RecipeError
 from merganser.methods import IGNORED_PARAMS, Method, get_method
@@ -98,7 +98,7 @@ class _Group:
     offset: int = 0  # first output layer
 
 
-def build_plan(recipe: Recipe) -> Plan:
+def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
     """Open every checkpoint's headers and plan each output tensor; raise on any mismatch."""
     src = recipe.source_name
     method = get_method(recipe.merge_method, f"{src}: merge_method")
@@ -112,7 +112,7 @@ def build_plan(recipe: Recipe) -> Plan:
     try:
         for ref in refs:
             try:
-                checkpoints.append(Checkpoint(recipe.resolve(ref)))
+                checkpoints.append(Checkpoint(recipe.resolve(ref), read_mode))
             except CheckpointError as e:
                 if "no such file" not in str(e):
                     raise

@@ -1,0 +1,104 @@
+"""Reading and writing around the page cache (O_DIRECT), and asking what the cache holds.
+
+A merge reads each input byte once and writes each output byte once, so caching either buys
+nothing, while filling the cache costs a CPU copy per byte: on a small VM, reading cold inputs
+through the cache took 15 s of CPU per 7.6 GB and ran at half the speed of O_DIRECT reads.
+Ranges the cache already holds are still read from it (see ``resident``), which is faster still.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT I/O are multiples of this
+BOUNCE = 8 << 20  # one aligned read of a cold range (per thread)
+
+
+def open_direct(path: Path, flags: int) -> int | None:
+    """A descriptor for ``path`` that bypasses the page cache, or None where the file system
+    has no O_DIRECT (tmpfs, macOS).
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, flags | flag)
+    except OSError:
+        return None
+
+
+def aligned_buffer(n: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """``n`` bytes of page-aligned memory (as O_DIRECT needs), and a tensor over them."""
+    buf = mmap.mmap(-1, n)
+    return buf, torch.frombuffer(buf, dtype=torch.uint8)
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+# cachestat(2), Linux 6.5+; the number is the generic table's, which these machines use.
+_CACHESTAT = 451 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else 0
+_syscall = ctypes.CDLL(None, use_errno=True).syscall if _CACHESTAT else None
+_no_cachestat = threading.Event()
+
+
+def resident(fd: int, offset: int, n: int) -> bool | None:
+    """Whether the page cache holds every page of bytes [offset, offset+n) of ``fd``; None
+    where the kernel cannot tell (cachestat(2) missing).
+    """
+    if _syscall is None or _no_cachestat.is_set():
+        return None
+    first, end = offset // mmap.PAGESIZE, -(-(offset + n) // mmap.PAGESIZE)
+    rng, st = _CacheRange(first * mmap.PAGESIZE, (end - first) * mmap.PAGESIZE), _CacheStat()
+    if _syscall(_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or seccomp
+            _no_cachestat.set()
+        return None
+    return st.cache >= end - first
+
+
+class _Bounce(threading.local):
+    buf: tuple[memoryview, torch.Tensor] | None = None
+
+
+_bounce = _Bounce()
+
+
+def pread_direct(fd: int, dest: torch.Tensor, offset: int) -> int:
+    """Read ``dest.numel()`` bytes at ``offset`` into the uint8 tensor ``dest`` through an
+    O_DIRECT descriptor, by aligned reads into a per-thread buffer; returns the bytes read,
+    short only at the end of the file. Raises OSError (EINVAL: alignment the device refuses).
+    """
+    if _bounce.buf is None:
+        raw, tensor = aligned_buffer(BOUNCE)
+        _bounce.buf = memoryview(raw), tensor
+    view, bounce = _bounce.buf
+    done, n = 0, dest.numel()
+    while done < n:
+        pos = offset + done
+        base = pos // ALIGN * ALIGN
+        want = min(BOUNCE, -(-(offset + n - base) // ALIGN) * ALIGN)
+        got = os.preadv(fd, [view[:want]], base)
+        take = min(got - (pos - base), n - done)
+        if take <= 0:
+            break
+        dest[done : done + take].copy_(bounce[pos - base : pos - base + take])
+        done += take
+    return done

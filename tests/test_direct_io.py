@@ -1,0 +1,217 @@
+"""Reading around the page cache: O_DIRECT reads of cold ranges, cached ranges from the cache,
+and the engine reading ahead of its compute threads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_folder, write_model
+
+import merganser
+from merganser import direct_io, engine
+from merganser.checkpoint import Checkpoint
+
+
+def _direct_fd(path: Path) -> int:
+    fd = direct_io.open_direct(path, os.O_RDONLY)
+    if fd is None:
+        pytest.skip("this file system has no O_DIRECT")
+    return fd
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if direct_io.resident(fd, 0, path.stat().st_size) is not False:
+            pytest.skip("cannot tell (or cannot drop) what the page cache holds here")
+    finally:
+        os.close(fd)
+
+
+def _warm(path: Path) -> None:
+    path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("offset", "n"),
+    [(0, 1), (1, 4095), (4095, 2), (4096, 8192), (123, 20_000), (8191, 16_385), (30_000, 4)],
+)
+def test_direct_reads_return_exactly_the_bytes_asked_for(tmp_path, monkeypatch, offset, n):
+    # A bounce buffer of 8 KiB makes most of these take several aligned reads.
+    monkeypatch.setattr(direct_io, "BOUNCE", 8192)
+    monkeypatch.setattr(direct_io, "_bounce", direct_io._Bounce())
+    data = os.urandom(40_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    fd = _direct_fd(path)
+    try:
+        dest = torch.full((n,), 7, dtype=torch.uint8)
+        assert direct_io.pread_direct(fd, dest, offset) == n
+        assert bytes(dest.numpy()) == data[offset : offset + n]
+        # Past the end of the file the read comes back short.
+        tail = torch.empty(100, dtype=torch.uint8)
+        assert direct_io.pread_direct(fd, tail, len(data) - 30) == 30
+        assert bytes(tail[:30].numpy()) == data[-30:]
+    finally:
+        os.close(fd)
+
+
+def test_resident_tells_cold_ranges_from_cached_ones(tmp_path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 8192, 4096)  # caches pages 1-2 (and whatever readahead adds after them)
+        assert direct_io.resident(fd, 4096, 8192) is True
+        assert direct_io.resident(fd, 5000, 100) is True
+        assert direct_io.resident(fd, 0, 4096) is False
+    finally:
+        os.close(fd)
+
+
+def _family(tmp_path: Path) -> list[Path]:
+    g = torch.Generator().manual_seed(3)
+    names = [f"layers.{i}.weight" for i in range(6)]
+    return [
+        write_model(
+            tmp_path / f"m{k}",
+            {n: torch.randn(300, 257, generator=g).to(torch.bfloat16) for n in names},
+        )
+        for k in range(3)
+    ]
+
+
+def _recipe(paths: list[Path]) -> dict:
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p), "parameters": {"weight": 0.6}} for p in paths[1:]],
+    }
+
+
+def _count_direct_reads(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = direct_io.pread_direct
+
+    def spy(fd, dest, offset):
+        calls.append(dest.numel())
+        return real(fd, dest, offset)
+
+    monkeypatch.setattr(direct_io, "pread_direct", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("mode", "cold", "read_ahead", "direct_expected"),
+    [
+        ("auto", True, 1, True),
+        ("auto", False, 1, False),
+        ("cache", True, 0, False),
+        ("direct", False, 3, True),
+    ],
+)
+def test_every_read_mode_merges_the_same_bytes(
+    tmp_path, monkeypatch, mode, cold, read_ahead, direct_expected
+) -> None:
+    paths = _family(tmp_path)
+    want = load_folder(merganser.merge(_recipe(paths), tmp_path / "ref"))
+    files = [p / "model.safetensors" for p in paths]
+    _direct_fd(files[0])
+    for f in files:
+        _evict(f) if cold else _warm(f)
+    calls = _count_direct_reads(monkeypatch)
+    opts = merganser.MergeOptions(
+        read_mode=mode, read_ahead=read_ahead, threads=2, memory_budget=100_000
+    )
+    got = load_folder(merganser.merge(_recipe(paths), tmp_path / "out", opts))
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert bool(calls) == direct_expected
+    if mode == "auto":
+        # The merge left the cold inputs out of the page cache.
+        fd = os.open(files[1], os.O_RDONLY)
+        assert direct_io.resident(fd, 0, files[1].stat().st_size) is (not cold)
+        os.close(fd)
+
+
+def test_bytes_read_again_go_through_the_page_cache(tmp_path, monkeypatch) -> None:
+    path = write_model(tmp_path / "m", {"w": torch.randn(1000, 100)})
+    f = path / "model.safetensors"
+    _evict(f)
+    calls = _count_direct_reads(monkeypatch)
+    with Checkpoint(path) as c:
+        first = c.read("w", 0, 5000, again=True)
+        assert calls == []
+        assert torch.equal(c.read("w", 0, 5000), first)  # now cached: still no O_DIRECT
+        assert calls == []
+        assert torch.equal(c.read("w", 50_000, 5000), c.read("w").reshape(-1)[50_000:55_000])
+
+
+def test_alignment_the_device_refuses_falls_back_to_the_page_cache(tmp_path, monkeypatch) -> None:
+    t = torch.randn(500, 77)
+    path = write_model(tmp_path / "m", {"w": t})
+    _direct_fd(path / "model.safetensors")
+
+    def refused(fd, dest, offset):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(direct_io, "pread_direct", refused)
+    with Checkpoint(path, read_mode="direct") as c:
+        assert torch.equal(c.read("w"), t)
+        assert torch.equal(c.read("w", 1000, 10), t.reshape(-1)[1000:1010])
+
+
+def test_read_errors_name_the_file(tmp_path, monkeypatch) -> None:
+    path = write_model(tmp_path / "m", {"w": torch.randn(64, 64)})
+    _direct_fd(path / "model.safetensors")
+
+    def failing(fd, dest, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(direct_io, "pread_direct", failing)
+    c = Checkpoint(path, read_mode="direct")
+    with c, pytest.raises(merganser.MerganserError, match=r"model\.safetensors: read failed"):
+        c.read("w")
+
+
+def test_an_unknown_read_mode_is_refused(tmp_path) -> None:
+    path = write_model(tmp_path / "m", {"w": torch.ones(2)})
+    with pytest.raises(merganser.MerganserError, match="read mode 'fast': expected one of auto"):
+        Checkpoint(path, read_mode="fast")  # type: ignore[arg-type]
+
+
+def test_items_read_ahead_while_at_most_threads_compute(tmp_path) -> None:
+    """With 2 compute threads reading 3 items ahead each, up to 8 items are in flight, but
+    never more than 2 inside their compute slot."""
+    lock = threading.Lock()
+    state = {"in": 0, "computing": 0, "max_in": 0, "max_computing": 0}
+
+    def fn(item, compute) -> None:
+        with lock:
+            state["in"] += 1
+            state["max_in"] = max(state["max_in"], state["in"])
+        time.sleep(0.02)  # "reading"
+        with compute:
+            with lock:
+                state["computing"] += 1
+                state["max_computing"] = max(state["max_computing"], state["computing"])
+            time.sleep(0.01)
+            with lock:
+                state["computing"] -= 1
+        with lock:
+            state["in"] -= 1
+
+    items = [engine.WorkItem(None, 0, 1, 1, True) for _ in range(40)]  # type: ignore[arg-type]
+    opts = engine.EngineOptions(memory_budget=1 << 20, threads=2)
+    engine._run_items(items, fn, opts, read_ahead=3)
+    assert state["max_computing"] == 2
+    assert 2 < state["max_in"] <= 8
