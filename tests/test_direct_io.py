@@ -183,10 +183,14 @@ def test_read_errors_name_the_file(tmp_path, monkeypatch) -> None:
         c.read("w")
 
 
-def test_an_unknown_read_mode_is_refused(tmp_path) -> None:
+def test_an_unknown_read_mode_or_a_negative_read_ahead_is_refused(tmp_path) -> None:
     path = write_model(tmp_path / "m", {"w": torch.ones(2)})
     with pytest.raises(merganser.MerganserError, match="read mode 'fast': expected one of auto"):
         Checkpoint(path, read_mode="fast")  # type: ignore[arg-type]
+    recipe = {"merge_method": "linear", "models": [{"model": str(path)}]}
+    with pytest.raises(merganser.MerganserError, match="--read-ahead must be 0 or more"):
+        merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(read_ahead=-1))
+    assert not (tmp_path / "out").exists()
 
 
 def test_items_read_ahead_while_at_most_threads_compute(tmp_path) -> None:

@@ -93,6 +93,8 @@ def merge(
     options = options or MergeOptions()
     if options.out_shard_size <= 0:
         raise MerganserError("--out-shard-size must be positive")
+    if options.read_ahead < 0:
+        raise MerganserError("--read-ahead must be 0 or more")
     check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-ahead",
         type=_non_negative_int,
         default=1,
-        help="work items read ahead per worker thread, so that cold inputs have more reads in "
-        "flight (default 1)",
+        help="work items each worker thread reads ahead in elementwise merges, so that cold "
+        "inputs have more reads in flight (default 1)",
     )
     m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
     m.add_argument(
