@@ -164,10 +164,12 @@ def test_alignment_the_device_refuses_falls_back_to_the_page_cache(tmp_path, mon
     def refused(fd, dest, offset):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(direct_io, "pread_direct", refused)
+    calls = []
+    monkeypatch.setattr(direct_io, "pread_direct", lambda *a: calls.append(1) or refused(*a))
     with Checkpoint(path, read_mode="direct") as c:
         assert torch.equal(c.read("w"), t)
         assert torch.equal(c.read("w", 1000, 10), t.reshape(-1)[1000:1010])
+    assert len(calls) == 1  # refused once, then the page cache for this file
 
 
 def test_read_errors_name_the_file(tmp_path, monkeypatch) -> None:

@@ -50,6 +50,7 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}  # safetensors __metadata__ (of the files, merged)
         self._fds: dict[Path, int] = {}
         self._direct: dict[Path, int | None] = {}  # None: the file system refuses O_DIRECT
+        self._refused: set[Path] = set()  # files whose O_DIRECT reads the device refused
         self._torch_state: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         if not self.path.exists():
@@ -205,7 +206,7 @@ class Checkpoint:
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
-                    self._direct[path] = None  # alignment this device refuses: use the cache
+                    self._refused.add(path)  # alignment this device refuses: use the cache
                 else:
                     if got < buf.numel():
                         raise CheckpointError(f"{path}: file ended early (truncated while reading)")
@@ -213,6 +214,8 @@ class Checkpoint:
         _pread_exact(fd, memoryview(buf.numpy()), offset, path)
 
     def _direct_fd(self, path: Path) -> int | None:
+        if path in self._refused:
+            return None
         if path not in self._direct:
             with self._lock:
                 if path not in self._direct:
