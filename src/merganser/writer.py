@@ -209,10 +209,12 @@ class _ShardStream(threading.Thread):
                         start = b * STAGE_BLOCK
                         entry[0][1][:head].copy_(header[start : start + head])
                     h.update(entry[0][1][:n].numpy())
-                    writes.submit(self._write_and_free, i, b, entry, n)
+                    # Move on before the write can free the block: result() reads a missing
+                    # block at or after _next as not yet staged, and would halt the stream.
                     with self._cv:
                         self._next = (i, b + 1)
                         self._cv.notify_all()
+                    writes.submit(self._write_and_free, i, b, entry, n)
                 self.digests[i] = h.hexdigest()
                 with self._cv:
                     self._next = (i + 1, 0)
