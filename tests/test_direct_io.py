@@ -25,6 +25,10 @@ def _direct_fd(path: Path) -> int:
     return fd
 
 
+def _need_direct(path: Path) -> None:
+    os.close(_direct_fd(path))
+
+
 def _evict(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -125,7 +129,7 @@ def test_every_read_mode_merges_the_same_bytes(
     paths = _family(tmp_path)
     want = load_folder(merganser.merge(_recipe(paths), tmp_path / "ref"))
     files = [p / "model.safetensors" for p in paths]
-    _direct_fd(files[0])
+    _need_direct(files[0])
     for f in files:
         _evict(f) if cold else _warm(f)
     calls = _count_direct_reads(monkeypatch)
@@ -159,7 +163,7 @@ def test_bytes_read_again_go_through_the_page_cache(tmp_path, monkeypatch) -> No
 def test_alignment_the_device_refuses_falls_back_to_the_page_cache(tmp_path, monkeypatch) -> None:
     t = torch.randn(500, 77)
     path = write_model(tmp_path / "m", {"w": t})
-    _direct_fd(path / "model.safetensors")
+    _need_direct(path / "model.safetensors")
 
     def refused(fd, dest, offset):
         raise OSError(errno.EINVAL, "Invalid argument")
@@ -174,7 +178,7 @@ def test_alignment_the_device_refuses_falls_back_to_the_page_cache(tmp_path, mon
 
 def test_read_errors_name_the_file(tmp_path, monkeypatch) -> None:
     path = write_model(tmp_path / "m", {"w": torch.randn(64, 64)})
-    _direct_fd(path / "model.safetensors")
+    _need_direct(path / "model.safetensors")
 
     def failing(fd, dest, offset):
         raise OSError(errno.EIO, "Input/output error")
@@ -193,6 +197,16 @@ def test_an_unknown_read_mode_or_a_negative_read_ahead_is_refused(tmp_path) -> N
     with pytest.raises(merganser.MerganserError, match="--read-ahead must be 0 or more"):
         merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(read_ahead=-1))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_offers_exactly_the_read_modes() -> None:
+    from merganser.checkpoint import READ_MODES
+    from merganser.cli import build_parser
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
+    read = next(a for a in merge._actions if a.dest == "read")
+    assert tuple(read.choices) == READ_MODES
+    assert read.default == merganser.MergeOptions().read_mode
 
 
 def test_items_read_ahead_while_at_most_threads_compute(tmp_path) -> None:
