@@ -4,9 +4,10 @@ identity, and the special cases collapse to task arithmetic."""
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import merganser
@@ -98,9 +99,40 @@ def test_ties_trim_keeps_exactly_the_density_count(seed, shape, density) -> None
     assert int((out != 0).sum()) == int(density * x.numel())
 
 
-def _streamed_mask(mag: torch.Tensor, density: float, blocks: list[int], miss: bool = False):
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=seeds,
+    shape=shapes,
+    weight=st.lists(st.sampled_from([1.0, 0.3, 0.7, 2.0, 0.0, -0.5]), min_size=1, max_size=4),
+    method=st.sampled_from(["mass", "frequency"]),
+    normalize=st.booleans(),
+)
+@example(seed=0, shape=(64,), weight=[1.0, 0.0], method="mass", normalize=True)
+@example(seed=0, shape=(64,), weight=[1.0, -0.5, 0.3], method="frequency", normalize=True)
+def test_disjoint_merge_is_the_boolean_consensus_rule(
+    seed, shape, weight, method, normalize
+) -> None:
+    from merganser.methods.task_vectors import consensus_mask, disjoint_merge
+
+    g = torch.Generator().manual_seed(seed)
+    # Small integers: exact zeros (trimmed entries) and sums that cancel to 0 are common.
+    stacked = torch.randint(-2, 3, (len(weight), *shape), generator=g).float()
+    w = torch.tensor(weight).view(-1, *([1] * len(shape)))
+    weighted = stacked * w
+    agree = consensus_mask(weighted, method)
+    want = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (agree * w).sum(dim=0)
+        divisor[divisor == 0] = 1
+        want = want / divisor
+    got = disjoint_merge(stacked.clone(), weight, method, normalize)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _streamed_trim(delta: torch.Tensor, density: float, blocks: list[int], miss: bool = False):
     from merganser.methods.sparsify import StreamingTopK
 
+    mag = delta.abs()
     s = StreamingTopK(mag.numel(), density)
     cuts = [0, *sorted(blocks), mag.numel()]
     spans = [(a, b - a) for a, b in itertools.pairwise(cuts) if b > a]
@@ -116,7 +148,7 @@ def _streamed_mask(mag: torch.Tensor, density: float, blocks: list[int], miss: b
         if p == 0 and miss:
             s.lo = s.hi = mag.max() + 1  # a bracket that misses: pass 2 must decide
         p += 1
-    return torch.cat([s.mask(mag[a : a + n]) for a, n in spans]), p
+    return torch.cat([s.trim_(delta[a : a + n].clone()) for a, n in spans]), p
 
 
 @settings(max_examples=20, deadline=None)
@@ -126,10 +158,12 @@ def _streamed_mask(mag: torch.Tensor, density: float, blocks: list[int], miss: b
     levels=st.sampled_from([7, 1000, 0]),
     cuts=st.lists(st.integers(0, 300_000), max_size=4),
     miss=st.booleans(),
+    keep_buffer=st.sampled_from([1 << 20, 4096]),  # 4096: kept values get folded into counts
 )
 def test_streaming_topk_keeps_exactly_the_entries_topk_mask_keeps(
-    seed, density, levels, cuts, miss
+    seed, density, levels, cuts, miss, keep_buffer
 ) -> None:
+    from merganser.methods import sparsify
     from merganser.methods.sparsify import topk_mask
 
     g = torch.Generator().manual_seed(seed)
@@ -137,8 +171,13 @@ def test_streaming_topk_keeps_exactly_the_entries_topk_mask_keeps(
     mag = torch.rand(n, generator=g)
     if levels:  # few distinct values: many ties at the threshold, kept lowest index first
         mag = (mag * levels).floor()
-    got, passes = _streamed_mask(mag, density, cuts, miss)
-    assert torch.equal(got, topk_mask(mag, density))
-    assert int(got.sum()) == int(density * n)
+    # Magnitudes >= 1, so a kept entry is never 0; random signs, which the trim must keep.
+    delta = (mag + 1) * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+    with mock.patch.object(sparsify, "KEEP_BUFFER", keep_buffer):
+        got, passes = _streamed_trim(delta, density, cuts, miss)
+    keep = topk_mask(delta, density)
+    assert torch.equal(got != 0, keep)
+    assert torch.equal(got, delta * keep)
+    assert int(keep.sum()) == int(density * n)
     if miss and 0 < int(density * n) < n:
         assert passes == 3

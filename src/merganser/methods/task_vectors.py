@@ -29,6 +29,37 @@ def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
     return torch.where(elect_positive(weighted, method), weighted > 0, weighted < 0)
 
 
+def disjoint_merge(
+    stacked: torch.Tensor, weight: list[float], method: str, normalize: bool
+) -> torch.Tensor:
+    """TIES elect + disjoint merge of stacked deltas (Yadav et al. 2023): Σ of the weighted
+    entries that agree with the elected sign, divided by Σ of their weights if ``normalize``.
+
+    Consumes ``stacked``. The same numbers as ``consensus_mask`` (up to the sign of zeros), but
+    in float arithmetic: boolean kernels (compare, where, bool→float) cost 3–10× as much on CPU.
+    """
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+    w = w.view(-1, *([1] * (stacked.dim() - 1)))
+    unit = all(x == 1 for x in weight)
+    if not unit:
+        stacked.mul_(w)
+    signs = torch.sign(stacked)
+    total = stacked.sum(dim=0) if method == "mass" else signs.sum(dim=0)
+    elected = torch.sign(total).add_(0.5).sign_()  # +1 where total >= 0 (ties elect +1), else -1
+    agree = signs.mul_(elected).clamp_(min=0)  # 1 where the entry has the elected sign, else 0
+    mixed = stacked.mul_(agree).sum(dim=0)
+    if normalize:
+        divisor = agree.sum(dim=0) if unit else agree.mul_(w).sum(dim=0)
+        if min(weight) > 0:
+            # A sum of positive weights is 0 only where nothing agrees, and there mixed is 0:
+            # any positive divisor gives the 0/1 = 0 of the rule below, without a boolean mask.
+            divisor.clamp_(min=min(weight))
+        else:
+            divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    return mixed
+
+
 def generalized_task_arithmetic(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -54,24 +85,12 @@ def generalized_task_arithmetic(
     else:
         stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
         for i, t in enumerate(tensors):
-            d = t - base
-            stacked[i] = sparsify(i, d) if sparsify is not None else d
-            del d
-        w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
-        w = w.view(-1, *([1] * base.dim()))
-        stacked.mul_(w)  # weighted deltas in place: n copies of the tensor is the peak
-        # Σ of the entries that agree with the elected sign, as a select between the sums of
-        # the positive and of the negative entries: vectorised, where a per-model boolean
-        # mask is not (the same numbers as consensus_mask, up to the sign of zero sums).
-        elect = elect_positive(stacked, consensus)
-        mixed = torch.where(elect, stacked.clamp(min=0).sum(dim=0), stacked.clamp(max=0).sum(dim=0))
-        if normalize:
-            pos = ((stacked > 0).to(stacked.dtype) * w).sum(dim=0)
-            neg = ((stacked < 0).to(stacked.dtype) * w).sum(dim=0)
-            divisor = torch.where(elect, pos, neg)
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
-        del stacked
+            d = torch.sub(t, base, out=stacked[i])
+            if sparsify is not None:
+                kept = sparsify(i, d)
+                if kept.data_ptr() != d.data_ptr():
+                    d.copy_(kept)
+        mixed = disjoint_merge(stacked, weight, consensus, normalize)
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)

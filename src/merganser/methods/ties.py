@@ -50,7 +50,8 @@ class TiesBlocks(BlockMerge):
 
     def __init__(self, params: dict[str, Any], numel: int):
         self.params = params
-        self.sel = [StreamingTopK(numel, d) for d in params["density"]]
+        l1 = params["rescale"] == "l1"
+        self.sel = [StreamingTopK(numel, d, l1) for d in params["density"]]
 
     def wants_pass(self, p: int) -> bool:
         return any(s.wants_pass(p) for s in self.sel)
@@ -80,8 +81,8 @@ class TiesBlocks(BlockMerge):
 
         def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
             s = self.sel[i]
-            l1 = 1.0 if s.trivial else l1_scale(s.total_l1, s.kept_l1)
-            return rescale_kept(d.mul_(s.mask(d.abs())), how, density[i], l1)
+            l1 = l1_scale(s.total_l1, s.kept_l1) if s.l1 and not s.trivial else 1.0
+            return rescale_kept(s.trim_(d), how, density[i], l1)
 
         return generalized_task_arithmetic(
             tensors,
