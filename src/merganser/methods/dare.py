@@ -9,7 +9,7 @@ import torch
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import register
-from merganser.methods.sparsify import BlockBernoulli, l1_scale, rescale_kept
+from merganser.methods.sparsify import BlockBernoulli, l1_scale, mask_, rescale_kept
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
@@ -57,7 +57,7 @@ class DareBlocks(BlockMerge):
             if self.dropping[i]:
                 mag = (t - base).abs_()
                 self.before[i] += float(mag.sum(dtype=torch.float64))
-                mag.mul_(self.draw[i](start, count, self.params["density"][i]))
+                mask_(mag, self.draw[i](start, count, self.params["density"][i]))
                 self.after[i] += float(mag.sum(dtype=torch.float64))
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
@@ -69,7 +69,7 @@ class DareBlocks(BlockMerge):
                 return d
             if keep <= 0:
                 return d.zero_()
-            kept = d.mul_(self.draw[i](start, d.numel(), keep))
+            kept = mask_(d, self.draw[i](start, d.numel(), keep))
             l1 = l1_scale(self.before[i], self.after[i])
             return rescale_kept(kept, prm["rescale"], keep, l1)
 

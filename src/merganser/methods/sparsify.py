@@ -112,6 +112,15 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray | None:
     return None
 
 
+def mask_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``delta *= keep`` in place for a boolean ``keep`` of as many entries."""
+    d = _as_numpy(delta)
+    if d is None or keep.device.type != "cpu":
+        return delta.mul_(keep.view(delta.shape))
+    np.multiply(d, keep.numpy().reshape(d.shape), out=d)  # 3× torch's bool × float kernel
+    return delta
+
+
 def _band(mag: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, int]:
     """The values of ``mag`` in [lo, hi], and how many values are >= lo."""
     m = _as_numpy(mag)
