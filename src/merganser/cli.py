@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from merganser import __version__
+from merganser.allocator import tune_malloc
 from merganser.errors import MerganserError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -509,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    tune_malloc()
     handlers = {
         "merge": _cmd_merge,
         "inspect": _cmd_inspect,

@@ -72,12 +72,23 @@ def generalized_task_arithmetic(
 ) -> torch.Tensor:
     """θ₀ + λ · mix(sparsify(θᵢ − θ₀)) (Ilharco et al. 2023; Yadav et al. 2023; Yu et al. 2024)."""
     if consensus is None:
-        # No election: accumulate Σ wᵢτᵢ model by model (two working copies, not n).
+        # No election: accumulate Σ wᵢτᵢ model by model in two working copies, the second
+        # reused for every model after the first (each fresh one costs its page faults).
         mixed: torch.Tensor | None = None
+        spare: torch.Tensor | None = None
         for i, t in enumerate(tensors):
-            d = t - base
-            d = (sparsify(i, d) if sparsify is not None else d).mul_(weight[i])
-            mixed = d if mixed is None else mixed.add_(d)
+            if spare is not None and spare.dtype == torch.result_type(t, base):
+                d = torch.sub(t, base, out=spare)
+            else:
+                d = t - base
+            d = sparsify(i, d) if sparsify is not None else d
+            if weight[i] != 1:
+                d.mul_(weight[i])
+            if mixed is None:
+                mixed = d
+            else:
+                mixed.add_(d)
+                spare = d
         assert mixed is not None
         if normalize:
             total = float(sum(weight))
