@@ -76,6 +76,48 @@ def test_writers_racing_over_shared_blocks_stage_every_byte(tmp_path, monkeypatc
     out.abort()
 
 
+def test_the_stream_passes_a_block_before_its_write_can_free_it(tmp_path, monkeypatch) -> None:
+    """``result()`` reads a missing block at or after the stream's next one as not yet staged,
+    and would halt the stream: so the stream must move past a block before the block's write
+    can free it. Writes that finish inside ``submit`` (the fastest a write can be) show it.
+    """
+    monkeypatch.setattr(writer, "STAGE_BLOCK", 64)
+    monkeypatch.setattr(writer, "STAGE_LIMIT", 2)
+    freed_early: list[tuple[int, int]] = []
+
+    class InlineWrites:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def submit(self, fn, shard, block, *rest) -> None:
+            fn(shard, block, *rest)
+            stream = fn.__self__
+            with stream._cv:
+                if stream._next <= (shard, block):
+                    freed_early.append((shard, block))
+
+        def shutdown(self, wait: bool = True) -> None:
+            pass
+
+    monkeypatch.setattr(writer, "ThreadPoolExecutor", InlineWrites)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t{i}": torch.randint(0, 256, (200,), dtype=torch.uint8, generator=g) for i in range(8)
+    }
+    shards, slots = layout(((n, tuple(t.shape), t.dtype) for n, t in tensors.items()), 1000)
+    out = AtomicOutput(tmp_path / "out")
+    out.open_shards(shards, slots)
+    for name, t in tensors.items():
+        out.write(name, t, 0)
+    out.close_shards()
+    manifest = out.verify_and_index()
+    assert freed_early == []
+    for shard in shards:
+        data = (out.tmp / shard.filename).read_bytes()
+        assert manifest[shard.filename]["blake3"] == blake3(data).hexdigest()
+    out.abort()
+
+
 @pytest.mark.parametrize("fallocate", ["refused", "missing"])
 def test_shards_are_sized_where_blocks_cannot_be_reserved(tmp_path, monkeypatch, fallocate):
     """File systems without fallocate (EOPNOTSUPP) and systems without posix_fallocate (macOS)
