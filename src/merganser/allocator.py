@@ -9,7 +9,6 @@ task-arithmetic merge. Keeping such blocks in the heap costs no more peak memory
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -23,8 +22,8 @@ def tune_malloc() -> bool:
     Process-wide, so the CLI calls it; a program that embeds merganser decides for itself.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The process's own symbols: find_library would run ldconfig at every start.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
