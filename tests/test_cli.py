@@ -97,3 +97,41 @@ def test_tiny_then_merge_as_a_real_process(tmp_path) -> None:
     r = run_cli("merge", str(recipe), str(tmp_path / "o"))
     assert r.returncode == 0 and r.stderr == "", r.stderr  # no progress bar in a pipe
     assert (tmp_path / "o" / "merganser_manifest.json").is_file()
+
+
+def _entry_then(argv: list[str], probe: str) -> str:
+    """Run the console script's ``entry`` in a fresh interpreter; print ``probe`` after it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys\n"
+        f"sys.argv = {['merganser', *argv]!r}\n"
+        "from merganser import cli\n"
+        "try:\n    cli.entry()\nexcept SystemExit:\n    pass\n"
+        f"print({probe})\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_importing_the_package_and_asking_for_help_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, merganser\n"
+        "print('torch' in sys.modules)\n"
+        "from merganser import MergeOptions, merge\n"
+        "print('torch' in sys.modules, callable(merge), MergeOptions().force)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["False", "True", "True", "False"]
+    assert _entry_then(["--help"], "'torch' in sys.modules") == "False"
+    assert _entry_then(["merge", "--help"], "'torch' in sys.modules") == "False"
+
+
+def test_the_console_script_freezes_what_its_imports_built() -> None:
+    # torch's objects in the permanent generation: the GC no longer walks them (start-up, exit).
+    assert int(_entry_then(["methods"], "gc.get_freeze_count()")) > 100_000
+    assert _entry_then(["methods"], "gc.isenabled()") == "True"
