@@ -10,22 +10,30 @@ import pytest
 from merganser.allocator import tune_malloc
 
 CHURN = """
-import resource, sys, torch
+import ctypes, resource, sys
 from merganser.allocator import tune_malloc
 if sys.argv[1] == "1":
     assert tune_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 16 << 20
 def churn():
-    for _ in range(50):  # the temporaries of a block merge: 1 MiB each, freed at once
-        a = torch.ones(1 << 18)
-        b = a * 2
-        c = b + a
-        del a, b, c
+    # Three temporaries in use at once, then freed, like a block's. Straight from malloc (torch's
+    # CPU allocator calls it too): what else the process allocated cannot move the heap's top.
+    for _ in range(20):
+        ps = [libc.malloc(SIZE) for _ in range(3)]
+        for p in ps:
+            ctypes.memset(p, 1, SIZE)
+        for p in ps:
+            libc.free(p)
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 churn()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-PAGES = 50 * 3 * (1 << 20) // 4096  # pages the second churn would touch if none were reused
+PAGES = 20 * 3 * (16 << 20) // 4096  # pages the second churn would touch if none were reused
 
 
 def _faults(tuned: bool) -> int:
