@@ -340,3 +340,57 @@ def test_a_failing_tensor_does_not_strand_writers_waiting_for_staging(tmp_path, 
     assert not t.is_alive(), "merge hung after a tensor failed"
     assert len(errors) == 1 and "tensor t0: boom" in str(errors[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_block_merge_reads_a_tensor_it_can_hold_once(tmp_path, monkeypatch) -> None:
+    """TIES needs three passes over a tensor. Within ``max_hold_bytes`` (though far over
+    ``max_item_bytes``) its inputs are read once and held; beyond, they are read once per pass.
+    The result is the same either way, and reaches the sink in pieces of at most OUT_PIECE.
+    """
+    from merganser import engine
+    from merganser.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(700, 1100, generator=g)
+    paths = [
+        write_model(tmp_path / f"m{i}", {"w": (base + 0.02 * torch.randn(base.shape, generator=g))})
+        for i in range(2)
+    ]
+    recipe = {
+        "merge_method": "ties",
+        "dtype": "bfloat16",
+        "base_model": str(write_model(tmp_path / "base", {"w": base})),
+        "models": [{"model": str(p)} for p in paths],
+        "parameters": {"density": 0.3},
+    }
+    read = {"bytes": 0}
+    original = Checkpoint._read_bytes
+
+    def counting(self, path, buf, offset, again):  # type: ignore[no-untyped-def]
+        read["bytes"] += buf.numel()
+        return original(self, path, buf, offset, again)
+
+    monkeypatch.setattr(Checkpoint, "_read_bytes", counting)
+    monkeypatch.setattr(engine, "OUT_PIECE", 2 * engine.BLOCK * 2)  # two blocks of bf16
+    pieces: list[int] = []
+    outputs = {}
+    for hold in (16 << 20, 1 << 20):
+        plan = build_plan(parse_recipe(recipe))
+        try:
+            read["bytes"] = 0
+            out = torch.empty(base.numel(), dtype=torch.bfloat16)
+
+            def sink(task, t, start, out=out):  # type: ignore[no-untyped-def]
+                out[start : start + t.numel()] = t.reshape(-1)
+                pieces.append(t.numel())
+
+            opts = EngineOptions(memory_budget=1 << 30, max_item_bytes=1 << 20, max_hold_bytes=hold)
+            engine.run(plan, sink, opts)
+            outputs[hold] = (read["bytes"], out)
+        finally:
+            plan.close()
+    once = 3 * base.numel() * 4  # three float32 inputs
+    assert outputs[16 << 20][0] == once
+    assert outputs[1 << 20][0] == 3 * once  # pass 0, pass 1, the merge pass
+    assert torch.equal(outputs[16 << 20][1], outputs[1 << 20][1])
+    assert max(pieces) == 2 * engine.BLOCK and sum(pieces) == 2 * base.numel()
