@@ -184,6 +184,7 @@ def test_compute_dtype_rounds_inputs_like_mergekit(tmp_path) -> None:
 BLOCK_CASES = [
     ("ties", {"density": 0.3}),
     ("ties", {"density": [0.5, 0.0]}),
+    ("ties", {"density": [0.3, 0.6]}),  # two samples (positions depend on k)
     ("ties", {"density": [1.0, 0.2], "rescale": "l1", "sign_method": "frequency"}),
     ("ties", {"density": 0.4, "rescale": "inverse", "normalize": False}),
     ("dare_ties", {"density": 0.5}),

@@ -257,6 +257,10 @@ def merge_blocks(
     while bm is not None and bm.wants_pass(p):
         for s, c in segs:
             raws = cached if cached is not None else read(s, c)
+            if bm.sampled(p):
+                with compute:
+                    bm.observe(p, s, c, lambda idx, raws=raws: gather(raws, 0, _positions(idx)))
+                continue
             with compute:
                 for a in range(0, c, BLOCK):
                     n = min(BLOCK, c - a)
@@ -291,6 +295,12 @@ def merge_blocks(
                     out[a - p0 : a - p0 + n].copy_(res)
             # The sink may wait for the writer, and must not hold a compute slot while it does.
             yield s + p0, out.view(task.shape) if item.whole and pn == task.numel else out
+
+
+def _positions(idx: torch.Tensor | None) -> torch.Tensor:
+    if idx is None:
+        raise TypeError("a sampled pass loads chosen positions only")
+    return idx
 
 
 def _check_finite(task: TensorTask, out: torch.Tensor, options: EngineOptions) -> None:

@@ -18,10 +18,17 @@ Load = Callable[[torch.Tensor | None], tuple[list[torch.Tensor], torch.Tensor | 
 
 class BlockMerge:
     """Base class: ``wants_pass(p)`` says whether statistic pass ``p`` runs; ``observe`` sees each
-    block of that pass in order; ``merge`` then maps each block, in order, to its result.
+    block (or segment, see ``sampled``) of that pass in order; ``merge`` then maps each block, in
+    order, to its result.
     """
 
     def wants_pass(self, p: int) -> bool:
+        return False
+
+    def sampled(self, p: int) -> bool:
+        """Whether pass ``p`` only loads chosen positions: ``observe`` then sees each segment
+        whole (fewer, larger gathers), and ``load`` must be given positions.
+        """
         return False
 
     def observe(self, p: int, start: int, count: int, load: Load) -> None:

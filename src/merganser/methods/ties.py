@@ -56,13 +56,20 @@ class TiesBlocks(BlockMerge):
     def wants_pass(self, p: int) -> bool:
         return any(s.wants_pass(p) for s in self.sel)
 
+    def sampled(self, p: int) -> bool:
+        return p == 0
+
     def observe(self, p: int, start: int, count: int, load: Load) -> None:
         if p == 0:
+            # Sample positions depend on (n, k) alone: models of one density share them.
+            loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}
             for i, s in enumerate(self.sel):
                 if s.wants_pass(0):
                     idx, slots = s.want(start, count)
                     if idx.numel():
-                        tensors, base = load(idx)
+                        if s.k not in loaded:
+                            loaded[s.k] = load(idx)
+                        tensors, base = loaded[s.k]
                         s.take_sample(slots, (tensors[i] - base).abs_())
             return
         tensors, base = load(None)
