@@ -572,7 +572,7 @@ def entry() -> None:
 
 
 def _needs_torch(argv: Sequence[str]) -> bool:
-    """Every command imports torch; help, version and usage errors do not."""
+    """Every command imports torch; asking for help or the version does not."""
     return bool(argv) and not any(a in ("-h", "--help", "--version") for a in argv)
 
 
