@@ -115,7 +115,7 @@ def _entry_then(argv: list[str], probe: str) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
-def test_importing_the_package_and_asking_for_help_do_not_import_torch() -> None:
+def test_importing_the_package_help_and_usage_errors_do_not_import_torch() -> None:
     import subprocess
     import sys
 
@@ -129,6 +129,7 @@ def test_importing_the_package_and_asking_for_help_do_not_import_torch() -> None
     assert r.stdout.split() == ["False", "True", "True", "False"]
     assert _entry_then(["--help"], "'torch' in sys.modules") == "False"
     assert _entry_then(["merge", "--help"], "'torch' in sys.modules") == "False"
+    assert _entry_then(["no-such-command"], "'torch' in sys.modules") == "False"
 
 
 def test_the_console_script_freezes_what_its_imports_built() -> None:

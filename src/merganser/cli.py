@@ -556,24 +556,20 @@ def threading_is_main() -> bool:
 
 def entry() -> None:
     """The console script: ``main`` with start-up and exit costs cut, then exit."""
+    argv = sys.argv[1:]
+    build_parser().parse_args(argv)  # help, version and usage errors exit here, before torch
     # Importing torch builds about a million long-lived objects. The cyclic GC would traverse
     # them again and again while they are imported and once more at exit: half a second of a
     # command's start-up here. Import them with the GC paused and freeze them (the permanent
     # generation is never traversed). Only here, not in `main`: a program that calls `main`
     # keeps its own objects collectable.
-    if _needs_torch(sys.argv[1:]):
-        gc.disable()
-        try:
-            import merganser.api  # noqa: F401  (imports torch)
-        finally:
-            gc.freeze()
-            gc.enable()
-    sys.exit(main())
-
-
-def _needs_torch(argv: Sequence[str]) -> bool:
-    """Every command imports torch; asking for help or the version does not."""
-    return bool(argv) and not any(a in ("-h", "--help", "--version") for a in argv)
+    gc.disable()
+    try:
+        import merganser.api  # noqa: F401  (imports torch)
+    finally:
+        gc.freeze()
+        gc.enable()
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":
