@@ -508,7 +508,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out parsed arguments; the exit status."""
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     tune_malloc()
@@ -556,8 +560,7 @@ def threading_is_main() -> bool:
 
 def entry() -> None:
     """The console script: ``main`` with start-up and exit costs cut, then exit."""
-    argv = sys.argv[1:]
-    build_parser().parse_args(argv)  # help, version and usage errors exit here, before torch
+    args = build_parser().parse_args()  # help, version and usage errors exit here, before torch
     # Importing torch builds about a million long-lived objects. The cyclic GC would traverse
     # them again and again while they are imported and once more at exit: half a second of a
     # command's start-up here. Import them with the GC paused and freeze them (the permanent
@@ -569,7 +572,7 @@ def entry() -> None:
     finally:
         gc.freeze()
         gc.enable()
-    sys.exit(main(argv))
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":
