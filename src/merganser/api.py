@@ -61,6 +61,7 @@ class MergeOptions:
     device: str = "cpu"
     force: bool = False
     allow_nonfinite: bool = False
+    fused: bool = True
     progress: bool | None = None
     input_checksums: bool = True
     read_mode: ReadMode = "auto"
@@ -73,6 +74,7 @@ class MergeOptions:
             read_ahead=self.read_ahead,
             device=self.device,
             allow_nonfinite=self.allow_nonfinite,
+            fused=self.fused,
         )
 
 

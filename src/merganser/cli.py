@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
     )
     m.add_argument(
+        "--no-fused",
+        dest="fused",
+        action="store_false",
+        help="do TIES/DARE math with torch instead of the fused numba kernels (same result)",
+    )
+    m.add_argument(
         "--no-input-checksums",
         dest="input_checksums",
         action="store_false",
@@ -277,6 +283,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         device=a.device,
         force=a.force,
         allow_nonfinite=a.allow_nonfinite,
+        fused=a.fused,
         progress=a.progress,
         input_checksums=a.input_checksums,
         read_mode=a.read,

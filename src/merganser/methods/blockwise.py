@@ -41,3 +41,24 @@ class BlockMerge:
         self, start: int, tensors: list[torch.Tensor], base: torch.Tensor | None
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def fused(self) -> bool:
+        """Whether ``observe_raw`` and ``merge_raw`` serve this merge, given bfloat16 inputs
+        and output (see methods/fused.py). The engine then calls them instead of ``observe``
+        (for unsampled passes) and ``merge``, for every block of the tensor.
+        """
+        return False
+
+    def observe_raw(
+        self, p: int, start: int, tensors: list[torch.Tensor], base: torch.Tensor
+    ) -> None:
+        """``observe`` of an unsampled pass, on a block's stored bfloat16 values."""
+        raise NotImplementedError
+
+    def merge_raw(
+        self, start: int, tensors: list[torch.Tensor], base: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """``merge`` of a block's stored bfloat16 values into the bfloat16 ``out``; False if a
+        result is not finite.
+        """
+        raise NotImplementedError

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from merganser.methods import fused
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import register
@@ -13,6 +15,7 @@ from merganser.methods.sparsify import BlockBernoulli, l1_scale, mask_, rescale_
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
+NO_DRAWS = np.zeros(0, np.uint32)
 REFERENCE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv 2311.03099"
 
 
@@ -47,6 +50,8 @@ class DareBlocks(BlockMerge):
         self.draw = [BlockBernoulli(model_seed(params["seed"], i)) for i in range(n)]
         self.before, self.after = [0.0] * n, [0.0] * n
         self.dropping = [0 < k < 1 for k in params["density"]]
+        self._mag = self._kept = torch.empty(0)
+        self._plan: fused.Plan | None = None
 
     def wants_pass(self, p: int) -> bool:
         return p == 0 and self.params["rescale"] == "l1" and any(self.dropping)
@@ -59,6 +64,48 @@ class DareBlocks(BlockMerge):
                 self.before[i] += float(mag.sum(dtype=torch.float64))
                 mask_(mag, self.draw[i](start, count, self.params["density"][i]))
                 self.after[i] += float(mag.sum(dtype=torch.float64))
+
+    def fused(self) -> bool:
+        return fused.available() and len(self.draw) <= fused.MAX_MODELS
+
+    def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
+        n = base.numel()
+        if self._mag.numel() < n:
+            self._mag, self._kept = torch.empty(n), torch.empty(n)
+        mag, kept = self._mag[:n], self._kept[:n]
+        for i, t in enumerate(tensors):
+            if self.dropping[i]:
+                limit = BlockBernoulli.limit(self.params["density"][i])
+                draws = self.draw[i].words(start, n) if limit is not None else NO_DRAWS
+                fused.magnitudes(t, base, draws, limit or 0, mag.numpy(), kept.numpy())
+                # The float64 sums stay torch's: the l1 factor must match the torch path's.
+                before = float(mag.sum(dtype=torch.float64))
+                self.before[i] += before
+                self.after[i] += before if limit is None else float(kept.sum(dtype=torch.float64))
+
+    def merge_raw(
+        self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
+    ) -> bool:
+        prm = self.params
+        if self._plan is None:
+            plan = self._plan = fused.Plan(len(tensors))
+            for i, keep in enumerate(prm["density"]):
+                limit = BlockBernoulli.limit(keep)
+                if keep >= 1 or keep <= 0:
+                    plan.mode[i] = fused.KEEP if keep >= 1 else fused.ZERO
+                    continue  # the torch path does not rescale these
+                if limit is not None:
+                    plan.mode[i], plan.limit[i] = fused.DROP, limit
+                if prm["rescale"] == "inverse":
+                    plan.scale_op[i], plan.scale[i] = fused.SCALE_DIV, keep
+                elif prm["rescale"] == "l1":
+                    plan.scale_op[i] = fused.SCALE_MUL
+                    plan.scale[i] = l1_scale(self.before[i], self.after[i])
+            plan.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
+        plan, n = self._plan, base.numel()
+        draws = [self.draw[i].words(start, n) if m == fused.DROP else None
+                 for i, m in enumerate(plan.mode)]  # fmt: skip
+        return fused.merge(plan, tensors, base, draws, out)
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params

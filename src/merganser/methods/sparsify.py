@@ -191,10 +191,16 @@ class StreamingTopK:
             self._keep(mag.clone())
             return
         band, at_least_lo = _band(mag, float(self.lo), float(self.hi))
-        self.above += at_least_lo - band.numel()
         if self.l1:
             self.above_l1 += float(F.threshold(mag, float(self.hi), 0.0).sum(dtype=torch.float64))
             self.total_l1 += float(mag.sum(dtype=torch.float64))
+        self.add_band(at_least_lo - band.numel(), band)
+
+    def add_band(self, above: int, band: torch.Tensor) -> None:
+        """Pass 1's findings for one block, however computed: how many magnitudes lie above
+        the bracket, and the values inside it (copied).
+        """
+        self.above += above
         self._keep(band)
 
     def _keep(self, values: torch.Tensor) -> None:
@@ -300,17 +306,25 @@ class BlockBernoulli:
         self._bits = np.random.PCG64(seed)
         self._state = self._bits.state
 
-    def __call__(self, start: int, count: int, keep: float) -> torch.Tensor:
-        limit = math.ceil(keep * (1 << 24))
-        if limit >= 1 << 24:
-            return torch.ones(count, dtype=torch.bool)
+    @staticmethod
+    def limit(keep: float) -> int | None:
+        """Entry j is kept where ``words()[j] < limit``; None where every entry is kept."""
+        limit = math.ceil(keep * (1 << 24))  # kept when the draw's top 24 bits are below this
+        return None if limit >= 1 << 24 else limit << 8
+
+    def words(self, start: int, count: int) -> np.ndarray:
+        """The 32-bit draws of entries [start, start + count), contiguous."""
         self._bits.state = self._state
         self._bits.advance(start // 2)  # numpy keeps PCG64's raw output and advance() stable
         off = start % 2
-        words = self._bits.random_raw((off + count + 1) // 2)
-        u = words.astype("<u8", copy=False).view("<u4")[off : off + count]
-        # Kept when the draw's top 24 bits are below limit.
-        return torch.from_numpy(u < np.uint32(limit << 8))
+        raw = self._bits.random_raw((off + count + 1) // 2)
+        return np.ascontiguousarray(raw.astype("<u8", copy=False).view("<u4")[off : off + count])
+
+    def __call__(self, start: int, count: int, keep: float) -> torch.Tensor:
+        limit = self.limit(keep)
+        if limit is None:
+            return torch.ones(count, dtype=torch.bool)
+        return torch.from_numpy(self.words(start, count) < np.uint32(limit))
 
 
 def bernoulli_mask(

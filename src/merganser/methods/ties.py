@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from merganser.methods import fused
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import Param, register
@@ -52,6 +54,8 @@ class TiesBlocks(BlockMerge):
         self.params = params
         l1 = params["rescale"] == "l1"
         self.sel = [StreamingTopK(numel, d, l1) for d in params["density"]]
+        self._band = np.empty(0, np.float32)
+        self._plan: fused.Plan | None = None
 
     def wants_pass(self, p: int) -> bool:
         return any(s.wants_pass(p) for s in self.sel)
@@ -81,6 +85,45 @@ class TiesBlocks(BlockMerge):
         for s in self.sel:
             if s.wants_pass(p):
                 s.end_pass(p)
+
+    def fused(self) -> bool:
+        # rescale: l1 sums magnitudes in float64 in torch's order: it stays on the torch path.
+        return (
+            fused.available()
+            and self.params["rescale"] != "l1"
+            and len(self.sel) <= fused.MAX_MODELS
+        )
+
+    def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
+        if p == 2:  # the bracket missed (vanishingly rare): the torch path keeps everything
+            self.observe(
+                p, start, base.numel(), lambda _: ([t.float() for t in tensors], base.float())
+            )
+            return
+        if self._band.size < base.numel():
+            self._band = np.empty(base.numel(), np.float32)
+        for i, s in enumerate(self.sel):
+            if s.wants_pass(p):
+                nb, above = fused.band(tensors[i], base, float(s.lo), float(s.hi), self._band)
+                s.add_band(above, torch.from_numpy(self._band[:nb]))
+
+    def merge_raw(
+        self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
+    ) -> bool:
+        if self._plan is None:
+            prm = self.params
+            plan = self._plan = fused.Plan(len(self.sel))
+            for i, s in enumerate(self.sel):
+                if s.trivial:
+                    plan.mode[i] = fused.KEEP if s.k >= s.n else fused.ZERO
+                else:
+                    assert s.thr is not None
+                    plan.mode[i], plan.thr[i], plan.short[i] = fused.TRIM, s.thr, s.short
+                if prm["rescale"] == "inverse":
+                    plan.scale_op[i], plan.scale[i] = fused.SCALE_DIV, prm["density"][i]
+            plan.set_mix(prm["weight"], prm["sign_method"], prm["normalize"], prm["lambda_"])
+        # The plan's ``short`` now counts the ties still to keep (self.sel's stays unused).
+        return fused.merge(self._plan, tensors, base, [None] * len(tensors), out)
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params

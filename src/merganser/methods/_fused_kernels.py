@@ -1,0 +1,233 @@
+"""The numba kernels behind ``fused`` (imported only when numba is installed).
+
+Each line mirrors a torch operation of the reference path, with its float32 semantics:
+``torch.sign`` maps ±0 and NaN to +0, ``clamp(min=0)`` keeps −0 and NaN, ``F.threshold`` keeps
+NaN, a sum over stacked models starts at +0 and adds them in order, a scalar multiply or divide
+rounds the scalar to float32 first, and bfloat16 rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from merganser.methods.fused import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
+
+
+@intrinsic
+def _as_float(typingctx, word):  # type: ignore[no-untyped-def]
+    """The float32 whose bits are the low 32 bits of an integer."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        v = args[0]
+        width = v.type.width
+        if width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif width < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(word), codegen
+
+
+@intrinsic
+def _as_bits(typingctx, value):  # type: ignore[no-untyped-def]
+    """The bits of a float32, as a uint32."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always")
+def _f32(b: np.uint16) -> np.float32:
+    return _as_float(np.uint32(b) << np.uint32(16))
+
+
+@njit(inline="always")
+def _bf16(v: np.float32) -> np.uint16:
+    if v != v:
+        return np.uint16(0x7FC0)
+    u = np.uint64(_as_bits(v))
+    u = u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1))
+    return np.uint16((u >> np.uint64(16)) & np.uint64(0xFFFF))
+
+
+@njit(inline="always")
+def _sign(v: np.float32) -> np.float32:
+    return np.float32(v > 0) - np.float32(v < 0)
+
+
+@njit(nogil=True, cache=True)
+def band(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
+    # Branch-free: with lo near the median, a branch on it would be mispredicted half the time.
+    nb = 0
+    above = 0
+    for j in range(base.size):
+        a = abs(_f32(x[j]) - _f32(base[j]))
+        out[nb] = a
+        nb += (a >= lo) & (a <= hi)
+        above += a > hi
+    return nb, above
+
+
+@njit(nogil=True, cache=True)
+def magnitudes(x, base, words, limit, mag, kept):  # type: ignore[no-untyped-def]
+    zero = np.float32(0)
+    if words.size == 0:  # no draws: every entry is kept
+        for j in range(base.size):
+            mag[j] = kept[j] = abs(_f32(x[j]) - _f32(base[j]))
+        return
+    for j in range(base.size):
+        a = abs(_f32(x[j]) - _f32(base[j]))
+        mag[j] = a
+        kept[j] = a if words[j] < limit else a * zero
+
+
+@njit(inline="always")
+def _trim(x, b, c, t, short, i, row):  # type: ignore[no-untyped-def]
+    """TIES's trim of one chunk: keep |δ| > t and the first ``short[i]`` entries equal to t."""
+    zero = np.float32(0)
+    if short[i] > 0:
+        ties = 0
+        for j in range(c):
+            ties += abs(_f32(x[j]) - _f32(b[j])) == t
+        if ties <= short[i]:  # every tie in the chunk is kept: keep |δ| >= t
+            short[i] -= ties
+            for j in range(c):
+                v = _f32(x[j]) - _f32(b[j])
+                a = abs(v)
+                row[j] = np.copysign(zero if a < t else a, v)
+            return
+        for j in range(c):  # the quota runs out inside this chunk
+            v = _f32(x[j]) - _f32(b[j])
+            a = abs(v)
+            if a <= t:
+                if a == t and short[i] > 0:
+                    short[i] -= 1
+                else:
+                    a = zero
+            row[j] = np.copysign(a, v)
+        return
+    for j in range(c):
+        v = _f32(x[j]) - _f32(b[j])
+        a = abs(v)
+        row[j] = np.copysign(zero if a <= t else a, v)  # F.threshold keeps NaN
+
+
+CHUNK = 512  # entries per step: every model's row of a chunk stays in the L1 cache
+
+
+@njit(nogil=True, cache=True)
+def merge(  # type: ignore[no-untyped-def]
+    xs,
+    base,
+    words,
+    mode,
+    thr,
+    short,
+    limit,
+    scale_op,
+    scale,
+    weight,
+    consensus,
+    normalize,
+    unit,
+    min_weight,
+    total,
+    lambda_,
+    out,
+):
+    n = len(xs)
+    size = base.size
+    zero = np.float32(0)
+    one = np.float32(1)
+    big = np.float32(3.4028234663852886e38)
+    d = np.empty((n, CHUNK), np.float32)
+    mixed = np.empty(CHUNK, np.float32)
+    div = np.empty(CHUNK, np.float32)
+    el = np.empty(CHUNK, np.float32)
+    bad = 0
+    for c0 in range(0, size, CHUNK):
+        c = min(CHUNK, size - c0)
+        b = base[c0 : c0 + c]
+        # Each model's sparsified, rescaled, weighted delta (the torch path's order).
+        for i in range(n):
+            x = xs[i][c0 : c0 + c]
+            row = d[i]
+            m = mode[i]
+            if m == ZERO:
+                row[:c] = zero
+            elif m == TRIM:
+                _trim(x, b, c, thr[i], short, i, row)
+            elif m == DROP:
+                w = words[i][c0 : c0 + c]
+                lim = limit[i]
+                for j in range(c):
+                    v = _f32(x[j]) - _f32(b[j])
+                    row[j] = v if w[j] < lim else v * zero
+            else:
+                for j in range(c):
+                    row[j] = _f32(x[j]) - _f32(b[j])
+            if scale_op[i] == SCALE_DIV:
+                s = scale[i]
+                for j in range(c):
+                    row[j] = row[j] / s
+            elif scale_op[i] == SCALE_MUL:
+                s = scale[i]
+                for j in range(c):
+                    row[j] = row[j] * s
+            if weight[i] != 1:
+                s = weight[i]
+                for j in range(c):
+                    row[j] = row[j] * s
+        if consensus == SUM:
+            for j in range(c):
+                mixed[j] = d[0, j]
+            for i in range(1, n):
+                for j in range(c):
+                    mixed[j] = mixed[j] + d[i, j]
+            if normalize:
+                for j in range(c):
+                    mixed[j] = mixed[j] / total
+        else:
+            # Elect: +1 where the total is >= 0 or NaN (torch.sign(NaN) is 0), else -1.
+            for j in range(c):
+                el[j] = zero
+            for i in range(n):
+                for j in range(c):
+                    v = d[i, j]
+                    el[j] = el[j] + (v if consensus == MASS else _sign(v))
+            for j in range(c):
+                el[j] = -one if el[j] < 0 else one
+            for j in range(c):
+                mixed[j] = zero
+                div[j] = zero
+            for i in range(n):
+                w = weight[i]
+                for j in range(c):
+                    v = d[i, j]
+                    a = _sign(v) * el[j]
+                    a = zero if a < 0 else a  # clamp(min=0) keeps -0
+                    mixed[j] = mixed[j] + v * a
+                    div[j] = div[j] + (a if unit else a * w)
+            if normalize:
+                for j in range(c):
+                    q = div[j]
+                    if min_weight > 0:
+                        q = min_weight if q < min_weight else q
+                    elif q == 0:
+                        q = one
+                    mixed[j] = mixed[j] / q
+        o = out[c0 : c0 + c]
+        for j in range(c):
+            r = mixed[j]
+            if lambda_ != 1:
+                r = r * lambda_
+            r = r + _f32(b[j])
+            bad += not (abs(r) <= big)
+            o[j] = _bf16(r)
+    return bad == 0

@@ -1,0 +1,168 @@
+"""The fused numba kernels (methods/fused.py) give the torch path's bits, on bfloat16 merges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_folder, write_model
+
+import merganser
+from merganser.engine import block_merge, blockwise, fusable
+from merganser.errors import MerganserError
+from merganser.methods import fused
+from merganser.plan import build_plan
+from merganser.recipe import parse_recipe
+
+CASES = [
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": [0.3, 0.7, 0.5], "weight": [0.5, 1.2, 0.3], "lambda": 1.3}),
+    ("ties", {"density": [1.0, 0.0, 0.4], "sign_method": "frequency", "normalize": False}),
+    ("ties", {"density": 0.4, "rescale": "inverse", "weight": [1.0, -0.5, 2.0]}),
+    ("dare_ties", {"density": 0.5}),
+    ("dare_ties", {"density": [0.3, 1.0, 0.0], "rescale": "inverse", "normalize": True}),
+    ("dare_linear", {"density": 0.7, "weight": [0.3, 0.3, 0.4], "lambda": 0.8}),
+    ("dare_linear", {"density": [0.5, 0.2, 0.9], "rescale": "none", "normalize": True}),
+]
+
+
+def _family(tmp_path, rows: int = 611, cols: int = 1031):
+    """A base and three experts in bfloat16 that stress the kernels' corner cases: deltas that
+    repeat (ties at the top-k threshold), zero deltas, ±0 in the base and the experts.
+    """
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(rows, cols, generator=g) * 0.05
+    base[:, 7] = -0.0
+    base[:, 8] = 0.0
+    experts = []
+    for i in range(3):
+        step = torch.randint(-6, 7, base.shape, generator=g).float() * 2e-3  # few values
+        e = base + step * (i + 1)
+        e[3 * i : 3 * i + 40] = base[3 * i : 3 * i + 40]  # unchanged rows
+        e[:, 9 + i] = -0.0
+        experts.append({"w": e.to(torch.bfloat16), "b": e[0, :50].to(torch.bfloat16)})
+    bdict = {"w": base.to(torch.bfloat16), "b": base[0, :50].to(torch.bfloat16)}
+    return write_model(tmp_path / "base", bdict), [
+        write_model(tmp_path / f"e{i}", e) for i, e in enumerate(experts)
+    ]
+
+
+def _recipe(method, params, base, experts):
+    params = dict(params)
+    weight = params.pop("weight", None)
+    models = [{"model": str(p)} for p in experts]
+    if weight is not None:
+        for m, w in zip(models, weight, strict=True):
+            m["parameters"] = {"weight": w}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "random_seed": 11,
+        "dtype": "bfloat16",
+        "models": models,
+        "parameters": params,
+    }
+
+
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["one segment", "segments"])
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_fused_kernels_give_the_torch_path_bits(tmp_path, method, params, budget) -> None:
+    base, experts = _family(tmp_path)
+    recipe = _recipe(method, params, base, experts)
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        task = next(t for t in plan.tasks if t.name == "w")
+        opts = merganser.MergeOptions(memory_budget=budget, threads=2)
+        eo = opts.engine_options()
+        bm = block_merge(plan, task)
+        assert blockwise(plan, task, eo) and fusable(plan, task, eo) and bm is not None
+        assert bm.fused()  # the case really runs the kernels
+    finally:
+        plan.close()
+    runs = {}
+    for on in (True, False):
+        o = merganser.MergeOptions(memory_budget=budget, threads=2, fused=on)
+        runs[on] = load_folder(merganser.merge(recipe, tmp_path / f"out_{on}", o))
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[True]:
+        a, b = runs[True][k], runs[False][k]
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), k  # bits, ±0 included
+
+
+def test_fused_ties_equals_the_whole_tensor_function(tmp_path) -> None:
+    """An anchor outside the engine: the method's own function on the whole tensor."""
+    base, experts = _family(tmp_path)
+    recipe = _recipe("ties", {"density": 0.35, "lambda": 0.9}, base, experts)
+    got = load_folder(merganser.merge(recipe, tmp_path / "out"))["w"]
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        task = next(t for t in plan.tasks if t.name == "w")
+        tensors = [plan.checkpoints[ci].read(n).float() for ci, n in task.sources]
+        b = plan.checkpoints[task.base[0]].read(task.base[1]).float()
+        want = plan.method(tensors, b, **task.params).to(torch.bfloat16)
+    finally:
+        plan.close()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_fused_merge_stops_on_a_non_finite_result(tmp_path) -> None:
+    base, experts = _family(tmp_path)
+    bad = load_folder(experts[1])
+    bad["w"][5, 5] = float("inf")
+    write_model(experts[1], bad)
+    recipe = _recipe("ties", {"density": 0.5}, base, experts)
+    for on in (True, False):
+        with pytest.raises(MerganserError, match="tensor w: merge produced NaN or Inf"):
+            merganser.merge(recipe, tmp_path / f"o{on}", merganser.MergeOptions(fused=on))
+        assert not (tmp_path / f"o{on}").exists()
+
+
+def test_fused_paths_are_taken_only_where_they_give_the_same_bits(tmp_path) -> None:
+    base, experts = _family(tmp_path)
+    checks = [
+        ("bfloat16", {}, False, True),
+        ("bfloat16", {}, True, False),  # --allow-nonfinite: NaN bits could differ
+        ("float32", {}, False, False),  # inputs rounded to another dtype first
+        ("bfloat16", {"out_dtype": "float32"}, False, False),
+    ]
+    for dtype, extra, nonfinite, want in checks:
+        recipe = {**_recipe("ties", {"density": 0.5}, base, experts), "dtype": dtype, **extra}
+        plan = build_plan(parse_recipe(recipe))
+        try:
+            task = next(t for t in plan.tasks if t.name == "w")
+            eo = merganser.MergeOptions(allow_nonfinite=nonfinite).engine_options()
+            assert fusable(plan, task, eo) is want, (dtype, extra, nonfinite)
+        finally:
+            plan.close()
+    assert fused.available()
+
+
+def test_fused_ties_after_a_missed_bracket(tmp_path, monkeypatch) -> None:
+    """A sample bracket that misses the threshold sends TIES to its third pass (all values)."""
+    import merganser.methods.sparsify as sparsify
+
+    real = sparsify.bracket
+    missed = []
+
+    def narrow(picks, n, k):
+        lo, _ = real(picks, n, k)
+        missed.append(n)
+        return lo, lo  # a one-value bracket: the k-th largest lies above it
+
+    monkeypatch.setattr(sparsify, "bracket", narrow)
+    passes = []
+    observe = sparsify.StreamingTopK.observe
+
+    def counted(self, p, mag):
+        passes.append(p)
+        observe(self, p, mag)
+
+    monkeypatch.setattr(sparsify.StreamingTopK, "observe", counted)
+    base, experts = _family(tmp_path)
+    recipe = _recipe("ties", {"density": [0.5, 0.3, 0.6]}, base, experts)
+    runs = [
+        load_folder(merganser.merge(recipe, tmp_path / f"o{on}", merganser.MergeOptions(fused=on)))
+        for on in (True, False)
+    ]
+    assert missed and 2 in passes
+    assert torch.equal(runs[0]["w"].view(torch.int16), runs[1]["w"].view(torch.int16))
