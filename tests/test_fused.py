@@ -166,3 +166,14 @@ def test_fused_ties_after_a_missed_bracket(tmp_path, monkeypatch) -> None:
     ]
     assert missed and 2 in passes
     assert torch.equal(runs[0]["w"].view(torch.int16), runs[1]["w"].view(torch.int16))
+
+
+def test_fused_dare_with_a_keep_probability_next_to_one(tmp_path) -> None:
+    """Within 2⁻²⁴ of 1, BlockBernoulli keeps every entry without drawing."""
+    base, experts = _family(tmp_path)
+    recipe = _recipe("dare_ties", {"density": [1 - 2**-26, 0.5, 0.8]}, base, experts)
+    runs = [
+        load_folder(merganser.merge(recipe, tmp_path / f"o{on}", merganser.MergeOptions(fused=on)))
+        for on in (True, False)
+    ]
+    assert torch.equal(runs[0]["w"].view(torch.int16), runs[1]["w"].view(torch.int16))

@@ -76,15 +76,10 @@ def band(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, cache=True)
 def magnitudes(x, base, words, limit, mag, kept):  # type: ignore[no-untyped-def]
-    zero = np.float32(0)
-    if words.size == 0:  # no draws: every entry is kept
-        for j in range(base.size):
-            mag[j] = kept[j] = abs(_f32(x[j]) - _f32(base[j]))
-        return
     for j in range(base.size):
         a = abs(_f32(x[j]) - _f32(base[j]))
         mag[j] = a
-        kept[j] = a if words[j] < limit else a * zero
+        kept[j] = a * np.float32(words[j] < limit)  # mask_'s d × keep, branch-free
 
 
 @njit(inline="always")
@@ -168,7 +163,7 @@ def merge(  # type: ignore[no-untyped-def]
                 lim = limit[i]
                 for j in range(c):
                     v = _f32(x[j]) - _f32(b[j])
-                    row[j] = v if w[j] < lim else v * zero
+                    row[j] = v * np.float32(w[j] < lim)  # mask_'s d × keep, branch-free
             else:
                 for j in range(c):
                     row[j] = _f32(x[j]) - _f32(b[j])

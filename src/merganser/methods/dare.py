@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from merganser.methods import fused
@@ -15,7 +14,6 @@ from merganser.methods.sparsify import BlockBernoulli, l1_scale, mask_, rescale_
 from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
-NO_DRAWS = np.zeros(0, np.uint32)
 REFERENCE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv 2311.03099"
 
 
@@ -76,12 +74,16 @@ class DareBlocks(BlockMerge):
         for i, t in enumerate(tensors):
             if self.dropping[i]:
                 limit = BlockBernoulli.limit(self.params["density"][i])
-                draws = self.draw[i].words(start, n) if limit is not None else NO_DRAWS
-                fused.magnitudes(t, base, draws, limit or 0, mag.numpy(), kept.numpy())
+                if limit is None:  # a keep probability within 2⁻²⁴ of 1 keeps every entry
+                    whole = float((t.float() - base.float()).abs_().sum(dtype=torch.float64))
+                    self.before[i] += whole
+                    self.after[i] += whole
+                    continue
+                draws = self.draw[i].words(start, n)
+                fused.magnitudes(t, base, draws, limit, mag.numpy(), kept.numpy())
                 # The float64 sums stay torch's: the l1 factor must match the torch path's.
-                before = float(mag.sum(dtype=torch.float64))
-                self.before[i] += before
-                self.after[i] += before if limit is None else float(kept.sum(dtype=torch.float64))
+                self.before[i] += float(mag.sum(dtype=torch.float64))
+                self.after[i] += float(kept.sum(dtype=torch.float64))
 
     def merge_raw(
         self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
@@ -102,10 +104,10 @@ class DareBlocks(BlockMerge):
                     plan.scale_op[i] = fused.SCALE_MUL
                     plan.scale[i] = l1_scale(self.before[i], self.after[i])
             plan.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
-        plan, n = self._plan, base.numel()
+        n = base.numel()
         draws = [self.draw[i].words(start, n) if m == fused.DROP else None
-                 for i, m in enumerate(plan.mode)]  # fmt: skip
-        return fused.merge(plan, tensors, base, draws, out)
+                 for i, m in enumerate(self._plan.mode)]  # fmt: skip
+        return fused.merge(self._plan, tensors, base, draws, out)
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params

@@ -63,7 +63,9 @@ def magnitudes(
     mag: np.ndarray,
     kept: np.ndarray,
 ) -> None:
-    """|x − base| into ``mag`` and the same with DARE's dropped entries zeroed into ``kept``."""
+    """|x − base| into ``mag`` and the same with DARE's dropped entries zeroed into ``kept``
+    (entry j is kept where ``words[j] < limit``, BlockBernoulli).
+    """
     kernels().magnitudes(bits(x), bits(base), words, np.uint32(limit), mag, kept)
 
 
