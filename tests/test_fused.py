@@ -177,3 +177,30 @@ def test_fused_dare_with_a_keep_probability_next_to_one(tmp_path) -> None:
         for on in (True, False)
     ]
     assert torch.equal(runs[0]["w"].view(torch.int16), runs[1]["w"].view(torch.int16))
+
+
+def test_torch_sums_up_to_four_stacked_models_in_order() -> None:
+    """The kernels' elected sums add the models one by one from +0, as torch does for up to
+    fused.MAX_ELECTED of them (a torch upgrade that changed this would show here first).
+    """
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, fused.MAX_ELECTED + 1):
+        st = torch.randn(n, 300_007, generator=g) * torch.logspace(-3, 3, n).view(-1, 1)
+        seq = torch.zeros(st.shape[1])
+        for row in st:
+            seq = seq + row
+        assert torch.equal(st.sum(dim=0), seq), n
+
+
+def test_five_elected_models_stay_on_the_torch_path(tmp_path) -> None:
+    base, experts = _family(tmp_path, rows=300, cols=1000)
+    more = [write_model(tmp_path / f"x{i}", load_folder(experts[i % 3])) for i in range(2)]
+    for method, fusing in (("ties", False), ("dare_ties", False), ("dare_linear", True)):
+        recipe = _recipe(method, {"density": 0.5}, base, [*experts, *more])
+        plan = build_plan(parse_recipe(recipe))
+        try:
+            task = next(t for t in plan.tasks if t.name == "w")
+            bm = block_merge(plan, task)
+            assert bm is not None and bm.fused() is fusing, method
+        finally:
+            plan.close()

@@ -49,7 +49,7 @@ class DareBlocks(BlockMerge):
         self.before, self.after = [0.0] * n, [0.0] * n
         self.dropping = [0 < k < 1 for k in params["density"]]
         self._mag = self._kept = torch.empty(0)
-        self._plan: fused.Plan | None = None
+        self._plan: fused.Settings | None = None
 
     def wants_pass(self, p: int) -> bool:
         return p == 0 and self.params["rescale"] == "l1" and any(self.dropping)
@@ -64,7 +64,7 @@ class DareBlocks(BlockMerge):
                 self.after[i] += float(mag.sum(dtype=torch.float64))
 
     def fused(self) -> bool:
-        return fused.available() and len(self.draw) <= fused.MAX_MODELS
+        return fused.supports(len(self.draw), self.consensus)
 
     def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
         n = base.numel()
@@ -90,7 +90,7 @@ class DareBlocks(BlockMerge):
     ) -> bool:
         prm = self.params
         if self._plan is None:
-            plan = self._plan = fused.Plan(len(tensors))
+            plan = self._plan = fused.Settings(len(tensors))
             for i, keep in enumerate(prm["density"]):
                 limit = BlockBernoulli.limit(keep)
                 if keep >= 1 or keep <= 0:

@@ -55,7 +55,7 @@ class TiesBlocks(BlockMerge):
         l1 = params["rescale"] == "l1"
         self.sel = [StreamingTopK(numel, d, l1) for d in params["density"]]
         self._band = np.empty(0, np.float32)
-        self._plan: fused.Plan | None = None
+        self._plan: fused.Settings | None = None
 
     def wants_pass(self, p: int) -> bool:
         return any(s.wants_pass(p) for s in self.sel)
@@ -88,11 +88,7 @@ class TiesBlocks(BlockMerge):
 
     def fused(self) -> bool:
         # rescale: l1 sums magnitudes in float64 in torch's order: it stays on the torch path.
-        return (
-            fused.available()
-            and self.params["rescale"] != "l1"
-            and len(self.sel) <= fused.MAX_MODELS
-        )
+        return self.params["rescale"] != "l1" and fused.supports(len(self.sel), "mass")
 
     def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
         if p == 2:  # the bracket missed (vanishingly rare): the torch path keeps everything
@@ -112,7 +108,7 @@ class TiesBlocks(BlockMerge):
     ) -> bool:
         if self._plan is None:
             prm = self.params
-            plan = self._plan = fused.Plan(len(self.sel))
+            plan = self._plan = fused.Settings(len(self.sel))
             for i, s in enumerate(self.sel):
                 if s.trivial:
                     plan.mode[i] = fused.KEEP if s.k >= s.n else fused.ZERO
