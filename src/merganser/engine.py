@@ -122,7 +122,7 @@ def block_merge(plan: Plan, task: TensorTask) -> BlockMerge | None:
 def bytes_per_element(plan: Plan, task: TensorTask, in_blocks: bool = False) -> int:
     """Estimated peak bytes one element of ``task`` needs while it is being merged."""
     ckpts = plan.checkpoints
-    inputs = [*task.sources, *([task.base] if task.base else [])]
+    inputs = task.inputs
     raw = sum(itemsize(ckpts[ci].tensors[n].dtype) for ci, n in inputs)
     if task.copy_only or in_blocks:
         return raw + itemsize(task.out_dtype)
@@ -186,8 +186,7 @@ def aligned(plan: Plan, task: TensorTask, n: int) -> int:
     else to whole compute blocks: chunks that split no digest block are hashed straight from
     the read buffer, with no piece kept aside to assemble.
     """
-    inputs = [*task.sources, *([task.base] if task.base else [])]
-    narrowest = min(itemsize(plan.checkpoints[ci].tensors[name].dtype) for ci, name in inputs)
+    narrowest = min(itemsize(plan.checkpoints[ci].tensors[n].dtype) for ci, n in task.inputs)
     for unit in (max(BLOCK, DIGEST_BLOCK // narrowest), BLOCK):
         if n >= unit:
             return n // unit * unit
@@ -220,7 +219,7 @@ def merge_blocks(
     Reads happen outside ``compute`` (a slot among the compute threads), the math inside it.
     """
     task = item.task
-    refs = [*task.sources, *([task.base] if task.base else [])]
+    refs = task.inputs
     has_base = task.base is not None
     bm = block_merge(plan, task)
     step = min(item.count, held(plan, task, options))
@@ -338,13 +337,12 @@ def fusable(plan: Plan, task: TensorTask, options: EngineOptions) -> bool:
     rounded first, and non-finite results an error (their NaN bits could differ from torch's).
     """
     bf16 = torch.bfloat16
-    refs = [*task.sources, *([task.base] if task.base else [])]
     return (
         options.fused
         and not options.allow_nonfinite
         and task.out_dtype == bf16
         and plan.compute_dtype in (None, bf16)
-        and all(plan.checkpoints[ci].tensors[name].dtype == bf16 for ci, name in refs)
+        and all(plan.checkpoints[ci].tensors[name].dtype == bf16 for ci, name in task.inputs)
     )
 
 

@@ -53,6 +53,11 @@ class TensorTask:
     def out_nbytes(self) -> int:
         return self.numel * itemsize(self.out_dtype)
 
+    @property
+    def inputs(self) -> list[tuple[int, str]]:
+        """The tensors the method reads: the sources, then the base if any."""
+        return [*self.sources, *([self.base] if self.base else [])]
+
 
 @dataclass
 class Plan:

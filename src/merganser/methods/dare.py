@@ -49,7 +49,7 @@ class DareBlocks(BlockMerge):
         self.before, self.after = [0.0] * n, [0.0] * n
         self.dropping = [0 < k < 1 for k in params["density"]]
         self._mag = self._kept = torch.empty(0)
-        self._plan: fused.Settings | None = None
+        self._settings: fused.Settings | None = None
 
     def wants_pass(self, p: int) -> bool:
         return p == 0 and self.params["rescale"] == "l1" and any(self.dropping)
@@ -89,25 +89,25 @@ class DareBlocks(BlockMerge):
         self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
     ) -> bool:
         prm = self.params
-        if self._plan is None:
-            plan = self._plan = fused.Settings(len(tensors))
+        if self._settings is None:
+            st = self._settings = fused.Settings(len(tensors))
             for i, keep in enumerate(prm["density"]):
                 limit = BlockBernoulli.limit(keep)
                 if keep >= 1 or keep <= 0:
-                    plan.mode[i] = fused.KEEP if keep >= 1 else fused.ZERO
+                    st.mode[i] = fused.KEEP if keep >= 1 else fused.ZERO
                     continue  # the torch path does not rescale these
                 if limit is not None:
-                    plan.mode[i], plan.limit[i] = fused.DROP, limit
+                    st.mode[i], st.limit[i] = fused.DROP, limit
                 if prm["rescale"] == "inverse":
-                    plan.scale_op[i], plan.scale[i] = fused.SCALE_DIV, keep
+                    st.scale_op[i], st.scale[i] = fused.SCALE_DIV, keep
                 elif prm["rescale"] == "l1":
-                    plan.scale_op[i] = fused.SCALE_MUL
-                    plan.scale[i] = l1_scale(self.before[i], self.after[i])
-            plan.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
+                    st.scale_op[i] = fused.SCALE_MUL
+                    st.scale[i] = l1_scale(self.before[i], self.after[i])
+            st.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
         n = base.numel()
         draws = [self.draw[i].words(start, n) if m == fused.DROP else None
-                 for i, m in enumerate(self._plan.mode)]  # fmt: skip
-        return fused.merge(self._plan, tensors, base, draws, out)
+                 for i, m in enumerate(self._settings.mode)]  # fmt: skip
+        return fused.merge(self._settings, tensors, base, draws, out)
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params

@@ -55,7 +55,7 @@ class TiesBlocks(BlockMerge):
         l1 = params["rescale"] == "l1"
         self.sel = [StreamingTopK(numel, d, l1) for d in params["density"]]
         self._band = np.empty(0, np.float32)
-        self._plan: fused.Settings | None = None
+        self._settings: fused.Settings | None = None
 
     def wants_pass(self, p: int) -> bool:
         return any(s.wants_pass(p) for s in self.sel)
@@ -88,7 +88,9 @@ class TiesBlocks(BlockMerge):
 
     def fused(self) -> bool:
         # rescale: l1 sums magnitudes in float64 in torch's order: it stays on the torch path.
-        return self.params["rescale"] != "l1" and fused.supports(len(self.sel), "mass")
+        return self.params["rescale"] != "l1" and fused.supports(
+            len(self.sel), self.params["sign_method"]
+        )
 
     def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
         if p == 2:  # the bracket missed (vanishingly rare): the torch path keeps everything
@@ -106,20 +108,20 @@ class TiesBlocks(BlockMerge):
     def merge_raw(
         self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
     ) -> bool:
-        if self._plan is None:
+        if self._settings is None:
             prm = self.params
-            plan = self._plan = fused.Settings(len(self.sel))
+            st = self._settings = fused.Settings(len(self.sel))
             for i, s in enumerate(self.sel):
                 if s.trivial:
-                    plan.mode[i] = fused.KEEP if s.k >= s.n else fused.ZERO
+                    st.mode[i] = fused.KEEP if s.k >= s.n else fused.ZERO
                 else:
                     assert s.thr is not None
-                    plan.mode[i], plan.thr[i], plan.short[i] = fused.TRIM, s.thr, s.short
+                    st.mode[i], st.thr[i], st.short[i] = fused.TRIM, s.thr, s.short
                 if prm["rescale"] == "inverse":
-                    plan.scale_op[i], plan.scale[i] = fused.SCALE_DIV, prm["density"][i]
-            plan.set_mix(prm["weight"], prm["sign_method"], prm["normalize"], prm["lambda_"])
-        # The plan's ``short`` now counts the ties still to keep (self.sel's stays unused).
-        return fused.merge(self._plan, tensors, base, [None] * len(tensors), out)
+                    st.scale_op[i], st.scale[i] = fused.SCALE_DIV, prm["density"][i]
+            st.set_mix(prm["weight"], prm["sign_method"], prm["normalize"], prm["lambda_"])
+        # The settings' ``short`` now counts the ties still to keep (self.sel's stays unused).
+        return fused.merge(self._settings, tensors, base, [None] * len(tensors), out)
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params
