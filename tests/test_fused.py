@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import load_folder, write_model
@@ -10,6 +12,7 @@ import merganser
 from merganser.engine import block_merge, blockwise, fusable
 from merganser.errors import MerganserError
 from merganser.methods import fused
+from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.plan import build_plan
 from merganser.recipe import parse_recipe
 
@@ -204,3 +207,51 @@ def test_five_elected_models_stay_on_the_torch_path(tmp_path) -> None:
             assert bm is not None and bm.fused() is fusing, method
         finally:
             plan.close()
+
+
+def _slerp_family(tmp_path):
+    """A base, an expert far enough for the spherical path and one nearly colinear with it."""
+    base, experts = _family(tmp_path)
+    near = {k: (v.float() * 1.01).to(torch.bfloat16) for k, v in load_folder(base).items()}
+    return base, experts[1], write_model(tmp_path / "near", near)
+
+
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["one segment", "segments"])
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.85])
+def test_fused_slerp_gives_the_torch_path_bits(tmp_path, t, budget) -> None:
+    base, far, near = _slerp_family(tmp_path)
+    b = load_folder(base)["w"].float()
+    for other, spherical in ((far, True), (near, False)):
+        o = load_folder(other)["w"].float()
+        coef = slerp_coefficients(t, _dot64(b, b), _dot64(o, o), _dot64(b, o))
+        assert (coef is not None) is spherical  # both of _apply's branches are covered
+        recipe = _recipe("slerp", {"t": t}, base, [other])
+        runs = {}
+        for on in (True, False):
+            opts = merganser.MergeOptions(memory_budget=budget, threads=2, fused=on)
+            runs[on] = load_folder(merganser.merge(recipe, tmp_path / f"o{on}{spherical}", opts))
+        for k in runs[True]:  # "b" has 50 entries: a tail after the vectorised part
+            a, c = runs[True][k].view(torch.int16), runs[False][k].view(torch.int16)
+            assert torch.equal(a, c), (k, spherical)
+
+
+def test_fused_slerp_sums_are_exact_to_float64_rounding() -> None:
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(300_001, generator=g) * torch.rand(300_001, generator=g) ** 4).bfloat16()
+    b = (a.float() + torch.randn(300_001, generator=g) * 1e-2).bfloat16()
+    x, y = a.double().numpy(), b.double().numpy()
+    exact = [math.fsum(x * x), math.fsum(y * y), math.fsum(x * y)]  # products exact in float64
+    for got, want in zip(fused.dots(a, b), exact, strict=True):
+        assert got == pytest.approx(want, rel=1e-13)
+
+
+def test_fused_slerp_stops_on_a_non_finite_result(tmp_path) -> None:
+    base, far, _ = _slerp_family(tmp_path)
+    bad = load_folder(far)
+    bad["b"][3] = float("nan")
+    write_model(far, bad)
+    recipe = _recipe("slerp", {"t": 0.5}, base, [far])
+    for on in (True, False):
+        with pytest.raises(MerganserError, match="tensor b: merge produced NaN or Inf"):
+            merganser.merge(recipe, tmp_path / f"o{on}", merganser.MergeOptions(fused=on))
+        assert not (tmp_path / f"o{on}").exists()

@@ -65,8 +65,9 @@ class EngineOptions:
     # Items read ahead per compute thread by elementwise merges: cold reads want many requests
     # in flight (O_DIRECT reads here ran at 0.75 GB/s with 64 MiB in flight, 1.3 with 256 MiB).
     read_ahead: int = 1
-    # Fused numba kernels for TIES and DARE on bfloat16 (methods/fused.py): the same bits as the
-    # torch path, at a fraction of its CPU time. Off, or without numba, torch does the math.
+    # Fused numba kernels for TIES, DARE and SLERP on bfloat16 (methods/fused.py): the torch
+    # path's bits (SLERP: see fused.py) at a fraction of its CPU time. Off, or without numba,
+    # torch does the math.
     fused: bool = True
 
 

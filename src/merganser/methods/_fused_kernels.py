@@ -3,7 +3,8 @@
 Each line mirrors a torch operation of the reference path, with its float32 semantics:
 ``torch.sign`` maps ±0 and NaN to +0, ``clamp(min=0)`` keeps −0 and NaN, ``F.threshold`` keeps
 NaN, a sum over stacked models starts at +0 and adds them in order, a scalar multiply or divide
-rounds the scalar to float32 first, and bfloat16 rounds to nearest even.
+rounds the scalar to float32 first, ``add(alpha=)`` and ``lerp`` are fused multiply-adds on the
+CPU, and bfloat16 rounds to nearest even.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from merganser.methods.fused import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
@@ -40,6 +42,20 @@ def _as_bits(typingctx, value):  # type: ignore[no-untyped-def]
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a·b + c in float32, rounded once (torch's CPU kernels use FMA instructions)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f, [f] * 3), "llvm.fma.f32"
+        )
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 @njit(inline="always")
@@ -225,4 +241,35 @@ def merge(  # type: ignore[no-untyped-def]
             r = r + _f32(b[j])
             bad += not (abs(r) <= big)
             o[j] = _bf16(r)
+    return bad == 0
+
+
+# Reassociation lets LLVM vectorise the float64 sums: products of bfloat16 values are exact in
+# float64, so only the order of the additions differs from the torch path's.
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def dots(a, b):  # type: ignore[no-untyped-def]
+    saa = sbb = sab = 0.0
+    for j in range(a.size):
+        x = np.float64(_f32(a[j]))
+        y = np.float64(_f32(b[j]))
+        saa += x * x
+        sbb += y * y
+        sab += x * y
+    return saa, sbb, sab
+
+
+@njit(nogil=True, cache=True)
+def slerp(v0, v1, c0, c1, linear, t, out):  # type: ignore[no-untyped-def]
+    big = np.float32(3.4028234663852886e38)
+    bad = 0
+    small = abs(t) < np.float32(0.5)
+    for j in range(v0.size):
+        x = _f32(v0[j])
+        y = _f32(v1[j])
+        if linear:  # torch.lerp
+            r = _fma(t, y - x, x) if small else _fma(t - np.float32(1), y - x, y)
+        else:  # (v0 * c0).add_(v1, alpha=c1)
+            r = _fma(y, c1, x * c0)
+        bad += not (abs(r) <= big)
+        out[j] = _bf16(r)
     return bad == 0

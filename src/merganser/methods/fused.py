@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the task-arithmetic core (TIES, DARE) over stored bfloat16 blocks.
+"""Fused CPU kernels for the task-arithmetic core (TIES, DARE) and SLERP over stored bfloat16
+blocks.
 
 The torch path upcasts each block, then runs a dozen whole-block kernels (subtract, trim,
 sign, elect, mask, sum, divide, add, cast), each a pass over memory. These numba kernels do the
@@ -6,6 +7,10 @@ same float32 operations, in the same order, one entry at a time straight from th
 bfloat16 values, so the result is bit for bit that of ``generalized_task_arithmetic`` (checked
 in tests/test_fused.py) at a fraction of the CPU time. They release the GIL, so the engine's
 threads run them side by side.
+
+SLERP's statistic, three float64 sums of exact products, is added up in another order than
+torch's: its coefficients can differ from the torch path's in the last bits of a float64,
+which changes a result only where a coefficient's float32 rounding falls on the boundary.
 
 numba is a dependency; where it cannot be imported (or with ``fused: false`` in the engine
 options) the torch path runs, with the same result.
@@ -141,3 +146,23 @@ def merge(
         p.lambda_,
         bits(out),
     )
+
+
+def dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(‖a‖², ‖b‖², a·b) of bfloat16 blocks, summed in float64."""
+    return kernels().dots(bits(a), bits(b))
+
+
+def slerp(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    coef: tuple[float, float] | None,
+    t: float,
+    out: torch.Tensor,
+) -> bool:
+    """SLERP's ``_apply`` on bfloat16 blocks into the bfloat16 ``out``: c₀·v₀ + c₁·v₁, or
+    ``torch.lerp(v0, v1, t)`` where ``coef`` is None. False if any result is not finite.
+    """
+    c0, c1 = coef if coef is not None else (0.0, 0.0)
+    f = np.float32
+    return kernels().slerp(bits(v0), bits(v1), f(c0), f(c1), coef is None, f(t), bits(out))

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from merganser.methods import fused
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.methods.params import WEIGHT
 from merganser.methods.registry import Param, register
@@ -75,6 +76,20 @@ class SlerpBlocks(BlockMerge):
     ) -> torch.Tensor:
         assert base is not None
         return _apply(self.t, base, tensors[0], self.coef)
+
+    def fused(self) -> bool:
+        return fused.available()
+
+    def observe_raw(
+        self, p: int, start: int, tensors: list[torch.Tensor], base: torch.Tensor
+    ) -> None:
+        for k, v in enumerate(fused.dots(base, tensors[0])):
+            self.sums[k] += v
+
+    def merge_raw(
+        self, start: int, tensors: list[torch.Tensor], base: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        return fused.slerp(base, tensors[0], self.coef, self.t, out)
 
 
 @register(
