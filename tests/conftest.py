@@ -49,6 +49,20 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def evict_or_skip(path: Path) -> None:
+    """Drop ``path`` from the page cache, or skip where that cannot be done or seen."""
+    from merganser import pagecache
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if pagecache.resident(fd, 0, path.stat().st_size) is not False:
+            pytest.skip("cannot tell (or cannot drop) what the page cache holds here")
+    finally:
+        os.close(fd)
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_folder, write_model
+from conftest import evict_or_skip, load_folder, write_model
 
 import merganser
-from merganser import direct_io, engine
+from merganser import direct_io, engine, pagecache
 from merganser.checkpoint import Checkpoint
 
 
@@ -27,17 +27,6 @@ def _direct_fd(path: Path) -> int:
 
 def _need_direct(path: Path) -> None:
     os.close(_direct_fd(path))
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if direct_io.resident(fd, 0, path.stat().st_size) is not False:
-            pytest.skip("cannot tell (or cannot drop) what the page cache holds here")
-    finally:
-        os.close(fd)
 
 
 def _warm(path: Path) -> None:
@@ -71,13 +60,13 @@ def test_direct_reads_return_exactly_the_bytes_asked_for(tmp_path, monkeypatch, 
 def test_resident_tells_cold_ranges_from_cached_ones(tmp_path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(1 << 20))
-    _evict(path)
+    evict_or_skip(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.pread(fd, 8192, 4096)  # caches pages 1-2 (and whatever readahead adds after them)
-        assert direct_io.resident(fd, 4096, 8192) is True
-        assert direct_io.resident(fd, 5000, 100) is True
-        assert direct_io.resident(fd, 0, 4096) is False
+        assert pagecache.resident(fd, 4096, 8192) is True
+        assert pagecache.resident(fd, 5000, 100) is True
+        assert pagecache.resident(fd, 0, 4096) is False
     finally:
         os.close(fd)
 
@@ -131,7 +120,7 @@ def test_every_read_mode_merges_the_same_bytes(
     files = [p / "model.safetensors" for p in paths]
     _need_direct(files[0])
     for f in files:
-        _evict(f) if cold else _warm(f)
+        evict_or_skip(f) if cold else _warm(f)
     calls = _count_direct_reads(monkeypatch)
     opts = merganser.MergeOptions(
         read_mode=mode, read_ahead=read_ahead, threads=2, memory_budget=100_000
@@ -143,14 +132,14 @@ def test_every_read_mode_merges_the_same_bytes(
     if mode == "auto":
         # The merge left the cold inputs out of the page cache.
         fd = os.open(files[1], os.O_RDONLY)
-        assert direct_io.resident(fd, 0, files[1].stat().st_size) is (not cold)
+        assert pagecache.resident(fd, 0, files[1].stat().st_size) is (not cold)
         os.close(fd)
 
 
 def test_bytes_read_again_go_through_the_page_cache(tmp_path, monkeypatch) -> None:
     path = write_model(tmp_path / "m", {"w": torch.randn(1000, 100)})
     f = path / "model.safetensors"
-    _evict(f)
+    evict_or_skip(f)
     calls = _count_direct_reads(monkeypatch)
     with Checkpoint(path) as c:
         first = c.read("w", 0, 5000, again=True)

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from merganser import direct_io
+from merganser import direct_io, pagecache
 from merganser.dtypes import itemsize
 from merganser.errors import CheckpointError, MerganserError
 from merganser.safetensors_header import TensorInfo, read_header
@@ -197,7 +197,7 @@ class Checkpoint:
         if self.read_mode == "direct" or (
             self.read_mode == "auto"
             and not again
-            and direct_io.resident(fd, offset, buf.numel()) is False
+            and pagecache.resident(fd, offset, buf.numel()) is False
         ):
             direct = self._direct_fd(path)
             if direct is not None:

@@ -10,10 +10,14 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from merganser import __version__
 from merganser.allocator import tune_malloc
 from merganser.errors import MerganserError
+
+if TYPE_CHECKING:
+    from merganser.pagecache import Prefetch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fused",
         dest="fused",
         action="store_false",
-        help="do TIES/DARE math with torch instead of the fused numba kernels (same result)",
+        help="do TIES/DARE/SLERP math with torch instead of the fused numba kernels",
     )
     m.add_argument(
         "--no-input-checksums",
@@ -568,6 +572,7 @@ def threading_is_main() -> bool:
 def entry() -> None:
     """The console script: ``main`` with start-up and exit costs cut, then exit."""
     args = build_parser().parse_args()  # help, version and usage errors exit here, before torch
+    early = _prefetch(args)
     # Importing torch builds about a million long-lived objects. The cyclic GC would traverse
     # them again and again while they are imported and once more at exit: half a second of a
     # command's start-up here. Import them with the GC paused and freeze them (the permanent
@@ -579,7 +584,24 @@ def entry() -> None:
     finally:
         gc.freeze()
         gc.enable()
+    if early is not None:
+        early.stop()
     sys.exit(run(args))
+
+
+def _prefetch(a: argparse.Namespace) -> Prefetch | None:
+    """For a merge, start reading its inputs into the page cache while torch is imported."""
+    if a.command != "merge" or a.read == "direct":
+        return None
+    from merganser import pagecache
+    from merganser.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(a.recipe)
+    except (MerganserError, OSError):
+        return None  # the merge itself reports it
+    models = [pagecache.weight_files(recipe.resolve(p)) for p in recipe.model_paths()]
+    return pagecache.Prefetch(models, pagecache.prefetch_limit()).start()
 
 
 if __name__ == "__main__":

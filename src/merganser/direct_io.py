@@ -1,19 +1,16 @@
-"""Reading and writing around the page cache (O_DIRECT), and asking what the cache holds.
+"""Reading and writing around the page cache (O_DIRECT).
 
 A merge reads each input byte once and writes each output byte once, so caching either buys
 nothing, while filling the cache costs CPU: on the 2-core development VM, reading 7.6 GB of cold
 inputs through the cache mostly took 13-15 s of CPU (at 0.45-0.56 GB/s), O_DIRECT reads 1 s.
-Ranges the cache already holds are still read from it (see ``resident``), which is faster still.
+Ranges the cache already holds are still read from it (``pagecache.resident``), which is faster
+still.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import mmap
 import os
-import platform
-import sys
 import threading
 from pathlib import Path
 
@@ -40,38 +37,6 @@ def aligned_buffer(n: int) -> tuple[mmap.mmap, torch.Tensor]:
     """``n`` bytes of page-aligned memory (as O_DIRECT needs), and a tensor over them."""
     buf = mmap.mmap(-1, n)
     return buf, torch.frombuffer(buf, dtype=torch.uint8)
-
-
-class _CacheRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _CacheStat(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
-    ]
-
-
-# cachestat(2), Linux 6.5+; the number is the generic table's, which these machines use.
-_CACHESTAT = 451 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else 0
-_syscall = ctypes.CDLL(None, use_errno=True).syscall if _CACHESTAT else None
-_no_cachestat = threading.Event()
-
-
-def resident(fd: int, offset: int, n: int) -> bool | None:
-    """Whether the page cache holds every page of bytes [offset, offset+n) of ``fd``; None
-    where the kernel cannot tell (cachestat(2) missing).
-    """
-    if _syscall is None or _no_cachestat.is_set():
-        return None
-    first, end = offset // mmap.PAGESIZE, -(-(offset + n) // mmap.PAGESIZE)
-    rng, st = _CacheRange(first * mmap.PAGESIZE, (end - first) * mmap.PAGESIZE), _CacheStat()
-    if _syscall(ctypes.c_long(_CACHESTAT), fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or seccomp
-            _no_cachestat.set()
-        return None
-    return st.cache >= end - first
 
 
 class _Bounce(threading.local):

@@ -1,0 +1,107 @@
+"""pagecache: cachestat residency, and the prefetch a command-line merge starts with."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import evict_or_skip, run_cli, write_recipe
+
+from merganser import cli, pagecache
+
+PIECE = 64 << 10
+
+
+def _files(tmp_path: Path, n: int, size: int = 8 << 20) -> list[Path]:
+    out = []
+    for i in range(n):
+        p = tmp_path / f"m{i}" / "model.safetensors"
+        p.parent.mkdir()
+        p.write_bytes(os.urandom(size))
+        out.append(p)
+    return out
+
+
+def _resident(path: Path, offset: int, n: int) -> bool | None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return pagecache.resident(fd, offset, n)
+    finally:
+        os.close(fd)
+
+
+def test_weight_files_follow_the_plan_order(tmp_path) -> None:
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shards = ["model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"]
+    weight_map = {"a": shards[0], "b": shards[1], "c": shards[0]}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert pagecache.weight_files(sharded) == [sharded / n for n in sorted(shards)]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"x")
+    (plain / "extra.safetensors").write_bytes(b"x")
+    assert pagecache.weight_files(plain) == [plain / "model.safetensors"]
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for n in ("b.safetensors", "a.safetensors"):
+        (loose / n).write_bytes(b"x")
+    assert pagecache.weight_files(loose) == [loose / "a.safetensors", loose / "b.safetensors"]
+    assert pagecache.weight_files(plain / "model.safetensors") == [plain / "model.safetensors"]
+
+
+def test_prefetch_reads_the_leading_bytes_of_every_model_up_to_its_limit(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(pagecache.Prefetch, "PIECE", PIECE)
+    files = _files(tmp_path, 2)
+    for f in files:
+        evict_or_skip(f)
+    pf = pagecache.Prefetch([[f] for f in files], limit=4 * PIECE).start()
+    pf._thread.join(timeout=30)
+    assert pf.stop() == 4 * PIECE  # two pieces of each model, side by side
+    for f in files:
+        assert _resident(f, 0, 2 * PIECE) is True
+        assert _resident(f, f.stat().st_size - PIECE, PIECE) is False  # left for the merge
+
+
+def test_prefetch_skips_cached_ranges_and_missing_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pagecache.Prefetch, "PIECE", PIECE)
+    files = _files(tmp_path, 2, size=5 * PIECE + 123)
+    for f in files:
+        evict_or_skip(f)
+    files[0].read_bytes()
+    cached = pagecache.Prefetch([[tmp_path / "gone.safetensors", files[0]]], 1 << 30).start()
+    cached._thread.join(timeout=30)
+    assert not cached._thread.is_alive()  # it stops at the end of the files
+    assert cached.stop() == 0  # no byte read again
+    cold = pagecache.Prefetch([[files[1]]], 1 << 30).start()
+    cold._thread.join(timeout=30)
+    # The kernel's own read-ahead may cache some pieces first, which are then skipped.
+    assert 0 < cold.stop() <= files[1].stat().st_size
+    assert _resident(files[1], 0, files[1].stat().st_size) is True
+
+
+def test_only_a_merge_through_the_cache_prefetches(tmp_path, tiny_family) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "linear", "models": [{"model": str(m)} for m in tiny_family]},
+    )
+    parser = cli.build_parser()
+    pf = cli._prefetch(parser.parse_args(["merge", str(recipe), str(tmp_path / "o")]))
+    assert isinstance(pf, pagecache.Prefetch)
+    assert [m for [m] in pf.models] == [m / "model.safetensors" for m in tiny_family]
+    pf.stop()
+    direct = ["merge", str(recipe), str(tmp_path / "o"), "--read", "direct"]
+    assert cli._prefetch(parser.parse_args(direct)) is None
+    bad = ["merge", str(tmp_path / "missing.yaml"), str(tmp_path / "o")]
+    assert cli._prefetch(parser.parse_args(bad)) is None
+    assert cli._prefetch(parser.parse_args(["methods"])) is None
+
+
+def test_a_command_line_merge_with_a_bad_recipe_still_reports_it(tmp_path) -> None:
+    r = run_cli("merge", str(tmp_path / "missing.yaml"), str(tmp_path / "o"))
+    assert r.returncode == 1
+    assert "missing.yaml" in r.stderr
+    assert not (tmp_path / "o").exists()
