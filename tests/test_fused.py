@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_folder, write_model
@@ -13,6 +14,7 @@ from merganser.engine import block_merge, blockwise, fusable
 from merganser.errors import MerganserError
 from merganser.methods import fused
 from merganser.methods.slerp import _dot64, slerp_coefficients
+from merganser.methods.sparsify import BlockBernoulli
 from merganser.plan import build_plan
 from merganser.recipe import parse_recipe
 
@@ -255,3 +257,16 @@ def test_fused_slerp_stops_on_a_non_finite_result(tmp_path) -> None:
         with pytest.raises(MerganserError, match="tensor b: merge produced NaN or Inf"):
             merganser.merge(recipe, tmp_path / f"o{on}", merganser.MergeOptions(fused=on))
         assert not (tmp_path / f"o{on}").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_pcg64_lanes_draw_numpys_words(seed) -> None:
+    """BlockBernoulli's four-lane generator gives numpy's PCG64 stream, from any position."""
+    assert fused.available()
+    draw = BlockBernoulli(seed)
+    for start, count in [(0, 0), (0, 1), (1, 1), (0, 7), (3, 8), (5, 9), (12_345, 100_003)]:
+        ref = np.random.PCG64(seed)
+        ref.advance(start // 2)
+        raw = ref.random_raw((start % 2 + count + 1) // 2)
+        want = raw.astype("<u8").view("<u4")[start % 2 : start % 2 + count]
+        assert np.array_equal(draw.words(start, count), want), (start, count)

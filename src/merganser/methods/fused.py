@@ -166,3 +166,42 @@ def slerp(
     c0, c1 = coef if coef is not None else (0.0, 0.0)
     f = np.float32
     return kernels().slerp(bits(v0), bits(v1), f(c0), f(c1), coef is None, f(t), bits(out))
+
+
+_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's LCG multiplier (numpy's)
+_U128, _U64 = (1 << 128) - 1, (1 << 64) - 1
+
+
+def _jump(m: int, inc: int) -> tuple[int, int]:
+    """(A, C) such that m steps of PCG64's LCG take a state s to A·s + C (mod 2¹²⁸)."""
+    a_total, c_total, a, c = 1, 0, _PCG_MULT, inc
+    while m:
+        if m & 1:
+            a_total, c_total = (a_total * a) & _U128, (c_total * a + c) & _U128
+        a, c = (a * a) & _U128, (c * a + c) & _U128
+        m >>= 1
+    return a_total, c_total
+
+
+class PCG64Words:
+    """numpy's ``PCG64.random_raw`` for one stream increment, drawn four lanes at a time (the
+    same words: tests/test_fused.py compares them).
+    """
+
+    def __init__(self, inc: int):
+        self._step = _jump(1, inc)
+        a, c = _jump(4, inc)
+        self._four = tuple(np.uint64(v) for v in (a >> 64, a & _U64, c >> 64, c & _U64))
+
+    def __call__(self, state: int, count: int) -> np.ndarray:
+        """The next ``count`` raw 64-bit outputs of a generator in ``state``."""
+        a, c = self._step
+        lanes = []
+        for _ in range(4):
+            state = (a * state + c) & _U128  # numpy steps, then outputs the new state
+            lanes.append(state)
+        hs = np.array([s >> 64 for s in lanes], np.uint64)
+        ls = np.array([s & _U64 for s in lanes], np.uint64)
+        out = np.empty(count, np.uint64)
+        kernels().pcg64(hs, ls, *self._four, out)
+        return out

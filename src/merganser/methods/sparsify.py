@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from merganser.methods import fused
+
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator for ``seed``; identical seeds give identical masks on any thread."""
@@ -305,6 +307,8 @@ class BlockBernoulli:
     def __init__(self, seed: int):
         self._bits = np.random.PCG64(seed)
         self._state = self._bits.state
+        inc = self._state["state"]["inc"]
+        self._fast = fused.PCG64Words(inc) if fused.available() else None
 
     @staticmethod
     def limit(keep: float) -> int | None:
@@ -317,7 +321,11 @@ class BlockBernoulli:
         self._bits.state = self._state
         self._bits.advance(start // 2)  # numpy keeps PCG64's raw output and advance() stable
         off = start % 2
-        raw = self._bits.random_raw((off + count + 1) // 2)
+        words = (off + count + 1) // 2
+        if self._fast is not None:
+            raw = self._fast(self._bits.state["state"]["state"], words)
+        else:
+            raw = self._bits.random_raw(words)
         return np.ascontiguousarray(raw.astype("<u8", copy=False).view("<u4")[off : off + count])
 
     def __call__(self, start: int, count: int, keep: float) -> torch.Tensor:
