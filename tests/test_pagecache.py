@@ -60,10 +60,11 @@ def test_prefetch_reads_the_leading_bytes_of_every_model_up_to_its_limit(
         evict_or_skip(f)
     pf = pagecache.Prefetch([[f] for f in files], limit=4 * PIECE).start()
     pf._thread.join(timeout=30)
-    assert pf.stop() == 4 * PIECE  # two pieces of each model, side by side
-    for f in files:
-        assert _resident(f, 0, 2 * PIECE) is True
-        assert _resident(f, f.stat().st_size - PIECE, PIECE) is False  # left for the merge
+    # Four reads of a piece, then it stops (the kernel's own read-ahead may cache more, and
+    # pieces it cached first are skipped, not counted).
+    assert pf.stop() == 4 * PIECE
+    for f in files:  # the models side by side: neither is left cold
+        assert _resident(f, 0, PIECE) is True
 
 
 def test_prefetch_skips_cached_ranges_and_missing_files(tmp_path, monkeypatch) -> None:

@@ -12,6 +12,9 @@ SLERP's statistic, three float64 sums of exact products, is added up in another 
 torch's: its coefficients can differ from the torch path's in the last bits of a float64,
 which changes a result only where a coefficient's float32 rounding falls on the boundary.
 
+DARE's masks draw numpy's PCG64 words through ``PCG64Words`` wherever numba imports, whatever
+the ``fused`` option: the same words, a third faster.
+
 numba is a dependency; where it cannot be imported (or with ``fused: false`` in the engine
 options) the torch path runs, with the same result.
 """
