@@ -4,6 +4,7 @@ DELLA and DPPA. Randomness always comes from an explicit seeded ``torch.Generato
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -49,6 +50,14 @@ def sample_positions(n: int, k: int, sample: int = SAMPLE) -> torch.Tensor:
     """The seeded positions whose values bracket the k-th largest of ``n`` (see kth_largest)."""
     gen = torch.Generator().manual_seed(n * 31 + k)
     return torch.randint(n, (sample,), generator=gen)
+
+
+@functools.lru_cache(maxsize=4)
+def _sorted_positions(n: int, k: int) -> torch.Tensor:
+    """``sample_positions`` in ascending order, drawn once for all models of one density
+    (callers must not modify it).
+    """
+    return sample_positions(n, k).sort().values
 
 
 def bracket(picks: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +187,7 @@ class StreamingTopK:
     def want(self, start: int, count: int) -> tuple[torch.Tensor, slice]:
         """Sample positions inside [start, start+count), relative to start, and their slots."""
         if self._pos is None:
-            self._pos = sample_positions(self.n, self.k).sort().values
+            self._pos = _sorted_positions(self.n, self.k)
             self._picks = torch.empty(SAMPLE)
         a = int(torch.searchsorted(self._pos, start))
         b = int(torch.searchsorted(self._pos, start + count))
