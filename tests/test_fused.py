@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from conftest import load_folder, write_model
 import merganser
 from merganser.engine import block_merge, blockwise, fusable
 from merganser.errors import MerganserError
-from merganser.methods import fused
+from merganser.methods import dare, fused
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
 from merganser.plan import build_plan
@@ -270,3 +271,49 @@ def test_pcg64_lanes_draw_numpys_words(seed) -> None:
         raw = ref.random_raw((start % 2 + count + 1) // 2)
         want = raw.astype("<u8").view("<u4")[start % 2 : start % 2 + count]
         assert np.array_equal(draw.words(start, count), want), (start, count)
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 262_144 + 5])
+def test_dare_magnitudes_pack_the_mask(n) -> None:
+    """The l1 pass's packed mask is the words' comparisons, packed in little bit order."""
+    g = torch.Generator().manual_seed(n)
+    x, base = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(2))
+    limit = BlockBernoulli.limit(0.3)
+    words = BlockBernoulli(5).words(16, n)
+    mag, kept = np.empty(n, np.float32), np.empty(n, np.float32)
+    packed = np.full((n + 7) // 8, 0xA5, np.uint8)  # every bit must be written
+    fused.magnitudes(x, base, words, limit, mag, kept, packed)
+    assert np.array_equal(packed, np.packbits(words < np.uint32(limit), bitorder="little"))
+    assert np.array_equal(kept, mag * (words < np.uint32(limit)))
+
+
+@pytest.mark.parametrize("cache", [0, 150_000], ids=["none kept", "first block kept"])
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["one segment", "segments"])
+def test_fused_dare_keeps_its_masks_between_passes(tmp_path, monkeypatch, cache, budget) -> None:
+    """The l1 pass's masks, kept for the merge, give the torch path's bits whether the kept
+    masks cover the tensor, part of it or none; where they cover it, nothing is drawn twice.
+    """
+    base, experts = _family(tmp_path)  # "w" has 611 x 1031 entries: three blocks
+    recipe = _recipe("dare_ties", {"density": [0.3, 0.6, 0.9], "lambda": 1.1}, base, experts)
+    drawn: list[tuple[int, int]] = []
+    real = BlockBernoulli.words
+
+    def counted(self, start, count):  # type: ignore[no-untyped-def]
+        drawn.append((start, count))
+        return real(self, start, count)
+
+    monkeypatch.setattr(BlockBernoulli, "words", counted)
+    opts = merganser.MergeOptions(memory_budget=budget, threads=1)
+    whole = load_folder(merganser.merge(recipe, tmp_path / "whole", opts))
+    assert len(drawn) == 3 * 4  # three models x (the bias + w's three blocks), once each
+    monkeypatch.setattr(dare, "MASK_CACHE", cache)
+    drawn.clear()
+    runs = [load_folder(merganser.merge(recipe, tmp_path / "part", opts))]
+    # Per model: with none kept, the bias and w's three blocks twice; else w's last two twice.
+    assert len(drawn) == 3 * (8 if cache == 0 else 6)
+    runs.append(
+        load_folder(merganser.merge(recipe, tmp_path / "torch", replace(opts, fused=False)))
+    )
+    for run in runs:
+        for k in whole:
+            assert torch.equal(run[k].view(torch.int16), whole[k].view(torch.int16)), k

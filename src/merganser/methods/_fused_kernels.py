@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merganser.methods.fused import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
+from merganser.methods.fused import DROP, DROP_PACKED, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
 
 
 @intrinsic
@@ -104,11 +104,32 @@ def band(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def magnitudes(x, base, words, limit, mag, kept):  # type: ignore[no-untyped-def]
+def magnitudes(x, base, words, limit, mag, kept, packed):  # type: ignore[no-untyped-def]
     for j in range(base.size):
         a = abs(_f32(x[j]) - _f32(base[j]))
         mag[j] = a
         kept[j] = a * np.float32(words[j] < limit)  # mask_'s d × keep, branch-free
+    # Loops of their own: packing inside the one above would keep it from being vectorised.
+    whole = base.size >> 3 if packed.size else 0
+    for q in range(whole):
+        b = np.uint32(0)
+        for r in range(8):
+            b |= np.uint32(words[8 * q + r] < limit) << np.uint32(r)
+        packed[q] = np.uint8(b)
+    if packed.size > whole:
+        b = np.uint32(0)
+        for r in range(base.size - 8 * whole):
+            b |= np.uint32(words[8 * whole + r] < limit) << np.uint32(r)
+        packed[whole] = np.uint8(b)
+
+
+@njit(inline="always")
+def _unpack(packed, c, out):  # type: ignore[no-untyped-def]
+    """The first ``c`` bits of a packed mask (little bit order) as float32 0s and 1s."""
+    for q in range((c + 7) >> 3):
+        b = np.uint32(packed[q])
+        for r in range(8):  # constant shifts: vectorised, unlike a shift by j & 7
+            out[8 * q + r] = np.float32((b >> np.uint32(r)) & np.uint32(1))
 
 
 @njit(inline="always")
@@ -150,6 +171,7 @@ def merge(  # type: ignore[no-untyped-def]
     xs,
     base,
     words,
+    packed,
     mode,
     thr,
     short,
@@ -174,6 +196,7 @@ def merge(  # type: ignore[no-untyped-def]
     mixed = np.empty(CHUNK, np.float32)
     div = np.empty(CHUNK, np.float32)
     el = np.empty(CHUNK, np.float32)
+    kept = np.empty(CHUNK, np.float32)
     bad = 0
     for c0 in range(0, size, CHUNK):
         c = min(CHUNK, size - c0)
@@ -193,6 +216,10 @@ def merge(  # type: ignore[no-untyped-def]
                 for j in range(c):
                     v = _f32(x[j]) - _f32(b[j])
                     row[j] = v * np.float32(w[j] < lim)  # mask_'s d × keep, branch-free
+            elif m == DROP_PACKED:
+                _unpack(packed[i][c0 >> 3 :], c, kept)  # CHUNK is a multiple of 8
+                for j in range(c):
+                    row[j] = (_f32(x[j]) - _f32(b[j])) * kept[j]
             else:
                 for j in range(c):
                     row[j] = _f32(x[j]) - _f32(b[j])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from merganser.methods import fused
@@ -15,6 +16,9 @@ from merganser.methods.sparsify import rescale as apply_rescale
 from merganser.methods.task_vectors import Sparsifier, generalized_task_arithmetic
 
 REFERENCE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv 2311.03099"
+# Bytes of packed masks (a bit per entry and model) a tensor's fused merge keeps from its l1
+# pass for the merge pass, which would otherwise draw them again.
+MASK_CACHE = 32 << 20
 
 
 def model_seed(seed: int, i: int) -> int:
@@ -42,7 +46,7 @@ class DareBlocks(BlockMerge):
     ``rescale: l1`` one statistic pass first sums |τᵢ| and |mᵢ⊙τᵢ| over the whole tensor.
     """
 
-    def __init__(self, params: dict[str, Any], consensus: str | None):
+    def __init__(self, params: dict[str, Any], consensus: str | None, numel: int):
         self.params, self.consensus = params, consensus
         n = len(params["density"])
         self.draw = [BlockBernoulli(model_seed(params["seed"], i)) for i in range(n)]
@@ -50,6 +54,12 @@ class DareBlocks(BlockMerge):
         self.dropping = [0 < k < 1 for k in params["density"]]
         self._mag = self._kept = torch.empty(0)
         self._settings: fused.Settings | None = None
+        # The fused l1 pass keeps each model's mask for the merge, packed, within MASK_CACHE
+        # bytes: entries [0, covered) are drawn once, any others again in the merge.
+        dropping = max(sum(self.dropping), 1)
+        fits = numel * dropping <= MASK_CACHE * 8
+        self._covered = numel if fits else MASK_CACHE * 8 // dropping // 8 * 8
+        self._packed: list[np.ndarray | None] = [None] * n
 
     def wants_pass(self, p: int) -> bool:
         return p == 0 and self.params["rescale"] == "l1" and any(self.dropping)
@@ -79,8 +89,13 @@ class DareBlocks(BlockMerge):
                     self.before[i] += whole
                     self.after[i] += whole
                     continue
+                packed = None
+                if self._kept_here(start, n):
+                    if self._packed[i] is None:
+                        self._packed[i] = np.empty((self._covered + 7) // 8, np.uint8)
+                    packed = self._packed[i][start // 8 : (start + n + 7) // 8]
                 draws = self.draw[i].words(start, n)
-                fused.magnitudes(t, base, draws, limit, mag.numpy(), kept.numpy())
+                fused.magnitudes(t, base, draws, limit, mag.numpy(), kept.numpy(), packed)
                 # The float64 sums stay torch's: the l1 factor must match the torch path's.
                 self.before[i] += float(mag.sum(dtype=torch.float64))
                 self.after[i] += float(kept.sum(dtype=torch.float64))
@@ -104,10 +119,20 @@ class DareBlocks(BlockMerge):
                     st.scale_op[i] = fused.SCALE_MUL
                     st.scale[i] = l1_scale(self.before[i], self.after[i])
             st.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
-        n = base.numel()
-        draws = [self.draw[i].words(start, n) if m == fused.DROP else None
-                 for i, m in enumerate(self._settings.mode)]  # fmt: skip
-        return fused.merge(self._settings, tensors, base, draws, out)
+        st, n = self._settings, base.numel()
+        masks: list[np.ndarray | None] = [None] * len(tensors)
+        for i, m in enumerate(st.mode):
+            if m == fused.DROP or m == fused.DROP_PACKED:
+                packed = self._packed[i]
+                if packed is not None and self._kept_here(start, n):
+                    st.mode[i], masks[i] = fused.DROP_PACKED, packed[start // 8 :]
+                else:
+                    st.mode[i], masks[i] = fused.DROP, self.draw[i].words(start, n)
+        return fused.merge(st, tensors, base, masks, out)
+
+    def _kept_here(self, start: int, n: int) -> bool:
+        """Whether a block's masks have their place among those kept between the passes."""
+        return start % 8 == 0 and start + n <= self._covered
 
     def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
         prm = self.params
@@ -139,7 +164,7 @@ class DareBlocks(BlockMerge):
     needs_base=True,
     stochastic=True,
     workspace=1.5,
-    blockwise=lambda params, numel: DareBlocks(params, None),
+    blockwise=lambda params, numel: DareBlocks(params, None, numel),
     reference=REFERENCE,
 )
 def dare_linear(
@@ -171,7 +196,7 @@ def dare_linear(
     needs_base=True,
     stochastic=True,
     workspace=1.5,
-    blockwise=lambda params, numel: DareBlocks(params, "mass"),
+    blockwise=lambda params, numel: DareBlocks(params, "mass", numel),
     reference=REFERENCE,
 )
 def dare_ties(

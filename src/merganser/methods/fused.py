@@ -29,6 +29,7 @@ import torch
 
 # Per-model sparsification, in the order the torch path applies it.
 KEEP, ZERO, TRIM, DROP = 0, 1, 2, 3  # keep τᵢ, zero it, TIES top-k trim, DARE Bernoulli drop
+DROP_PACKED = 4  # DARE's drop by a mask kept packed, a bit per entry (see ``magnitudes``)
 SCALE_NONE, SCALE_DIV, SCALE_MUL = 0, 1, 2  # rescale: none, inverse (÷ density), l1 (× factor)
 SUM, MASS, FREQUENCY = 0, 1, 2  # no election, or the TIES sign election by mass or frequency
 # torch sums up to 4 stacked models in order; from 5 on, its order differs for a few entries in
@@ -77,11 +78,14 @@ def magnitudes(
     limit: int,
     mag: np.ndarray,
     kept: np.ndarray,
+    packed: np.ndarray | None = None,
 ) -> None:
     """|x − base| into ``mag`` and the same with DARE's dropped entries zeroed into ``kept``
-    (entry j is kept where ``words[j] < limit``, BlockBernoulli).
+    (entry j is kept where ``words[j] < limit``, BlockBernoulli); with ``packed``, also the
+    mask a bit per entry (little bit order, as ``np.packbits(..., bitorder="little")``).
     """
-    kernels().magnitudes(bits(x), bits(base), words, np.uint32(limit), mag, kept)
+    packed = np.zeros(0, np.uint8) if packed is None else packed
+    kernels().magnitudes(bits(x), bits(base), words, np.uint32(limit), mag, kept, packed)
 
 
 class Settings:
@@ -120,20 +124,21 @@ def merge(
     p: Settings,
     xs: list[torch.Tensor],
     base: torch.Tensor,
-    words: list[np.ndarray],
+    masks: list[np.ndarray | None],
     out: torch.Tensor,
 ) -> bool:
     """One block of ``generalized_task_arithmetic`` from bfloat16 inputs into the bfloat16
-    ``out``; ``words`` holds each DROP model's draws (BlockBernoulli.words). Trimmed models
-    use up ``p.short`` (ties at the threshold kept lowest index first). False if any result is
-    not finite.
+    ``out``; ``masks`` holds each DROP model's draws (BlockBernoulli.words) and each
+    DROP_PACKED model's packed mask (``magnitudes``). Trimmed models use up ``p.short`` (ties
+    at the threshold kept lowest index first). False if any result is not finite.
     """
     k = kernels()
-    empty = np.zeros(0, np.uint32)
+    words, packed = np.zeros(0, np.uint32), np.zeros(0, np.uint8)
     return k.merge(
         tuple(bits(x) for x in xs),
         bits(base),
-        tuple(w if w is not None else empty for w in words),
+        tuple(m if p.mode[i] == DROP else words for i, m in enumerate(masks)),
+        tuple(m if p.mode[i] == DROP_PACKED else packed for i, m in enumerate(masks)),
         p.mode,
         p.thr,
         p.short,
