@@ -260,6 +260,30 @@ def test_fused_slerp_stops_on_a_non_finite_result(tmp_path) -> None:
         assert not (tmp_path / f"o{on}").exists()
 
 
+@pytest.mark.parametrize("n", [0, 5, 16, 47, 262_144 + 9])
+def test_band_kernels_agree_with_numpy(n) -> None:
+    """TIES's band pass, the scalar kernel and the AVX-512 one: the values in [lo, hi] in
+    order and the count above, with ±0, NaN, infinities and values equal to either end.
+    """
+    g = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
+    x = (base.float() + torch.randint(-9, 10, (n,), generator=g) * 2e-3).to(torch.bfloat16)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    x[: min(n, 5)] = specials[: min(n, 5)].to(torch.bfloat16)
+    mag = (x.float() - base.float()).abs().numpy()
+    finite = mag[np.isfinite(mag)] if n else np.zeros(1, np.float32)
+    lo, hi = (np.float32(np.quantile(finite, q)) for q in (0.4, 0.6))
+    inside = (mag >= lo) & (mag <= hi)
+    want = (mag[inside], int(np.count_nonzero(mag > hi)))
+    assert n < 100 or (0 < inside.sum() < n and (mag == lo).any() and (mag == hi).any())
+    kernels = [fused.kernels().band] + ([fused.kernels().band_wide] if fused.wide() else [])
+    for kernel in kernels:
+        out = np.full(n, np.nan, np.float32)
+        nb, above = kernel(fused.bits(x), fused.bits(base), lo, hi, out)
+        assert (nb, above) == (want[0].size, want[1]), kernel
+        assert np.array_equal(out[:nb], want[0]), kernel
+
+
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 def test_pcg64_lanes_draw_numpys_words(seed) -> None:
     """BlockBernoulli's four-lane generator gives numpy's PCG64 stream, from any position."""

@@ -103,6 +103,78 @@ def band(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
     return nb, above
 
 
+LANES = 16  # float32 lanes of an AVX-512 vector
+
+
+@intrinsic
+def _band_step(typingctx, x, base, j, lo, hi, out, nb):  # type: ignore[no-untyped-def]
+    """``band``'s loop body for entries [j, j + 16) in AVX-512 registers: the magnitudes in
+    [lo, hi], compressed in order (vcompressps to a register, then one store of all 16 lanes
+    at out[nb]: the memory form is microcoded and slow on AMD), and (in band, above hi).
+    Only for x86 hosts with AVX-512 (``fused.band`` checks): there is no portable lowering of
+    the register form.
+    """
+    sig = types.UniTuple(types.int64, 2)(x, base, j, lo, hi, out, nb)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        xa, ba, j, lo, hi, oa, nb = args
+        xt, bt, _, _, _, ot, _ = sig.args
+        i16v, i32v = ir.VectorType(ir.IntType(16), LANES), ir.VectorType(ir.IntType(32), LANES)
+        f32v = ir.VectorType(ir.FloatType(), LANES)
+
+        def load(aryty, ary):  # type: ignore[no-untyped-def]
+            data = context.make_array(aryty)(context, builder, ary).data
+            v = builder.load(builder.bitcast(builder.gep(data, [j]), i16v.as_pointer()), align=2)
+            v = builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * LANES))
+            return builder.bitcast(v, f32v)
+
+        def splat(s):  # type: ignore[no-untyped-def]
+            v = ir.Constant(f32v, ir.Undefined)
+            for i in range(LANES):
+                v = builder.insert_element(v, s, ir.Constant(ir.IntType(32), i))
+            return v
+
+        def intrinsic(name, ret, *argv):  # type: ignore[no-untyped-def]
+            fnty = ir.FunctionType(ret, [a.type for a in argv])
+            return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), argv)
+
+        a = intrinsic("llvm.fabs.v16f32", f32v, builder.fsub(load(xt, xa), load(bt, ba)))
+        vhi = splat(hi)
+        inside = builder.and_(
+            builder.fcmp_ordered(">=", a, splat(lo)), builder.fcmp_ordered("<=", a, vhi)
+        )
+        above = builder.fcmp_ordered(">", a, vhi)
+        packed = intrinsic("llvm.x86.avx512.mask.compress.v16f32", f32v, a, a, inside)
+        data = context.make_array(ot)(context, builder, oa).data
+        builder.store(packed, builder.bitcast(builder.gep(data, [nb]), f32v.as_pointer()), align=4)
+        i16, i64 = ir.IntType(16), ir.IntType(64)
+        counts = [
+            builder.zext(intrinsic("llvm.ctpop.i16", i16, builder.bitcast(m, i16)), i64)
+            for m in (inside, above)
+        ]
+        return context.make_tuple(builder, sig.return_type, counts)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def band_wide(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
+    # ``band`` 16 entries a step; each step's store stays inside ``out``, as nb <= j.
+    nb = 0
+    above = 0
+    whole = base.size - base.size % LANES
+    for j in range(0, whole, LANES):
+        inside, over = _band_step(x, base, j, lo, hi, out, nb)
+        nb += inside
+        above += over
+    for j in range(whole, base.size):
+        a = abs(_f32(x[j]) - _f32(base[j]))
+        out[nb] = a
+        nb += (a >= lo) & (a <= hi)
+        above += a > hi
+    return nb, above
+
+
 @njit(nogil=True, cache=True)
 def magnitudes(x, base, words, limit, mag, kept, packed):  # type: ignore[no-untyped-def]
     for j in range(base.size):
@@ -166,7 +238,7 @@ def _trim(x, b, c, t, short, i, row):  # type: ignore[no-untyped-def]
 CHUNK = 512  # entries per step: every model's row of a chunk stays in the L1 cache
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def merge(  # type: ignore[no-untyped-def]
     xs,
     base,
@@ -246,33 +318,37 @@ def merge(  # type: ignore[no-untyped-def]
                     mixed[j] = mixed[j] / total
         else:
             # Elect: +1 where the total is >= 0 or NaN (torch.sign(NaN) is 0), else -1.
+            # Loop-invariant tests stay outside the loops over j, which then vectorise.
             for j in range(c):
                 el[j] = zero
             for i in range(n):
-                for j in range(c):
-                    v = d[i, j]
-                    el[j] = el[j] + (v if consensus == MASS else _sign(v))
+                if consensus == MASS:
+                    for j in range(c):
+                        el[j] = el[j] + d[i, j]
+                else:
+                    for j in range(c):
+                        el[j] = el[j] + _sign(d[i, j])
             for j in range(c):
                 el[j] = -one if el[j] < 0 else one
             for j in range(c):
                 mixed[j] = zero
                 div[j] = zero
             for i in range(n):
-                w = weight[i]
+                w = one if unit else weight[i]
                 for j in range(c):
                     v = d[i, j]
                     a = _sign(v) * el[j]
                     a = zero if a < 0 else a  # clamp(min=0) keeps -0
                     mixed[j] = mixed[j] + v * a
-                    div[j] = div[j] + (a if unit else a * w)
-            if normalize:
+                    div[j] = div[j] + a * w  # a·1 is a, -0 included
+            if normalize and min_weight > 0:
                 for j in range(c):
                     q = div[j]
-                    if min_weight > 0:
-                        q = min_weight if q < min_weight else q
-                    elif q == 0:
-                        q = one
-                    mixed[j] = mixed[j] / q
+                    mixed[j] = mixed[j] / (min_weight if q < min_weight else q)
+            elif normalize:
+                for j in range(c):
+                    q = div[j]
+                    mixed[j] = mixed[j] / (one if q == 0 else q)
         o = out[c0 : c0 + c]
         for j in range(c):
             r = mixed[j]

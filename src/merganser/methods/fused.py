@@ -62,13 +62,25 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
+@functools.cache
+def wide() -> bool:
+    """Whether numba compiles for this host and it has AVX-512 (``band_wide``)."""
+    import llvmlite.binding
+    import numba
+
+    if not available() or numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False  # another target: the x86 intrinsic might not be selectable there
+    return bool(llvmlite.binding.get_host_cpu_features().get("avx512f"))
+
+
 def band(
     x: torch.Tensor, base: torch.Tensor, lo: float, hi: float, out: np.ndarray
 ) -> tuple[int, int]:
     """|x − base| for bfloat16 blocks: writes the values in [lo, hi] to ``out`` and returns
     (how many, how many are above hi), as ``sparsify._band`` counts them.
     """
-    return kernels().band(bits(x), bits(base), np.float32(lo), np.float32(hi), out)
+    kernel = kernels().band_wide if wide() else kernels().band
+    return kernel(bits(x), bits(base), np.float32(lo), np.float32(hi), out)
 
 
 def magnitudes(
