@@ -284,6 +284,34 @@ def test_band_kernels_agree_with_numpy(n) -> None:
         assert np.array_equal(out[:nb], want[0]), kernel
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0],
+        [0.0, 0.0, 0.0],
+        [3.5, 3.5, 1e-30, 0.0, 7.0, 3.5],
+        [1e-45, 3.4e38, float("inf"), 2.0],
+        "ties",
+        "spread",
+    ],
+)
+def test_radix_kth_largest_matches_kthvalue(values) -> None:
+    """TIES's band selection: the rank-th largest and the count above it, for every rank."""
+    g = torch.Generator().manual_seed(4)
+    if values == "ties":  # few distinct values, one of them a third of all: TIES's band
+        v = (torch.randint(0, 40, (5000,), generator=g) * 1e-4).float()
+        v[:1700] = 0.0021
+    elif values == "spread":
+        v = torch.rand(3001, generator=g).float() * torch.logspace(-30, 30, 3001)
+    else:
+        v = torch.tensor(values, dtype=torch.float32)
+    n = v.numel()
+    for rank in sorted({1, 2, n // 3, n // 2, n - 1, n} & set(range(1, n + 1))):
+        thr = v.kthvalue(n - rank + 1).values
+        got = fused.kernels().kth_largest(v.numpy(), rank)
+        assert (float(got[0]), int(got[1])) == (float(thr), int((v > thr).sum())), rank
+
+
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 def test_pcg64_lanes_draw_numpys_words(seed) -> None:
     """BlockBernoulli's four-lane generator gives numpy's PCG64 stream, from any position."""

@@ -175,6 +175,49 @@ def band_wide(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
     return nb, above
 
 
+RADIX = 11  # bits of a key each histogram pass of ``kth_largest`` settles
+
+
+@njit(nogil=True, cache=True)
+def kth_largest(values, rank):  # type: ignore[no-untyped-def]
+    """(the rank-th largest of non-negative, non-NaN float32 values, how many are larger), by
+    radix selection on their bits, which order such floats as integers. TIES's band holds
+    few distinct values, each many times over, where torch.kthvalue's quickselect slows down.
+    """
+    keys = values.view(np.uint32)
+    low = keys.min()
+    spread = np.uint64(keys.max() - low)
+    width = 0  # bits of (key - low) that still vary among the candidates
+    while spread >> np.uint64(width):
+        width += 1
+    bins = 1 << RADIX
+    # Four interleaved histograms: a run of equal keys would otherwise wait on each count.
+    hist = np.zeros(4 * (bins + 1), np.int64)
+    over = 0
+    while True:
+        shift = max(width - RADIX, 0)
+        hist[:] = 0
+        span = np.uint64(1) << np.uint64(width)
+        for j in range(keys.size):
+            d = np.uint64(keys[j] - low)  # candidates: low <= key < low + 2^width
+            b = (d >> np.uint64(shift)) if d < span else np.uint64(bins)  # else a spare bin
+            hist[(j & 3) * (bins + 1) + b] += 1
+        top = 1 << (width - shift)
+        b = top - 1
+        while True:
+            count = hist[b] + hist[bins + 1 + b] + hist[2 * (bins + 1) + b]
+            count += hist[3 * (bins + 1) + b]
+            if count >= rank:
+                break
+            rank -= count
+            over += count
+            b -= 1
+        low += np.uint32(b << shift)
+        width = shift
+        if width == 0:
+            return _as_float(low), over
+
+
 @njit(nogil=True, cache=True)
 def magnitudes(x, base, words, limit, mag, kept, packed):  # type: ignore[no-untyped-def]
     for j in range(base.size):
