@@ -13,7 +13,7 @@ from conftest import load_folder, write_model
 import merganser
 from merganser.engine import block_merge, blockwise, fusable
 from merganser.errors import MerganserError
-from merganser.methods import dare, fused
+from merganser.methods import dare, fused, sparsify
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
 from merganser.plan import build_plan
@@ -282,6 +282,30 @@ def test_band_kernels_agree_with_numpy(n) -> None:
         nb, above = kernel(fused.bits(x), fused.bits(base), lo, hi, out)
         assert (nb, above) == (want[0].size, want[1]), kernel
         assert np.array_equal(out[:nb], want[0]), kernel
+
+
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["one segment", "segments"])
+def test_fused_ties_samples_what_the_torch_path_samples(tmp_path, monkeypatch, budget) -> None:
+    """The sampled pass's magnitudes, gathered by the kernel from the stored bfloat16 values,
+    are the torch path's, bit for bit (the merge would hide a bad sample: a bracket only
+    bounds the exact selection that follows).
+    """
+    base, experts = _family(tmp_path, rows=1500)  # 1.5M entries: the sampled path
+    recipe = _recipe("ties", {"density": [0.3, 0.5, 0.5]}, base, experts)
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    real = sparsify.bracket
+    for on in (True, False):
+
+        def spy(picks, n, k, on=on):  # type: ignore[no-untyped-def]
+            seen[on].append(picks.clone())
+            return real(picks, n, k)
+
+        monkeypatch.setattr(sparsify, "bracket", spy)
+        o = merganser.MergeOptions(memory_budget=budget, threads=1, fused=on)
+        merganser.merge(recipe, tmp_path / f"out_{on}", o)
+    assert len(seen[True]) == len(seen[False]) == 3
+    for a, b in zip(seen[True], seen[False], strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.mark.parametrize(

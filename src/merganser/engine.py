@@ -27,7 +27,7 @@ import torch
 
 from merganser.dtypes import itemsize
 from merganser.errors import MerganserError
-from merganser.methods.blockwise import BlockMerge
+from merganser.methods.blockwise import BlockMerge, Load
 from merganser.plan import Plan, TensorTask
 from merganser.provenance import BLOCK as DIGEST_BLOCK
 from merganser.provenance import InputDigests
@@ -256,6 +256,9 @@ def merge_blocks(
     ) -> tuple[list[torch.Tensor], Any]:
         return split([rounded(plan, r[a + idx]).float() for r in raws])
 
+    def chosen(raws: list[torch.Tensor]) -> Load:
+        return lambda idx: gather(raws, 0, _positions(idx))
+
     cached = read(*segs[0]) if bm is not None and len(segs) == 1 else None
     p = 0
     while bm is not None and bm.wants_pass(p):
@@ -263,7 +266,10 @@ def merge_blocks(
             raws = cached if cached is not None else read(s, c)
             if bm.sampled(p):
                 with compute:
-                    bm.observe(p, s, c, lambda idx, raws=raws: gather(raws, 0, _positions(idx)))
+                    if fast:
+                        bm.observe_raw(p, s, *split(raws))
+                    else:
+                        bm.observe(p, s, c, chosen(raws))
                 continue
             with compute:
                 for a in range(0, c, BLOCK):

@@ -52,7 +52,9 @@ class BlockMerge:
     def observe_raw(
         self, p: int, start: int, tensors: list[torch.Tensor], base: torch.Tensor
     ) -> None:
-        """``observe`` of an unsampled pass, on a block's stored bfloat16 values."""
+        """``observe`` on stored bfloat16 values: a block's in an unsampled pass, the whole
+        segment's in a sampled one.
+        """
         raise NotImplementedError
 
     def merge_raw(

@@ -83,6 +83,13 @@ def band(
     return kernel(bits(x), bits(base), np.float32(lo), np.float32(hi), out)
 
 
+def sample(xs: list[torch.Tensor], base: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """|x − base| at positions ``idx`` of bfloat16 segments, in float32, a row per x."""
+    out = np.empty((len(xs), idx.numel()), np.float32)
+    kernels().sample(tuple(bits(x) for x in xs), bits(base), idx.numpy(), out)
+    return torch.from_numpy(out)
+
+
 def magnitudes(
     x: torch.Tensor,
     base: torch.Tensor,

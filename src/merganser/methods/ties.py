@@ -93,6 +93,19 @@ class TiesBlocks(BlockMerge):
         )
 
     def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
+        if p == 0:  # the sampled pass, over a whole segment: models of one density share it
+            by_k: dict[int, list[int]] = {}
+            for i, s in enumerate(self.sel):
+                if s.wants_pass(0):
+                    by_k.setdefault(s.k, []).append(i)
+            for group in by_k.values():
+                wants = [self.sel[i].want(start, base.numel()) for i in group]  # the same
+                idx, slots = wants[0]
+                if idx.numel():
+                    picks = fused.sample([tensors[i] for i in group], base, idx)
+                    for i, row in zip(group, picks, strict=True):
+                        self.sel[i].take_sample(slots, row)
+            return
         if p == 2:  # the bracket missed (vanishingly rare): the torch path keeps everything
             self.observe(
                 p, start, base.numel(), lambda _: ([t.float() for t in tensors], base.float())
