@@ -226,7 +226,6 @@ def merge_blocks(
     step = min(item.count, held(plan, task, options))
     segs = [(s, min(step, item.start + item.count - s))
             for s in range(item.start, item.start + item.count, step)]  # fmt: skip
-    work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(refs))]
     # Segments are read once per pass: through the page cache, or later passes go to the disk.
     again = bm is not None and len(segs) > 1
     fast = bm is not None and fusable(plan, task, options) and bm.fused()
@@ -249,6 +248,8 @@ def merge_blocks(
         return (values[:-1], values[-1]) if has_base else (values, None)
 
     def upcast(raws: list[torch.Tensor], a: int, n: int) -> tuple[list[torch.Tensor], Any]:
+        # Float32 blocks, each thread's reused; the fused kernels read the stored values.
+        work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(raws))]
         return split([work[j][:n].copy_(rounded(plan, r[a : a + n])) for j, r in enumerate(raws)])
 
     def gather(
