@@ -167,12 +167,8 @@ def band_wide(x, base, lo, hi, out):  # type: ignore[no-untyped-def]
         inside, over = _band_step(x, base, j, lo, hi, out, nb)
         nb += inside
         above += over
-    for j in range(whole, base.size):
-        a = abs(_f32(x[j]) - _f32(base[j]))
-        out[nb] = a
-        nb += (a >= lo) & (a <= hi)
-        above += a > hi
-    return nb, above
+    tail, over = band(x[whole:], base[whole:], lo, hi, out[nb:])
+    return nb + tail, above + over
 
 
 # Every model at once: the gather waits on memory, and the base's entry is fetched once.
