@@ -186,9 +186,10 @@ RADIX = 11  # bits of a key each histogram pass of ``kth_largest`` settles
 
 @njit(nogil=True, cache=True)
 def kth_largest(values, rank):  # type: ignore[no-untyped-def]
-    """(the rank-th largest of non-negative, non-NaN float32 values, how many are larger), by
-    radix selection on their bits, which order such floats as integers. TIES's band holds
-    few distinct values, each many times over, where torch.kthvalue's quickselect slows down.
+    """(the rank-th largest of float32 values that are >= +0, with no -0 or NaN, how many are
+    larger), by radix selection on their bits, which order such floats as integers. TIES's
+    band holds few distinct values, each many times over, where torch.kthvalue's quickselect
+    slows down.
     """
     keys = values.view(np.uint32)
     low = keys.min()

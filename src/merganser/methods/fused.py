@@ -79,7 +79,9 @@ def band(
     """|x − base| for bfloat16 blocks: writes the values in [lo, hi] to ``out`` and returns
     (how many, how many are above hi), as ``sparsify._band`` counts them.
     """
-    kernel = kernels().band_wide if wide() else kernels().band
+    # The wide kernel loads 16 entries at a time: it needs contiguous blocks.
+    contiguous = x.is_contiguous() and base.is_contiguous()
+    kernel = kernels().band_wide if wide() and contiguous else kernels().band
     return kernel(bits(x), bits(base), np.float32(lo), np.float32(hi), out)
 
 
