@@ -224,3 +224,61 @@ def test_items_read_ahead_while_at_most_threads_compute(tmp_path) -> None:
     engine._run_items(items, fn, opts, read_ahead=3)
     assert state["max_computing"] == 2
     assert 2 < state["max_in"] <= 8
+
+
+def _blockwise_family(tmp_path: Path) -> dict:
+    g = torch.Generator().manual_seed(5)
+    paths = [
+        write_model(
+            tmp_path / f"b{k}",
+            {f"w{i}": torch.randn(1100, 300, generator=g).to(torch.bfloat16) for i in range(3)},
+        )
+        for k in range(4)
+    ]
+    return {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "dtype": "bfloat16",
+        "models": [{"model": str(p)} for p in paths[1:]],
+        "parameters": {"density": 0.4},
+    }
+
+
+def test_a_block_merge_reads_its_inputs_side_by_side(tmp_path, monkeypatch) -> None:
+    """--read-streams: a TIES tensor's four inputs are read on the I/O threads (more reads in
+    flight), with the output of reading them one at a time."""
+    recipe = _blockwise_family(tmp_path)
+    names: list[str] = []
+    real = Checkpoint.read
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        names.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    outs = {}
+    for streams in (1, 4):
+        names.clear()
+        opts = merganser.MergeOptions(read_streams=streams, threads=2)
+        outs[streams] = load_folder(merganser.merge(recipe, tmp_path / f"o{streams}", opts))
+        on_io = sum(n.startswith("read") for n in names)
+        assert on_io == (0 if streams == 1 else len(names)), (streams, names)
+    for k in outs[1]:
+        assert torch.equal(outs[1][k].view(torch.int16), outs[4][k].view(torch.int16)), k
+
+
+def test_a_failed_side_by_side_read_stops_the_merge_with_its_error(tmp_path, monkeypatch) -> None:
+    recipe = _blockwise_family(tmp_path)
+    real = Checkpoint.read
+
+    def failing(self, name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "w1" and threading.current_thread().name.startswith("read"):
+            raise merganser.MerganserError(f"{self.path}: read failed (Input/output error)")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read", failing)
+    with pytest.raises(merganser.MerganserError, match="read failed"):
+        merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(threads=2))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(merganser.MerganserError, match="--read-streams must be 1 or more"):
+        merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(read_streams=0))

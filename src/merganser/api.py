@@ -58,6 +58,7 @@ class MergeOptions:
     threads: int | None = None
     torch_threads: int = 1
     read_ahead: int = 1
+    read_streams: int = 4
     device: str = "cpu"
     force: bool = False
     allow_nonfinite: bool = False
@@ -72,6 +73,7 @@ class MergeOptions:
             threads=self.threads or os.cpu_count() or 1,
             torch_threads=self.torch_threads,
             read_ahead=self.read_ahead,
+            read_streams=self.read_streams,
             device=self.device,
             allow_nonfinite=self.allow_nonfinite,
             fused=self.fused,
@@ -97,6 +99,8 @@ def merge(
         raise MerganserError("--out-shard-size must be positive")
     if options.read_ahead < 0:
         raise MerganserError("--read-ahead must be 0 or more")
+    if options.read_streams < 1:
+        raise MerganserError("--read-streams must be 1 or more")
     check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="work items each worker thread reads ahead in elementwise merges, so that cold "
         "inputs have more reads in flight (default 1)",
     )
+    m.add_argument(
+        "--read-streams",
+        type=_positive_int,
+        default=4,
+        help="inputs of one tensor each worker thread reads side by side in TIES, DARE, SLERP "
+        "and other multi-pass merges, so that cold inputs have more reads in flight (default 4)",
+    )
     m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
     m.add_argument(
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
@@ -284,6 +291,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         threads=a.threads,
         torch_threads=a.torch_threads,
         read_ahead=a.read_ahead,
+        read_streams=a.read_streams,
         device=a.device,
         force=a.force,
         allow_nonfinite=a.allow_nonfinite,

@@ -18,7 +18,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +65,10 @@ class EngineOptions:
     # Items read ahead per compute thread by elementwise merges: cold reads want many requests
     # in flight (O_DIRECT reads here ran at 0.75 GB/s with 64 MiB in flight, 1.3 with 256 MiB).
     read_ahead: int = 1
+    # Inputs of a BlockMerge's tensor each thread reads side by side (one I/O thread each):
+    # O_DIRECT reads one request at a time per thread, and the disk wants more in flight
+    # (cold 1B TIES, SLERP and DARE-TIES merges took 3-16 % less wall time with 4 than with 1).
+    read_streams: int = 4
     # Fused numba kernels for TIES, DARE and SLERP on bfloat16 (methods/fused.py): the torch
     # path's bits (SLERP: see fused.py) at a fraction of its CPU time. Off, or without numba,
     # torch does the math.
@@ -214,10 +218,12 @@ def merge_blocks(
     scratch: _Scratch,
     digests: InputDigests | None = None,
     compute: ComputeSlot = NO_SLOT,
+    io: Executor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Merge ``item`` block by block; yields (first element, flat result) per segment.
 
-    Reads happen outside ``compute`` (a slot among the compute threads), the math inside it.
+    Reads happen outside ``compute`` (a slot among the compute threads), the math inside it;
+    a BlockMerge's inputs are read side by side on ``io`` when given.
     """
     task = item.task
     refs = task.inputs
@@ -231,12 +237,20 @@ def merge_blocks(
     fast = bm is not None and fusable(plan, task, options) and bm.fused()
 
     def read(start: int, count: int) -> list[torch.Tensor]:
-        raws = []
+        bufs = []
         for j, (ci, name) in enumerate(refs):
-            ckpt = plan.checkpoints[ci]
-            buf = scratch.get(f"raw.{j}", count * itemsize(ckpt.tensors[name].dtype), torch.uint8)
-            raws.append(ckpt.read(name, start, count, out=buf, again=again).reshape(-1))
-        return raws
+            size = count * itemsize(plan.checkpoints[ci].tensors[name].dtype)
+            bufs.append(scratch.get(f"raw.{j}", size, torch.uint8))  # this thread's buffers
+
+        def one(j: int) -> torch.Tensor:
+            ci, name = refs[j]
+            return plan.checkpoints[ci].read(name, start, count, out=bufs[j], again=again)
+
+        if io is None or bm is None or len(refs) == 1:
+            return [one(j).reshape(-1) for j in range(len(refs))]
+        reads = [io.submit(one, j) for j in range(len(refs))]
+        wait(reads)  # all of them, failed or not: none may write into the buffers later
+        return [r.result().reshape(-1) for r in reads]
 
     def record(start: int, raws: list[torch.Tensor]) -> None:
         if digests is not None:
@@ -461,7 +475,7 @@ def run(
     def work(item: WorkItem, compute: ComputeSlot) -> None:
         if blockwise(plan, item.task, options):
             parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
-                plan, item, options, scratch, digests, compute
+                plan, item, options, scratch, digests, compute, io
             )
         else:
             parts = [(item.start, compute_item(plan, item, options, digests, compute))]
@@ -474,7 +488,15 @@ def run(
     # others are bound by compute, where reading ahead would only hold more memory.
     ahead = options.read_ahead if plan.method.elementwise else 0
     items = items if items is not None else work_items(plan, options)
-    _run_items(items, work, options, on_abort, ahead)
+    io = None
+    if options.read_streams > 1 and not plan.method.elementwise:
+        streams = max(1, options.threads) * options.read_streams
+        io = ThreadPoolExecutor(streams, thread_name_prefix="read")
+    try:
+        _run_items(items, work, options, on_abort, ahead)
+    finally:
+        if io is not None:
+            io.shutdown(wait=True)
 
 
 def gather_stats(
