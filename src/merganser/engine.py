@@ -471,6 +471,10 @@ def run(
     produced) must release them there.
     """
     scratch = _Scratch()
+    io = None
+    if options.read_streams > 1 and not plan.method.elementwise:
+        streams = max(1, options.threads) * options.read_streams
+        io = ThreadPoolExecutor(streams, thread_name_prefix="read")
 
     def work(item: WorkItem, compute: ComputeSlot) -> None:
         if blockwise(plan, item.task, options):
@@ -487,12 +491,8 @@ def run(
     # Elementwise merges are bound by I/O, so they read ahead; the statistic passes of the
     # others are bound by compute, where reading ahead would only hold more memory.
     ahead = options.read_ahead if plan.method.elementwise else 0
-    items = items if items is not None else work_items(plan, options)
-    io = None
-    if options.read_streams > 1 and not plan.method.elementwise:
-        streams = max(1, options.threads) * options.read_streams
-        io = ThreadPoolExecutor(streams, thread_name_prefix="read")
     try:
+        items = items if items is not None else work_items(plan, options)
         _run_items(items, work, options, on_abort, ahead)
     finally:
         if io is not None:
