@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merganser.methods.fused import DROP, DROP_PACKED, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
+from merganser.methods.fused import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
 
 
 @intrinsic
@@ -332,16 +332,16 @@ def merge(  # type: ignore[no-untyped-def]
                 row[:c] = zero
             elif m == TRIM:
                 _trim(x, b, c, thr[i], short, i, row)
+            elif m == DROP and packed[i].size:  # the mask as the l1 pass packed it
+                _unpack(packed[i][c0 >> 3 :], c, kept)  # CHUNK is a multiple of 8
+                for j in range(c):
+                    row[j] = (_f32(x[j]) - _f32(b[j])) * kept[j]
             elif m == DROP:
                 w = words[i][c0 : c0 + c]
                 lim = limit[i]
                 for j in range(c):
                     v = _f32(x[j]) - _f32(b[j])
                     row[j] = v * np.float32(w[j] < lim)  # mask_'s d × keep, branch-free
-            elif m == DROP_PACKED:
-                _unpack(packed[i][c0 >> 3 :], c, kept)  # CHUNK is a multiple of 8
-                for j in range(c):
-                    row[j] = (_f32(x[j]) - _f32(b[j])) * kept[j]
             else:
                 for j in range(c):
                     row[j] = _f32(x[j]) - _f32(b[j])

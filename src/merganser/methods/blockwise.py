@@ -44,8 +44,8 @@ class BlockMerge:
 
     def fused(self) -> bool:
         """Whether ``observe_raw`` and ``merge_raw`` serve this merge, given bfloat16 inputs
-        and output (see methods/fused.py). The engine then calls them instead of ``observe``
-        (for unsampled passes) and ``merge``, for every block of the tensor.
+        and output (see methods/fused.py). The engine then calls them instead of ``observe`` and
+        ``merge``, for every block (a sampled pass: every segment) of the tensor.
         """
         return False
 

@@ -119,16 +119,17 @@ class DareBlocks(BlockMerge):
                     st.scale_op[i] = fused.SCALE_MUL
                     st.scale[i] = l1_scale(self.before[i], self.after[i])
             st.set_mix(prm["weight"], self.consensus, prm["normalize"], prm["lambda_"])
-        st, n = self._settings, base.numel()
-        masks: list[np.ndarray | None] = [None] * len(tensors)
-        for i, m in enumerate(st.mode):
-            if m == fused.DROP or m == fused.DROP_PACKED:
-                packed = self._packed[i]
-                if packed is not None and self._kept_here(start, n):
-                    st.mode[i], masks[i] = fused.DROP_PACKED, packed[start // 8 :]
-                else:
-                    st.mode[i], masks[i] = fused.DROP, self.draw[i].words(start, n)
-        return fused.merge(st, tensors, base, masks, out)
+        n = base.numel()
+        masks = [self._mask(i, start, n) if m == fused.DROP else None
+                 for i, m in enumerate(self._settings.mode)]  # fmt: skip
+        return fused.merge(self._settings, tensors, base, masks, out)
+
+    def _mask(self, i: int, start: int, n: int) -> np.ndarray:
+        """Model i's mask of a block: packed as the l1 pass kept it, or its draws."""
+        packed = self._packed[i]
+        if packed is not None and self._kept_here(start, n):
+            return packed[start // 8 :]
+        return self.draw[i].words(start, n)
 
     def _kept_here(self, start: int, n: int) -> bool:
         """Whether a block's masks have their place among those kept between the passes."""

@@ -29,7 +29,6 @@ import torch
 
 # Per-model sparsification, in the order the torch path applies it.
 KEEP, ZERO, TRIM, DROP = 0, 1, 2, 3  # keep τᵢ, zero it, TIES top-k trim, DARE Bernoulli drop
-DROP_PACKED = 4  # DARE's drop by a mask kept packed, a bit per entry (see ``magnitudes``)
 SCALE_NONE, SCALE_DIV, SCALE_MUL = 0, 1, 2  # rescale: none, inverse (÷ density), l1 (× factor)
 SUM, MASS, FREQUENCY = 0, 1, 2  # no election, or the TIES sign election by mass or frequency
 # torch sums up to 4 stacked models in order; from 5 on, its order differs for a few entries in
@@ -149,17 +148,18 @@ def merge(
     out: torch.Tensor,
 ) -> bool:
     """One block of ``generalized_task_arithmetic`` from bfloat16 inputs into the bfloat16
-    ``out``; ``masks`` holds each DROP model's draws (BlockBernoulli.words) and each
-    DROP_PACKED model's packed mask (``magnitudes``). Trimmed models use up ``p.short`` (ties
-    at the threshold kept lowest index first). False if any result is not finite.
+    ``out``; ``masks`` holds each DROP model's mask: its draws (uint32, BlockBernoulli.words),
+    or the mask packed a bit per entry (uint8, ``magnitudes``). Trimmed models use up
+    ``p.short`` (ties at the threshold kept lowest index first). False if any result is not
+    finite.
     """
     k = kernels()
     words, packed = np.zeros(0, np.uint32), np.zeros(0, np.uint8)
     return k.merge(
         tuple(bits(x) for x in xs),
         bits(base),
-        tuple(m if p.mode[i] == DROP else words for i, m in enumerate(masks)),
-        tuple(m if p.mode[i] == DROP_PACKED else packed for i, m in enumerate(masks)),
+        tuple(m if m is not None and m.dtype == np.uint32 else words for m in masks),
+        tuple(m if m is not None and m.dtype == np.uint8 else packed for m in masks),
         p.mode,
         p.thr,
         p.short,
