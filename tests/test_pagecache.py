@@ -84,6 +84,35 @@ def test_prefetch_skips_cached_ranges_and_missing_files(tmp_path, monkeypatch) -
     assert _resident(files[1], 0, files[1].stat().st_size) is True
 
 
+def test_prefetch_queues_within_its_window(tmp_path, monkeypatch) -> None:
+    # A window of one piece per model: every further piece waits for the one queued before.
+    monkeypatch.setattr(pagecache.Prefetch, "PIECE", PIECE)
+    monkeypatch.setattr(pagecache.Prefetch, "WINDOW", 2 * PIECE)
+    files = _files(tmp_path, 2, size=40 * PIECE + 5)
+    for f in files:
+        evict_or_skip(f)
+    waits = []
+    real_pread = os.pread
+    monkeypatch.setattr(pagecache.os, "pread", lambda *a: waits.append(a) or real_pread(*a))
+    pf = pagecache.Prefetch([[f] for f in files], 1 << 30).start()
+    pf._thread.join(timeout=30)
+    assert 0 < pf.stop() <= 2 * files[0].stat().st_size
+    for f in files:
+        assert _resident(f, 0, f.stat().st_size) is True
+    assert waits  # the window was full at times, so it waited rather than queue more
+
+
+def test_prefetch_reads_where_the_kernel_takes_no_read_ahead(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pagecache.Prefetch, "PIECE", PIECE)
+    files = _files(tmp_path, 1)
+    evict_or_skip(files[0])
+    monkeypatch.setattr(pagecache.os, "posix_fadvise", lambda *a: None)  # advice ignored
+    pf = pagecache.Prefetch([files], limit=3 * PIECE).start()
+    pf._thread.join(timeout=30)
+    assert pf.stop() == 3 * PIECE  # read, a piece at a time, after the advice came to nothing
+    assert _resident(files[0], 0, 3 * PIECE) is True
+
+
 def test_only_a_merge_through_the_cache_prefetches(tmp_path, tiny_family) -> None:
     recipe = write_recipe(
         tmp_path / "r.yaml",

@@ -9,6 +9,7 @@ reads resident ranges through the cache). No torch here: this runs before torch 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import json
@@ -36,9 +37,9 @@ class _CacheStat(ctypes.Structure):
     ]
 
 
-def resident(fd: int, offset: int, n: int) -> bool | None:
-    """Whether the page cache holds every page of bytes [offset, offset+n) of ``fd``; None
-    where the kernel cannot tell (cachestat(2) missing).
+def cached(fd: int, offset: int, n: int) -> int | None:
+    """How many bytes of [offset, offset+n) of ``fd`` the page cache holds (or is reading in),
+    in whole pages; None where the kernel cannot tell (cachestat(2) missing).
     """
     if _syscall is None or _no_cachestat.is_set():
         return None
@@ -48,7 +49,15 @@ def resident(fd: int, offset: int, n: int) -> bool | None:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or seccomp
             _no_cachestat.set()
         return None
-    return st.cache >= end - first
+    return min(st.cache * mmap.PAGESIZE, n)
+
+
+def resident(fd: int, offset: int, n: int) -> bool | None:
+    """Whether the page cache holds every page of bytes [offset, offset+n) of ``fd``; None
+    where the kernel cannot tell (cachestat(2) missing).
+    """
+    got = cached(fd, offset, n)
+    return None if got is None else got >= n
 
 
 def prefetch_limit() -> int:
@@ -82,15 +91,22 @@ def weight_files(model: Path) -> list[Path]:
 class Prefetch:
     """Reads the leading bytes of each model's weight files into the page cache on a thread,
     the models side by side (as a merge's first items read them), until ``stop`` or ``limit``
-    bytes in all. Ranges already cached are skipped, not copied.
+    bytes in all. Ranges already cached are skipped, not read again.
+
+    Where the kernel takes read-ahead requests (POSIX_FADV_WILLNEED), the thread queues reads
+    and returns rather than reading: the disk keeps busy while it waits for the GIL, which
+    the importing main thread holds for long stretches, and no byte is copied. At most
+    ``WINDOW`` bytes are queued at once, so the import's own page faults do not wait behind
+    a deep queue.
     """
 
     PIECE = 16 << 20
+    WINDOW = 128 << 20
 
     def __init__(self, models: list[list[Path]], limit: int):
         self.models = [m for m in models if m]
         self.limit = limit
-        self.done = 0  # bytes read from the disk
+        self.done = 0  # bytes read or queued from the disk
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
@@ -99,14 +115,17 @@ class Prefetch:
         return self
 
     def stop(self) -> int:
-        """Stop after the read in flight; the bytes read."""
+        """Stop after the read in flight; the bytes read or queued."""
         self._stop.set()
         self._thread.join()
         return self.done
 
     def _run(self) -> None:
         buf = memoryview(bytearray(self.PIECE))
-        streams = [_Stream(files) for files in self.models]
+        streams = [
+            _Stream(files, max(self.PIECE, self.WINDOW // len(self.models)))
+            for files in self.models
+        ]
         try:
             while streams and not self._stop.is_set() and self.done < self.limit:
                 for s in list(streams):
@@ -125,13 +144,16 @@ class Prefetch:
 class _Stream:
     """One model's files, read front to back a piece at a time."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], window: int):
         self.files = list(files)
         self.fd: int | None = None
         self.offset = self.size = 0
+        self.advise = hasattr(os, "posix_fadvise")
+        self.window = window
+        self.queued: collections.deque[int] = collections.deque()  # ends of queued pieces
 
     def next_piece(self, buf: memoryview) -> int | None:
-        """Read the next piece unless cached; the bytes read, or None once all are read."""
+        """Read or queue the next piece unless cached; its bytes, or None once all are read."""
         while True:
             if self.fd is None:
                 if not self.files:
@@ -142,12 +164,13 @@ class _Stream:
                 except OSError:
                     continue  # the merge itself reports missing or unreadable files
                 self.offset = 0
-            n = got = min(len(buf), self.size - self.offset)
+            n, got = min(len(buf), self.size - self.offset), 0
             try:
-                if n > 0 and resident(self.fd, self.offset, n):
-                    got = 0
-                elif n > 0:
-                    n = got = os.preadv(self.fd, [buf[:n]], self.offset)
+                if n > 0 and not resident(self.fd, self.offset, n):
+                    if self.advise:
+                        n = got = self._advise(n) or n
+                    if not self.advise:
+                        n = got = os.preadv(self.fd, [buf[:n]], self.offset)
             except OSError:
                 n = 0
             if n > 0:
@@ -155,7 +178,25 @@ class _Stream:
                 return got
             self.close()
 
+    def _advise(self, n: int) -> int:
+        """Queue the next ``n`` bytes for reading; the bytes the kernel took on (it caps one
+        request at its read-ahead size), or 0 where none show up in the cache (no read-ahead
+        here): reads are used from then on.
+        """
+        assert self.fd is not None
+        while self.queued and self.queued[-1] - self.queued[0] >= self.window:
+            # A read of a queued piece's last byte returns once the kernel has read it in.
+            os.pread(self.fd, 1, self.queued.popleft() - 1)
+        os.posix_fadvise(self.fd, self.offset, n, os.POSIX_FADV_WILLNEED)
+        got = cached(self.fd, self.offset, n)
+        if not got:
+            self.advise = False
+            return 0
+        self.queued.append(self.offset + got)
+        return got
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self.queued.clear()
