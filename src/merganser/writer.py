@@ -105,7 +105,9 @@ def layout(
 # Staging blocks: each shard is assembled in memory in blocks of STAGE_BLOCK bytes (a multiple
 # of any device's block size, as O_DIRECT requires), at most STAGE_LIMIT of them at once.
 STAGE_BLOCK = 4 << 20
-STAGE_LIMIT = 16
+# Eight blocks rather than 16 took 16-32 MB off the peak RSS of small merges, at the same
+# speed warm and cold (1B TIES and SLERP).
+STAGE_LIMIT = 8
 WRITE_DEPTH = 4
 
 
