@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from conftest import evict_or_skip, run_cli, write_recipe
@@ -100,6 +101,15 @@ def test_prefetch_queues_within_its_window(tmp_path, monkeypatch) -> None:
     for f in files:
         assert _resident(f, 0, f.stat().st_size) is True
     assert waits  # the window was full at times, so it waited rather than queue more
+
+
+def test_prefetch_of_no_files_ends_quietly(monkeypatch) -> None:
+    failed: list = []
+    monkeypatch.setattr(threading, "excepthook", failed.append)
+    pf = pagecache.Prefetch([[], []], 1 << 30).start()
+    pf._thread.join(timeout=30)
+    assert not pf._thread.is_alive() and pf.stop() == 0
+    assert failed == []
 
 
 def test_prefetch_reads_where_the_kernel_takes_no_read_ahead(tmp_path, monkeypatch) -> None:

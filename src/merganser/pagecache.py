@@ -150,7 +150,7 @@ class _Stream:
         self.offset = self.size = 0
         self.advise = hasattr(os, "posix_fadvise")
         self.window = window
-        self.queued: collections.deque[int] = collections.deque()  # ends of queued pieces
+        self.queued: collections.deque[tuple[int, int]] = collections.deque()  # (start, end)
 
     def next_piece(self, buf: memoryview) -> int | None:
         """Read or queue the next piece unless cached; its bytes, or None once all are read."""
@@ -184,15 +184,15 @@ class _Stream:
         here): reads are used from then on.
         """
         assert self.fd is not None
-        while self.queued and self.queued[-1] - self.queued[0] >= self.window:
+        while self.queued and self.offset + n - self.queued[0][0] > self.window:
             # A read of a queued piece's last byte returns once the kernel has read it in.
-            os.pread(self.fd, 1, self.queued.popleft() - 1)
+            os.pread(self.fd, 1, self.queued.popleft()[1] - 1)
         os.posix_fadvise(self.fd, self.offset, n, os.POSIX_FADV_WILLNEED)
         got = cached(self.fd, self.offset, n)
         if not got:
             self.advise = False
             return 0
-        self.queued.append(self.offset + got)
+        self.queued.append((self.offset, self.offset + got))
         return got
 
     def close(self) -> None:
