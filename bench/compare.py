@@ -9,6 +9,7 @@ O_DIRECT into reserved blocks, as merganser does.
 
     python bench/compare.py [--sizes 125m,1b] [--repeats 3] [--methods linear,ties,...]
                             [--cold]    # evict the inputs from the page cache before each run
+                            [--devices cpu,cuda]  # merganser on each, side by side
 """
 
 from __future__ import annotations
@@ -183,7 +184,13 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(RECIPES))
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--devices", default="cpu", help="merganser's --device, each run in turn")
     a = ap.parse_args()
+    # The CPU run is always there: the other devices' times are read as ratios to it.
+    devices = ["cpu", *(d for d in a.devices.split(",") if d != "cpu")]
+    # Without the project's venv (a GPU machine with its own torch), run the source tree.
+    exe = REPO / ".venv/bin/merganser"
+    merganser = [str(exe)] if exe.exists() else [sys.executable, "-m", "merganser.cli"]
     have_mk = MERGEKIT.exists() and not a.no_mergekit
     if not have_mk and not a.no_mergekit:
         print(
@@ -201,10 +208,11 @@ def main() -> int:
                 used = sorted({*used, Path(recipe["base_model"]) / "model.safetensors"})
             in_bytes = sum(p.stat().st_size for p in used)
             out_bytes = used[0].stat().st_size
-            runs: dict[str, list[tuple[float, float, int]]] = {"merganser": [], "mergekit": []}
+            tools = [tool_name(d) for d in devices] + (["mergekit"] if have_mk else [])
+            runs: dict[str, list[tuple[float, float, int]]] = {t: [] for t in tools}
             floors = []
             for _ in range(a.repeats):
-                for tool in ["merganser", "mergekit"] if have_mk else ["merganser"]:
+                for tool in tools:
                     out = ROOT / f"out_{tool}"
                     # Neither tool is timed deleting the previous run's output.
                     subprocess.run(["rm", "-rf", str(out)])
@@ -212,15 +220,10 @@ def main() -> int:
                         evict(used)
                     else:
                         warm(used)
-                    if tool == "merganser":
-                        cmd = [
-                            str(REPO / ".venv/bin/merganser"),
-                            "merge",
-                            str(rpath),
-                            str(out),
-                            "--force",
-                            "--no-progress",
-                        ]
+                    if tool != "mergekit":
+                        device = devices[tools.index(tool)]
+                        cmd = [*merganser, "merge", str(rpath), str(out), "--force"]
+                        cmd += ["--no-progress", "--device", device]
                     else:
                         cmd = [
                             str(MERGEKIT),
@@ -266,6 +269,11 @@ def main() -> int:
     return 0
 
 
+def tool_name(device: str) -> str:
+    """The row's key for merganser on ``device``: the CPU run keeps the plain name."""
+    return "merganser" if device == "cpu" else f"merganser_{device.replace(':', '')}"
+
+
 def _print_row(r: dict) -> None:
     mg = (
         f"{r['merganser_wall_s']:.1f}s cpu {r['merganser_cpu_s']:.1f}s "
@@ -279,6 +287,13 @@ def _print_row(r: dict) -> None:
             f"{r['merganser_wall_s'] / r['mergekit_wall_s']:.2f}x, rss ratio "
             f"{r['merganser_rss_GB'] / r['mergekit_rss_GB']:.2f}x"
         )
+    for k in r:
+        if k.startswith("merganser_cuda") and k.endswith("_wall_s"):
+            tool = k.removesuffix("_wall_s")
+            line += (
+                f" | {tool} {r[k]:.1f}s cpu {r[tool + '_cpu_s']:.1f}s rss "
+                f"{r[tool + '_rss_GB']:.2f}G, /cpu {r[k] / r['merganser_wall_s']:.2f}x"
+            )
     line += (
         f" | floor {r['floor_s']:.1f}s, merganser/floor {r['merganser_wall_s'] / r['floor_s']:.2f}x"
     )
