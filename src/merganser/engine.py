@@ -403,7 +403,9 @@ def load_inputs(
 
     def load(ref: tuple[int, str]) -> torch.Tensor:
         t = rounded(plan, read_raw(plan, item, ref, digests, again))
-        return t.to(device=options.device, dtype=torch.float32)
+        # Copy first, convert after: a blocking host-to-GPU copy that also changes the dtype
+        # converts on the CPU, then copies twice the bytes of a bf16 tensor.
+        return t.to(device=options.device).float()
 
     task = item.task
     tensors = [load(ref) for ref in task.sources]
