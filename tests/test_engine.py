@@ -50,6 +50,17 @@ def test_output_bytes_do_not_depend_on_threads_budget_or_chunking(tmp_path) -> N
     assert all(d == first for d in digests.values()), digests
 
 
+def test_default_threads_are_capped_on_cpu_but_not_for_a_gpu(monkeypatch) -> None:
+    from merganser import api
+
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 16)
+    assert merganser.MergeOptions().engine_options().threads == api.CPU_THREADS_CAP < 16
+    assert merganser.MergeOptions(device="cuda").engine_options().threads == 16
+    assert merganser.MergeOptions(threads=9).engine_options().threads == 9
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 2)
+    assert merganser.MergeOptions().engine_options().threads == 2
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "della", "ties"])
 def test_stochastic_and_sparse_methods_are_byte_identical_across_threads(tmp_path, method) -> None:
     paths = _family(tmp_path)

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         default=None,
-        help="worker threads (default: number of cores)",
+        help="worker threads (default: the cores, at most 4 when --device is cpu)",
     )
     m.add_argument(
         "--torch-threads",
