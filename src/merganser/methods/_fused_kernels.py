@@ -234,15 +234,18 @@ def magnitudes(x, base, words, limit, mag, kept, packed):  # type: ignore[no-unt
     # Loops of their own: packing inside the one above would keep it from being vectorised.
     whole = base.size >> 3 if packed.size else 0
     for q in range(whole):
-        b = np.uint32(0)
-        for r in range(8):
-            b |= np.uint32(words[8 * q + r] < limit) << np.uint32(r)
-        packed[q] = np.uint8(b)
+        packed[q] = _kept_bits(words, 8 * q, 8, limit)
     if packed.size > whole:
-        b = np.uint32(0)
-        for r in range(base.size - 8 * whole):
-            b |= np.uint32(words[8 * whole + r] < limit) << np.uint32(r)
-        packed[whole] = np.uint8(b)
+        packed[whole] = _kept_bits(words, 8 * whole, base.size - 8 * whole, limit)
+
+
+@njit(inline="always")
+def _kept_bits(words, start, n, limit):  # type: ignore[no-untyped-def]
+    """DARE's keep bits ``words[start + r] < limit`` for r < n as one byte (little bit order)."""
+    b = np.uint32(0)
+    for r in range(n):
+        b |= np.uint32(words[start + r] < limit) << np.uint32(r)
+    return np.uint8(b)
 
 
 @njit(inline="always")
