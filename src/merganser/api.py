@@ -81,10 +81,10 @@ class MergeOptions:
 
 
 # More worker threads than this slowed warm CPU merges on a 16-core machine: 1B linear took 3.1 s
-# with 2 threads and 4.9 s with 16, TIES 4.2-4.8 s with 4 and 5.2-5.5 s with 16 (bench notes in
-# the README). Past a few threads a merge is bound by memory bandwidth and the one writer, and
-# each thread holds its own buffers (RSS 0.9 GB with 2 threads, 2.9 GB with 16). A GPU merge
-# keeps one thread per core: its threads mostly wait on host-device copies.
+# with 2 threads (that machine's read-plus-write floor) and 4.9 s with 16, TIES 4.2-4.8 s with 4
+# and 5.2-5.6 s with 16 (README, Performance). Each thread also holds its own buffers: peak RSS
+# 1.1 GB with 4 threads, 2.7-3.0 GB with 16. GPU merges kept gaining up to one thread per core
+# (TIES 5.7 s with 4, 4.6-4.9 s with 16), so they keep that.
 CPU_THREADS_CAP = 4
 
 
