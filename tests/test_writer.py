@@ -163,3 +163,45 @@ def test_a_full_disk_fails_when_the_shards_are_opened(tmp_path, monkeypatch) -> 
         out.open_shards(shards, slots)
     out.abort()
     assert not any(tmp_path.iterdir())
+
+
+def test_staging_stays_bounded_while_the_disk_writes_slowly(tmp_path, monkeypatch) -> None:
+    """Results that come faster than the disk takes them wait: at most STAGE_LIMIT blocks are
+    staged, WRITE_DEPTH more being written and the one the stream needs next, however far the
+    writes fall behind (it had been 196 blocks here).
+    """
+    monkeypatch.setattr(writer, "STAGE_BLOCK", 64)
+    monkeypatch.setattr(writer, "STAGE_LIMIT", 3)
+    monkeypatch.setattr(writer, "WRITE_DEPTH", 2)
+    peak = 0
+    real_write = writer._ShardStream._write
+    real_entry = writer._ShardStream._entry
+
+    def slow_write(self, *args) -> None:
+        time.sleep(0.01)
+        real_write(self, *args)
+
+    def counted_entry(self, *args):
+        nonlocal peak
+        entry = real_entry(self, *args)
+        peak = max(peak, self._staged)
+        return entry
+
+    monkeypatch.setattr(writer._ShardStream, "_write", slow_write)
+    monkeypatch.setattr(writer._ShardStream, "_entry", counted_entry)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t{i:02d}": torch.randint(0, 256, (256,), dtype=torch.uint8, generator=g)
+        for i in range(40)
+    }
+    shards, slots = layout(((n, tuple(t.shape), t.dtype) for n, t in tensors.items()), 10**6)
+    out = AtomicOutput(tmp_path / "out")
+    out.open_shards(shards, slots)
+    for name, t in tensors.items():
+        out.write(name, t, 0)
+    out.close_shards()
+    manifest = out.verify_and_index()
+    data = (out.tmp / shards[0].filename).read_bytes()
+    assert manifest[shards[0].filename]["blake3"] == blake3(data).hexdigest()
+    out.abort()
+    assert 0 < peak <= writer.STAGE_LIMIT + writer.WRITE_DEPTH + 1, peak
