@@ -99,13 +99,16 @@ def test_tiny_then_merge_as_a_real_process(tmp_path) -> None:
     assert (tmp_path / "o" / "merganser_manifest.json").is_file()
 
 
-def _entry_then(argv: list[str], probe: str) -> str:
-    """Run the console script's ``entry`` in a fresh interpreter; print ``probe`` after it."""
+def _entry_then(argv: list[str], probe: str, setup: str = "") -> str:
+    """Run the console script's ``entry`` in a fresh interpreter (after ``setup``); print
+    ``probe`` after it.
+    """
     import subprocess
     import sys
 
     code = (
         "import gc, sys\n"
+        f"{setup}"
         f"sys.argv = {['merganser', *argv]!r}\n"
         "from merganser import cli\n"
         "try:\n    cli.entry()\nexcept SystemExit:\n    pass\n"
@@ -113,6 +116,21 @@ def _entry_then(argv: list[str], probe: str) -> str:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return r.stdout.strip().splitlines()[-1]
+
+
+def test_the_console_script_prefetches_until_the_merge_is_written(tmp_path) -> None:
+    # The engine computes the ranges the prefetch brought in with no reads of its own, so the
+    # prefetch goes on (to its limit) while the merge runs, and is stopped only after it.
+    m = write_model(tmp_path / "m", {"w": torch.ones(4)})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)}]}))
+    out = tmp_path / "out"
+    setup = (
+        "import os\nfrom merganser import pagecache\nseen = []\nstop = pagecache.Prefetch.stop\n"
+        "pagecache.Prefetch.stop = lambda self: "
+        f"(seen.append(os.path.exists({str(out)!r})), stop(self))[1]\n"
+    )
+    assert _entry_then(["merge", str(recipe), str(out), "--no-progress"], "seen", setup) == "[True]"
 
 
 def test_importing_the_package_help_and_usage_errors_do_not_import_torch() -> None:

@@ -592,13 +592,21 @@ def entry() -> None:
     finally:
         gc.freeze()
         gc.enable()
-    if early is not None:
-        early.stop()
-    sys.exit(run(args))
+    # The prefetch goes on while the merge runs: the engine computes the ranges it brought in
+    # with no reads of its own, and the disk would idle meanwhile (0.5-0.8 s of a cold 1B
+    # SLERP merge). It ends at its limit or with the merge.
+    try:
+        rc = run(args)
+    finally:
+        if early is not None:
+            early.stop()
+    sys.exit(rc)
 
 
 def _prefetch(a: argparse.Namespace) -> Prefetch | None:
-    """For a merge, start reading its inputs into the page cache while torch is imported."""
+    """For a merge, start reading its inputs into the page cache while torch is imported (it
+    goes on while the merge runs, up to its limit).
+    """
     if a.command != "merge" or a.read == "direct":
         return None
     from merganser import pagecache
