@@ -46,7 +46,7 @@ bench-compare: $(STAMP) mergekit-venv
 
 # Cold page cache: the inputs are evicted (posix_fadvise) before every run and floor read.
 bench-cold: $(STAMP)
-	$(PY) bench/compare.py --cold --no-mergekit --sizes 1b --methods linear,task_arithmetic,slerp,ties,dare_ties --repeats 3
+	$(PY) bench/compare.py --cold --no-mergekit --sizes 1b --methods linear,task_arithmetic,slerp,ties,dare_ties --repeats 4
 
 # Evolver, CMA-ES, greedy soup and kinship-guided greedy merging vs the best fixed merge, on the zoo.
 bench-search: $(STAMP)

@@ -113,6 +113,17 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
     return float(wall), float(cpu), int(rss)
 
 
+def floor(used: list[Path], out_bytes: int, cold: bool) -> tuple[float, float, float | None]:
+    """Seconds to read ``used`` (evicted first when ``cold``), to write ``out_bytes`` dd-style,
+    and to write them with O_DIRECT (None where there is none).
+    """
+    if cold:
+        evict(used)
+    read_s = warm(used)
+    path = ROOT / "floor.bin"
+    return read_s, write_floor(out_bytes, path), direct_write_floor(out_bytes, path)
+
+
 def evict(files: list[Path]) -> None:
     """Drop ``files`` from the page cache (posix_fadvise DONTNEED: no root needed)."""
     os.sync()
@@ -211,7 +222,14 @@ def main() -> int:
             tools = [tool_name(d) for d in devices] + (["mergekit"] if have_mk else [])
             runs: dict[str, list[tuple[float, float, int]]] = {t: [] for t in tools}
             floors = []
-            for _ in range(a.repeats):
+            for rep in range(a.repeats):
+                # Cold, a read runs faster right after another read of the same files (the
+                # host's cache) and slower after writes: every other repeat measures the floor
+                # before the tools rather than after them, so neither side always has the
+                # better spot.
+                floor_first = a.cold and rep % 2 == 1
+                if floor_first:
+                    floors.append(floor(used, out_bytes, a.cold))
                 for tool in tools:
                     out = ROOT / f"out_{tool}"
                     # Neither tool is timed deleting the previous run's output.
@@ -235,17 +253,8 @@ def main() -> int:
                             "0",
                         ]
                     runs[tool].append(timed(cmd))
-                if a.cold:
-                    evict(used)
-                read_s = warm(used)
-                floor_bin = ROOT / "floor.bin"
-                floors.append(
-                    (
-                        read_s,
-                        write_floor(out_bytes, floor_bin),
-                        direct_write_floor(out_bytes, floor_bin),
-                    )
-                )
+                if not floor_first:
+                    floors.append(floor(used, out_bytes, a.cold))
             row = {
                 "size": size,
                 "method": name,
