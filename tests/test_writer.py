@@ -76,6 +76,26 @@ def test_writers_racing_over_shared_blocks_stage_every_byte(tmp_path, monkeypatc
     out.abort()
 
 
+def _write_in_order(tmp_path, count: int, numel: int, shard_size: int) -> None:
+    """Write ``count`` random tensors one after another, then check every shard's checksum."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t{i:03d}": torch.randint(0, 256, (numel,), dtype=torch.uint8, generator=g)
+        for i in range(count)
+    }
+    shards, slots = layout(((n, tuple(t.shape), t.dtype) for n, t in tensors.items()), shard_size)
+    out = AtomicOutput(tmp_path / "out")
+    out.open_shards(shards, slots)
+    for name, t in tensors.items():
+        out.write(name, t, 0)
+    out.close_shards()
+    manifest = out.verify_and_index()
+    for shard in shards:
+        data = (out.tmp / shard.filename).read_bytes()
+        assert manifest[shard.filename]["blake3"] == blake3(data).hexdigest()
+    out.abort()
+
+
 def test_the_stream_passes_a_block_before_its_write_can_free_it(tmp_path, monkeypatch) -> None:
     """``result()`` reads a missing block at or after the stream's next one as not yet staged,
     and would halt the stream: so the stream must move past a block before the block's write
@@ -100,22 +120,8 @@ def test_the_stream_passes_a_block_before_its_write_can_free_it(tmp_path, monkey
             pass
 
     monkeypatch.setattr(writer, "ThreadPoolExecutor", InlineWrites)
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        f"t{i}": torch.randint(0, 256, (200,), dtype=torch.uint8, generator=g) for i in range(8)
-    }
-    shards, slots = layout(((n, tuple(t.shape), t.dtype) for n, t in tensors.items()), 1000)
-    out = AtomicOutput(tmp_path / "out")
-    out.open_shards(shards, slots)
-    for name, t in tensors.items():
-        out.write(name, t, 0)
-    out.close_shards()
-    manifest = out.verify_and_index()
+    _write_in_order(tmp_path, count=8, numel=200, shard_size=1000)
     assert freed_early == []
-    for shard in shards:
-        data = (out.tmp / shard.filename).read_bytes()
-        assert manifest[shard.filename]["blake3"] == blake3(data).hexdigest()
-    out.abort()
 
 
 @pytest.mark.parametrize("fallocate", ["refused", "missing"])
@@ -189,19 +195,5 @@ def test_staging_stays_bounded_while_the_disk_writes_slowly(tmp_path, monkeypatc
 
     monkeypatch.setattr(writer._ShardStream, "_write", slow_write)
     monkeypatch.setattr(writer._ShardStream, "_entry", counted_entry)
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        f"t{i:02d}": torch.randint(0, 256, (256,), dtype=torch.uint8, generator=g)
-        for i in range(40)
-    }
-    shards, slots = layout(((n, tuple(t.shape), t.dtype) for n, t in tensors.items()), 10**6)
-    out = AtomicOutput(tmp_path / "out")
-    out.open_shards(shards, slots)
-    for name, t in tensors.items():
-        out.write(name, t, 0)
-    out.close_shards()
-    manifest = out.verify_and_index()
-    data = (out.tmp / shards[0].filename).read_bytes()
-    assert manifest[shards[0].filename]["blake3"] == blake3(data).hexdigest()
-    out.abort()
+    _write_in_order(tmp_path, count=40, numel=256, shard_size=10**6)
     assert 0 < peak <= writer.STAGE_LIMIT + writer.WRITE_DEPTH + 1, peak
