@@ -134,6 +134,11 @@ class _ShardStream(threading.Thread):
         self._next = (0, 0)  # the block this thread writes next
         self._cv = threading.Condition()
         self._halt = False
+        # The write pool's queue has no bound: the stream waits for a free write thread before
+        # it moves on, or blocks at or before its next one, which writers may always stage, pile
+        # up behind a slow disk (148 blocks, 0.6 GB, in a 1B merge whose inputs were cached).
+        # So at most STAGE_LIMIT + WRITE_DEPTH + 1 blocks are staged.
+        self._writing = threading.Semaphore(WRITE_DEPTH)
 
     def _length(self, shard: int, block: int) -> int:
         return min(STAGE_BLOCK, self.shards[shard].size - block * STAGE_BLOCK)
@@ -194,11 +199,6 @@ class _ShardStream(threading.Thread):
         # Several O_DIRECT writes in flight: one at a time ran at a quarter of the disk's speed
         # while the inputs were being read.
         writes = ThreadPoolExecutor(WRITE_DEPTH, thread_name_prefix="shard-write")
-        # The pool's queue has no bound: the stream waits for a free write thread before it
-        # moves on, or blocks at or before its next one, which writers may always stage, pile
-        # up behind a slow disk (148 blocks, 0.6 GB, in a 1B merge whose inputs were cached).
-        # So at most STAGE_LIMIT + WRITE_DEPTH + 1 blocks are staged.
-        self._writing = threading.Semaphore(WRITE_DEPTH)
         try:
             for i, shard in enumerate(self.shards):
                 header = torch.frombuffer(bytearray(shard.header), dtype=torch.uint8)
