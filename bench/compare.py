@@ -219,7 +219,10 @@ def main() -> int:
                 used = sorted({*used, Path(recipe["base_model"]) / "model.safetensors"})
             in_bytes = sum(p.stat().st_size for p in used)
             out_bytes = used[0].stat().st_size
-            tools = [tool_name(d) for d in devices] + (["mergekit"] if have_mk else [])
+            # Each tool's row key and merganser's device (None: mergekit).
+            tools: dict[str, str | None] = {tool_name(d): d for d in devices}
+            if have_mk:
+                tools["mergekit"] = None
             runs: dict[str, list[tuple[float, float, int]]] = {t: [] for t in tools}
             floors = []
             for rep in range(a.repeats):
@@ -230,7 +233,7 @@ def main() -> int:
                 floor_first = a.cold and rep % 2 == 1
                 if floor_first:
                     floors.append(floor(used, out_bytes, a.cold))
-                for tool in tools:
+                for tool, device in tools.items():
                     out = ROOT / f"out_{tool}"
                     # Neither tool is timed deleting the previous run's output.
                     subprocess.run(["rm", "-rf", str(out)])
@@ -238,8 +241,7 @@ def main() -> int:
                         evict(used)
                     else:
                         warm(used)
-                    if tool != "mergekit":
-                        device = devices[tools.index(tool)]
+                    if device is not None:
                         cmd = [*merganser, "merge", str(rpath), str(out), "--force"]
                         cmd += ["--no-progress", "--device", device]
                     else:
@@ -297,7 +299,7 @@ def _print_row(r: dict) -> None:
             f"{r['merganser_rss_GB'] / r['mergekit_rss_GB']:.2f}x"
         )
     for k in r:
-        if k.startswith("merganser_cuda") and k.endswith("_wall_s"):
+        if k.startswith("merganser_") and k.endswith("_wall_s") and k != "merganser_wall_s":
             tool = k.removesuffix("_wall_s")
             line += (
                 f" | {tool} {r[k]:.1f}s cpu {r[tool + '_cpu_s']:.1f}s rss "
