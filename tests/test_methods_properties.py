@@ -7,7 +7,7 @@ import itertools
 from unittest import mock
 
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import merganser
@@ -47,6 +47,11 @@ IDENTITY_METHODS = ["linear", "karcher", "model_stock", "slerp", "nuslerp", "tie
 def test_identical_fine_tuned_models_merge_to_themselves(seed, shape, method, n) -> None:
     base = _rand(seed, shape)
     x = base + _rand(seed + 1, shape, 0.1)
+    if method == "model_stock":
+        # Model Stock divides by the task vectors' norm product clamped at 1e-6 (spec 13.4, as
+        # mergekit), so below it the cosine of identical models is not 1: the clamp's own
+        # numbers are tested in test_methods_spec.
+        assume(float((x - base).norm()) ** 2 >= 1e-6)
     if method == "slerp":
         models = [x]
     elif method == "nuslerp":

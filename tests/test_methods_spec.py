@@ -102,6 +102,13 @@ def test_model_stock_spec_13_4() -> None:
     torch.testing.assert_close(out, t(0.6, 0.3))
 
 
+def test_model_stock_clamps_the_norm_product_at_1e_6() -> None:
+    # Task vectors of 5e-4: dot 2.5e-7 over the clamped norm product 1e-6 gives cos 0.25, so
+    # t = 2·0.25 / (1 + 0.25) = 0.4 and the merge is 0.4 · 5e-4 (spec 13.4, as mergekit).
+    out = merganser.merge_tensors("model_stock", [t(5e-4), t(5e-4)], base=t(0.0))
+    torch.testing.assert_close(out, t(2e-4), rtol=1e-5, atol=0)
+
+
 def test_slerp_spec_13_1() -> None:
     torch.testing.assert_close(slerp_tensors(0.5, t(1, 0), t(0, 1)), t(0.707107, 0.707107))
     torch.testing.assert_close(slerp_tensors(0.5, t(2, 0), t(0, 1)), t(1.414214, 0.707107))
