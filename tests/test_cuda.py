@@ -73,3 +73,66 @@ def test_cuda_calibration_matches_cpu(reduced_zoo) -> None:
         assert gpu[k].device.type == "cpu"
         # TF32 and other reduction orders: agreement to a relative tolerance, not bits.
         torch.testing.assert_close(gpu[k], cpu[k], rtol=2e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "global"])
+def test_a_tensor_too_large_for_gpu_memory_is_merged_on_the_cpu(tmp_path, scope) -> None:
+    """With --gpu-memory too small for one tensor, that tensor is merged on the CPU (block by
+    block where the method can) and the rest on the GPU; the result is the CPU's, and the GPU
+    never held more than the budget.
+    """
+    g = torch.Generator().manual_seed(2)
+    shapes = {"big.weight": (4096, 512), "a.weight": (256, 512), "b.weight": (64, 512)}
+    paths = [
+        write_model(
+            tmp_path / f"m{k}",
+            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
+        )
+        for k in range(3)
+    ]
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p)} for p in paths[1:]],
+        "parameters": {"density": 0.5, "scope": scope},
+    }
+    # 3 inputs of 2M entries need about 120 MB in float32 with TIES' workspace; the others fit.
+    budget = 32 << 20
+    cpu = load_folder(merganser.merge(recipe, tmp_path / "cpu"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    opts = merganser.MergeOptions(device="cuda", gpu_memory=budget)
+    gpu = load_folder(merganser.merge(recipe, tmp_path / "gpu", opts))
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_gpu_memory_in_flight_stays_within_the_budget(tmp_path) -> None:
+    """Sixteen threads merging many tensors on the GPU hold at most --gpu-memory at once."""
+    g = torch.Generator().manual_seed(3)
+    paths = [
+        write_model(
+            tmp_path / f"m{k}",
+            {f"w{i}": torch.randn(512, 512, generator=g).to(torch.bfloat16) for i in range(32)},
+        )
+        for k in range(4)
+    ]
+    budget = 64 << 20
+    for method in ("ties", "slerp", "linear"):
+        recipe = {
+            "merge_method": method,
+            "base_model": str(paths[0]),
+            "models": [{"model": str(p)} for p in paths[1 : 2 if method == "slerp" else None]],
+            "parameters": {"t": 0.3} if method == "slerp" else {"density": 0.5},
+        }
+        if method == "linear":
+            recipe = {"merge_method": "linear", "models": [{"model": str(p)} for p in paths]}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        opts = merganser.MergeOptions(device="cuda", gpu_memory=budget, threads=16)
+        merganser.merge(recipe, tmp_path / method, opts)
+        peak = torch.cuda.max_memory_allocated() - base
+        assert 0 < peak <= budget, (method, peak)

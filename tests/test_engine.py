@@ -122,6 +122,110 @@ def test_non_elementwise_tensor_larger_than_budget_fails_before_work(tmp_path) -
         plan.close()
 
 
+def _ties_plan(tmp_path, big: int):
+    """TIES over a base and two experts: one (big, 256) matrix and two small ones."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"big.weight": (big, 256), "a.weight": (64, 256), "b.weight": (32, 256)}
+    paths = [
+        write_model(
+            tmp_path / f"t{k}",
+            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
+        )
+        for k in range(3)
+    ]
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p)} for p in paths[1:]],
+        "parameters": {"density": 0.5},
+    }
+    return build_plan(parse_recipe(recipe))
+
+
+def test_a_tensor_too_large_for_the_gpu_budget_is_merged_on_the_cpu_in_blocks(tmp_path) -> None:
+    from merganser.engine import bytes_per_element
+
+    plan = _ties_plan(tmp_path, big=2048)
+    try:
+        by_name = {t.name: t for t in plan.tasks}
+        whole = {n: bytes_per_element(plan, t) * t.numel for n, t in by_name.items()}
+        gpu = whole["a.weight"]  # fits a.weight and b.weight, not big.weight
+        assert whole["big.weight"] > gpu >= whole["b.weight"]
+        opts = EngineOptions(memory_budget=1 << 30, device="cuda", device_budget=gpu)
+        items = {i.task.name: i for i in work_items(plan, opts)}
+        assert (items["big.weight"].device, items["big.weight"].blocks) == ("cpu", True)
+        for name in ("a.weight", "b.weight"):
+            assert (items[name].device, items[name].blocks) == ("cuda", False)
+            assert items[name].cost <= gpu
+        # Without a GPU budget every tensor goes to the GPU, whole.
+        unbounded = work_items(plan, dataclasses.replace(opts, device_budget=None))
+        assert {(i.device, i.blocks) for i in unbounded} == {("cuda", False)}
+    finally:
+        plan.close()
+
+
+def test_elementwise_gpu_items_are_chunked_to_the_gpu_budget(tmp_path) -> None:
+    plan = build_plan(parse_recipe(_recipe(_family(tmp_path))))
+    try:
+        opts = EngineOptions(memory_budget=1 << 30, device="cuda", device_budget=4096)
+        items = work_items(plan, opts)
+        assert len(items) > len(plan.tasks)
+        assert all(i.device == "cuda" and i.cost <= 4096 for i in items)
+        assert sum(i.count for i in items) == sum(t.numel for t in plan.tasks)
+    finally:
+        plan.close()
+
+
+def test_gpu_items_in_flight_hold_the_gpu_budget() -> None:
+    """Items on the GPU are admitted only while their costs fit the device budget (an item
+    larger than all of it runs alone); CPU items do not count against it.
+    """
+    import threading
+    import time
+
+    from merganser import engine
+
+    lock = threading.Lock()
+    state = {"gpu": 0, "max_gpu": 0, "cpu": 0, "max_cpu": 0}
+
+    def fn(item, compute) -> None:
+        key = "gpu" if item.device == "cuda" else "cpu"
+        with lock:
+            state[key] += item.cost
+            state["max_" + key] = max(state["max_" + key], state[key])
+        time.sleep(0.02)
+        with lock:
+            state[key] -= item.cost
+
+    def item(cost: int, device: str) -> engine.WorkItem:
+        return engine.WorkItem(None, 0, 1, cost, True, device)  # type: ignore[arg-type]
+
+    items = [item(4, "cuda") for _ in range(12)] + [item(25, "cuda")]
+    items += [item(4, "cpu") for _ in range(12)]
+    opts = EngineOptions(memory_budget=1 << 20, threads=8, device="cuda", device_budget=10)
+    engine._run_items(items, fn, opts)
+    assert state["max_gpu"] in (8, 25)  # two 4-byte items at once, or the big one alone
+    assert state["max_cpu"] > 8  # the CPU items ran side by side, beyond the GPU budget
+
+
+def test_running_out_of_gpu_memory_is_a_one_line_error_naming_the_tensor() -> None:
+    from types import SimpleNamespace
+
+    from merganser import engine
+
+    def fn(item, compute) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    task = SimpleNamespace(name="model.embed_tokens.weight")
+    items = [engine.WorkItem(task, 0, 1, 1, True, "cuda")]  # type: ignore[arg-type]
+    opts = EngineOptions(memory_budget=1 << 20, device="cuda", device_budget=3 << 30)
+    with pytest.raises(MerganserError) as e:
+        engine._run_items(items, fn, opts)
+    msg = str(e.value)
+    assert "\n" not in msg and "model.embed_tokens.weight" in msg
+    assert "--gpu-memory 3.00 GiB" in msg
+
+
 def test_layer_gradient_and_depth_follow_mergekit(tmp_path) -> None:
     assert depth("model.embed_tokens.weight", 3) == 0.0
     assert depth("model.norm.weight", 3) == 0.0 and depth("lm_head.weight", 3) == 0.0
@@ -240,7 +344,7 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
         task = next(t for t in plan.tasks if t.name == "w")
         from merganser.engine import blockwise
 
-        assert blockwise(plan, task, opts.engine_options())
+        assert blockwise(plan, task, opts.engine_options().device)
         tensors = [m["w"].float() for m in models]
         base_f = base.to(torch.bfloat16).float() if method != "linear" else None
         want = plan.method(tensors, base_f, **task.params)

@@ -80,7 +80,7 @@ def test_fused_kernels_give_the_torch_path_bits(tmp_path, method, params, budget
         opts = merganser.MergeOptions(memory_budget=budget, threads=2)
         eo = opts.engine_options()
         bm = block_merge(plan, task)
-        assert blockwise(plan, task, eo) and fusable(plan, task, eo) and bm is not None
+        assert blockwise(plan, task, eo.device) and fusable(plan, task, eo) and bm is not None
         assert bm.fused()  # the case really runs the kernels
     finally:
         plan.close()

@@ -15,7 +15,7 @@ import torch
 from merganser import engine
 from merganser.card import model_card
 from merganser.checkpoint import ReadMode
-from merganser.device import check_device
+from merganser.device import check_device, default_device_budget
 from merganser.dtypes import dtype_name
 from merganser.errors import MerganserError, RecipeError
 from merganser.methods import get_method
@@ -60,6 +60,7 @@ class MergeOptions:
     read_ahead: int = 1
     read_streams: int = 4
     device: str = "cpu"
+    gpu_memory: int | None = None
     force: bool = False
     allow_nonfinite: bool = False
     fused: bool = True
@@ -75,6 +76,7 @@ class MergeOptions:
             read_ahead=self.read_ahead,
             read_streams=self.read_streams,
             device=self.device,
+            device_budget=self.gpu_memory or default_device_budget(self.device),
             allow_nonfinite=self.allow_nonfinite,
             fused=self.fused,
         )

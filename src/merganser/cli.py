@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
     m.add_argument(
+        "--gpu-memory",
+        type=parse_size,
+        default=None,
+        help="cap on GPU memory in flight with --device cuda; a tensor that needs more is "
+        "merged on the CPU (default: 80%% of the GPU's free memory)",
+    )
+    m.add_argument(
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
     )
     m.add_argument(
@@ -293,6 +300,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         read_ahead=a.read_ahead,
         read_streams=a.read_streams,
         device=a.device,
+        gpu_memory=a.gpu_memory,
         force=a.force,
         allow_nonfinite=a.allow_nonfinite,
         fused=a.fused,

@@ -23,3 +23,19 @@ def check_device(name: str) -> torch.device:
     elif dev.type != "cpu":
         raise MerganserError(f"--device {name}: expected cpu or cuda[:N]")
     return dev
+
+
+# Share of a GPU's free memory a merge's items may hold at once: the rest absorbs the caching
+# allocator's fragmentation and temporaries a method's per-entry estimate leaves out.
+GPU_SHARE = 0.8
+
+
+def default_device_budget(name: str) -> int | None:
+    """Bytes of GPU memory a merge on ``name`` may hold at once; None off a GPU (check_device
+    is what rejects a GPU this machine lacks).
+    """
+    dev = torch.device(name)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(free * GPU_SHARE)

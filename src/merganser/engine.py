@@ -10,11 +10,16 @@ and each BLOCK of entries is upcast, merged and cast back while it sits in the C
 tensor too large for one item is cut into chunks (elementwise) or read in segments once per
 statistic pass (a BlockMerge; later passes come from the page cache). Elsewhere (GPU,
 vocabulary filling, calibration statistics, whole-tensor methods) an item is upcast whole.
+
+On a GPU, items are also admitted under a device budget. A tensor that must be merged whole
+and needs more than that budget is merged on the CPU instead, so a merge never runs out of
+GPU memory on one large tensor (an embedding, say) that the CPU can stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +61,8 @@ class EngineOptions:
     threads: int = 2
     torch_threads: int = 1
     device: str = "cpu"
+    # Bytes of GPU memory the items in flight may hold at once (None: no bound; unused on CPU).
+    device_budget: int | None = None
     allow_nonfinite: bool = False
     # Upper bound for one work item; smaller items spread big tensors over all threads.
     max_item_bytes: int = 64 << 20
@@ -84,6 +91,9 @@ class WorkItem:
     count: int
     cost: int
     whole: bool
+    # Where its math runs, and whether block by block (see the module docstring).
+    device: str = "cpu"
+    blocks: bool = False
 
 
 class MemoryBudget:
@@ -109,14 +119,17 @@ class MemoryBudget:
             self._cv.notify_all()
 
 
-def blockwise(plan: Plan, task: TensorTask, options: EngineOptions) -> bool:
-    """Whether ``task`` runs block by block (see the module docstring)."""
+def blockwise(plan: Plan, task: TensorTask, device: str) -> bool:
+    """Whether ``task`` runs block by block on ``device`` (see the module docstring)."""
     m = plan.method
     simple = task.fill is None and task.stats is None and not task.copy_only
     return (
-        options.device == "cpu"
+        device == "cpu"
         and simple
-        and (m.elementwise or (m.blockwise is not None and m.blockwise(task.params, task.numel)))
+        and (
+            m.elementwise
+            or (m.blockwise is not None and bool(m.blockwise(task.params, task.numel)))
+        )
     )
 
 
@@ -144,22 +157,31 @@ def bytes_per_element(plan: Plan, task: TensorTask, in_blocks: bool = False) -> 
 
 def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[WorkItem]:
     """Split the plan into items that each fit in the budget; fail early if one cannot."""
+    gpu_cap = options.device_budget if options.device != "cpu" else None
     cap = min(options.max_item_bytes, options.memory_budget)
+    if gpu_cap is not None:
+        cap = min(cap, gpu_cap)
     items: list[WorkItem] = []
     for task in plan.tasks:
         if not chunks and task.copy_only:
             continue
-        in_blocks = chunks and blockwise(plan, task, options)
+        chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
+        device = "cpu" if task.copy_only else options.device  # a copy does no math
+        whole_need = bytes_per_element(plan, task) * task.numel
+        if gpu_cap is not None and (not chunks or not chunkable) and whole_need > gpu_cap:
+            device = "cpu"
+        in_blocks = chunks and blockwise(plan, task, device)
         per = bytes_per_element(plan, task, in_blocks)
         need = per * task.numel
+        item = functools.partial(WorkItem, task, device=device, blocks=in_blocks)
+
         if in_blocks and not plan.method.elementwise:
             # A BlockMerge needs the whole tensor in one item; it may read it in segments.
-            items.append(WorkItem(task, 0, task.numel, held(plan, task, options) * per, True))
+            items.append(item(0, task.numel, held(plan, task, options) * per, True))
             continue
         if need <= cap or task.numel <= 1:
-            items.append(WorkItem(task, 0, task.numel, need, True))
+            items.append(item(0, task.numel, need, True))
             continue
-        chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
         if not chunks or not chunkable:
             if need > options.memory_budget:
                 raise MerganserError(
@@ -167,12 +189,12 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
                     f"to merge with {plan.method.name!r}, more than --memory-budget "
                     f"{options.memory_budget / 2**30:.2f} GiB"
                 )
-            items.append(WorkItem(task, 0, task.numel, need, True))
+            items.append(item(0, task.numel, need, True))
             continue
         step = aligned(plan, task, cap // per)
         for start in range(0, task.numel, step):
             count = min(step, task.numel - start)
-            items.append(WorkItem(task, start, count, per * count, False))
+            items.append(item(start, count, per * count, False))
     return items
 
 
@@ -356,6 +378,14 @@ def _nonfinite(task: TensorTask) -> MerganserError:
     )
 
 
+def _out_of_memory(item: WorkItem, options: EngineOptions) -> MerganserError:
+    budget = options.device_budget or 0
+    return MerganserError(
+        f"tensor {item.task.name}: out of memory on {item.device} with "
+        f"--gpu-memory {budget / 2**30:.2f} GiB (pass a smaller --gpu-memory, or --device cpu)"
+    )
+
+
 def fusable(plan: Plan, task: TensorTask, options: EngineOptions) -> bool:
     """Whether a BlockMerge's fused kernels may merge ``task``: bfloat16 in and out, nothing
     rounded first, and non-finite results an error (their NaN bits could differ from torch's).
@@ -393,19 +423,15 @@ def read_raw(
 
 
 def load_inputs(
-    plan: Plan,
-    item: WorkItem,
-    options: EngineOptions,
-    digests: InputDigests | None = None,
-    again: bool = False,
+    plan: Plan, item: WorkItem, digests: InputDigests | None = None, again: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The item's inputs as float32 on the compute device (sources, then base or None)."""
+    """The item's inputs as float32 on its device (sources, then base or None)."""
 
     def load(ref: tuple[int, str]) -> torch.Tensor:
         t = rounded(plan, read_raw(plan, item, ref, digests, again))
         # Copy first, convert after: a blocking host-to-GPU copy that also changes the dtype
         # converts on the CPU, then copies twice the bytes of a bf16 tensor.
-        return t.to(device=options.device).float()
+        return t.to(device=item.device).float()
 
     task = item.task
     tensors = [load(ref) for ref in task.sources]
@@ -445,11 +471,11 @@ def compute_item(
     task = item.task
     if task.copy_only:
         return read_raw(plan, item, task.sources[0], digests).to(task.out_dtype)
-    tensors, base = load_inputs(plan, item, options, digests)
+    tensors, base = load_inputs(plan, item, digests)
     extra = {}
     if task.stats is not None:
         extra["stats"] = [
-            None if r is None else read_raw(plan, item, r, digests).to(options.device)
+            None if r is None else read_raw(plan, item, r, digests).to(item.device)
             for r in task.stats
         ]
     with compute:
@@ -481,7 +507,7 @@ def run(
         io = ThreadPoolExecutor(streams, thread_name_prefix="read")
 
     def work(item: WorkItem, compute: ComputeSlot) -> None:
-        if blockwise(plan, item.task, options):
+        if item.blocks:
             parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
                 plan, item, options, scratch, digests, compute, io
             )
@@ -515,7 +541,7 @@ def gather_stats(
     for p in range(stats.passes):
 
         def observe(item: WorkItem, compute: ComputeSlot, p: int = p) -> None:
-            tensors, base = load_inputs(plan, item, options, again=True)  # the merge rereads
+            tensors, base = load_inputs(plan, item, again=True)  # the merge rereads
             with compute:
                 stats.observe(p, item.task.name, tensors, base, item.task.params)
 
@@ -539,6 +565,7 @@ def _run_items(
     reads outside the compute slot it is given, and does its math inside it.
     """
     budget = MemoryBudget(options.memory_budget)
+    gpu = MemoryBudget(options.device_budget) if options.device_budget is not None else None
     threads = max(1, options.threads)
     compute = threading.BoundedSemaphore(threads)
     abort = threading.Event()
@@ -552,10 +579,16 @@ def _run_items(
         if on_abort is not None:
             on_abort()
 
-    def work(item: WorkItem, held: int) -> None:
+    def work(item: WorkItem, held: int, on_gpu: int) -> None:
         try:
             if not abort.is_set():
                 fn(item, compute)
+        except torch.OutOfMemoryError:
+            with lock:
+                if not first:
+                    first.append(_out_of_memory(item, options))
+            stop()
+            raise
         except BaseException as e:
             with lock:
                 if not first:
@@ -564,6 +597,8 @@ def _run_items(
             raise
         finally:
             budget.release(held)
+            if gpu is not None:
+                gpu.release(on_gpu)
 
     futures: list[Future[None]] = []
     pool = ThreadPoolExecutor(threads * (1 + read_ahead), thread_name_prefix="merge")
@@ -573,7 +608,12 @@ def _run_items(
             held = min(item.cost, budget.total)
             if not budget.acquire(held, abort):
                 break
-            futures.append(pool.submit(work, item, held))
+            # A GPU item's float32 work lives on the device: it holds that budget too.
+            on_gpu = min(item.cost, gpu.total) if gpu is not None and item.device != "cpu" else 0
+            if gpu is not None and not gpu.acquire(on_gpu, abort):
+                budget.release(held)
+                break
+            futures.append(pool.submit(work, item, held, on_gpu))
         wait(futures, return_when=FIRST_EXCEPTION)
         if first:
             raise first[0]

@@ -64,15 +64,15 @@ class GlobalTopK:
         params: dict[str, Any],
     ) -> None:
         assert base is not None
-        counts = []
+        counts = []  # on the CPU: a tensor too large for a GPU budget is observed there
         for t in tensors:
             bits = _bits((t - base).abs())
             if pass_index == 0:
-                counts.append(torch.bincount(bits >> 16, minlength=_HI_BINS))
+                counts.append(torch.bincount(bits >> 16, minlength=_HI_BINS).cpu())
             else:
                 i = len(counts)
                 sel = bits[(bits >> 16) == self.bin[i]] & 0xFFFF
-                counts.append(torch.bincount(sel, minlength=_LO_BINS))
+                counts.append(torch.bincount(sel, minlength=_LO_BINS).cpu())
         with self._lock:
             target = self.hi if pass_index == 0 else self.lo
             if not target:
