@@ -28,6 +28,26 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | N
     return folder
 
 
+def ties_recipe(
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]], seed: int, **params: object
+) -> dict:
+    """TIES (density 0.5) over a base and two experts of random bf16 tensors of ``shapes``."""
+    g = torch.Generator().manual_seed(seed)
+    paths = [
+        write_model(
+            tmp_path / f"t{k}",
+            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
+        )
+        for k in range(3)
+    ]
+    return {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p)} for p in paths[1:]],
+        "parameters": {"density": 0.5, **params},
+    }
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

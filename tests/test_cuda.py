@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_folder, write_model
+from conftest import load_folder, ties_recipe, write_model
 
 import merganser
 
@@ -81,21 +81,8 @@ def test_a_tensor_too_large_for_gpu_memory_is_merged_on_the_cpu(tmp_path, scope)
     block where the method can) and the rest on the GPU; the result is the CPU's, and the GPU
     never held more than the budget.
     """
-    g = torch.Generator().manual_seed(2)
     shapes = {"big.weight": (4096, 512), "a.weight": (256, 512), "b.weight": (64, 512)}
-    paths = [
-        write_model(
-            tmp_path / f"m{k}",
-            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
-        )
-        for k in range(3)
-    ]
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(paths[0]),
-        "models": [{"model": str(p)} for p in paths[1:]],
-        "parameters": {"density": 0.5, "scope": scope},
-    }
+    recipe = ties_recipe(tmp_path, shapes, seed=2, scope=scope)
     # 3 inputs of 2M entries need about 120 MB in float32 with TIES' workspace; the others fit.
     budget = 32 << 20
     cpu = load_folder(merganser.merge(recipe, tmp_path / "cpu"))

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_folder, tree_digest, write_model
+from conftest import load_folder, ties_recipe, tree_digest, write_model
 
 import merganser
 from merganser.engine import EngineOptions, work_items
@@ -124,22 +124,8 @@ def test_non_elementwise_tensor_larger_than_budget_fails_before_work(tmp_path) -
 
 def _ties_plan(tmp_path, big: int):
     """TIES over a base and two experts: one (big, 256) matrix and two small ones."""
-    g = torch.Generator().manual_seed(1)
     shapes = {"big.weight": (big, 256), "a.weight": (64, 256), "b.weight": (32, 256)}
-    paths = [
-        write_model(
-            tmp_path / f"t{k}",
-            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
-        )
-        for k in range(3)
-    ]
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(paths[0]),
-        "models": [{"model": str(p)} for p in paths[1:]],
-        "parameters": {"density": 0.5},
-    }
-    return build_plan(parse_recipe(recipe))
+    return build_plan(parse_recipe(ties_recipe(tmp_path, shapes, seed=1)))
 
 
 def test_a_tensor_too_large_for_the_gpu_budget_is_merged_on_the_cpu_in_blocks(tmp_path) -> None:
