@@ -154,3 +154,21 @@ def test_the_console_script_freezes_what_its_imports_built() -> None:
     # torch's objects in the permanent generation: the GC no longer walks them (start-up, exit).
     assert int(_entry_then(["methods"], "gc.get_freeze_count()")) > 100_000
     assert _entry_then(["methods"], "gc.isenabled()") == "True"
+
+
+def test_merge_flags_reach_the_merge_options(monkeypatch, tmp_path) -> None:
+    """The CLI's defaults are the API's, and --device/--gpu-memory arrive as given."""
+    from merganser import api
+
+    seen: list[api.MergeOptions] = []
+
+    def fake_merge(recipe, out, options):
+        seen.append(options)
+        return out
+
+    monkeypatch.setattr(api, "merge", fake_merge)
+    assert main(["merge", "r.yaml", str(tmp_path / "a")]) == 0
+    assert seen[-1] == api.MergeOptions()
+    argv = ["merge", "r.yaml", str(tmp_path / "b"), "--device", "cuda", "--gpu-memory", "2GiB"]
+    assert main(argv) == 0
+    assert (seen[-1].device, seen[-1].gpu_memory) == ("cuda", 2 << 30)
