@@ -583,16 +583,11 @@ def _run_items(
         try:
             if not abort.is_set():
                 fn(item, compute)
-        except torch.OutOfMemoryError:
-            with lock:
-                if not first:
-                    first.append(_out_of_memory(item, options))
-            stop()
-            raise
         except BaseException as e:
+            oom = isinstance(e, torch.OutOfMemoryError)
             with lock:
                 if not first:
-                    first.append(e)
+                    first.append(_out_of_memory(item, options) if oom else e)
             stop()
             raise
         finally:
