@@ -58,6 +58,9 @@ def make_family(size: str) -> Path:
 
     hidden, inter, layers = SIZES[size]
     root = ROOT / f"llama_{size}"
+    members = ["base", "e1", "e2", "e3"]
+    if all((root / m / "model.safetensors").exists() for m in members):
+        return root  # cached: the base alone would take 4 GB of float32 to draw again
     cfg = LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
@@ -71,7 +74,7 @@ def make_family(size: str) -> Path:
     shapes = llama_shapes(hidden, inter, layers, 32000)
     base_gen = torch.Generator().manual_seed(0)
     base = {k: torch.empty(s).uniform_(-0.05, 0.05, generator=base_gen) for k, s in shapes.items()}
-    for i, m in enumerate(["base", "e1", "e2", "e3"]):
+    for i, m in enumerate(members):
         d = root / m
         if (d / "model.safetensors").exists():
             continue
@@ -83,8 +86,10 @@ def make_family(size: str) -> Path:
             )
             for k, v in base.items()
         }
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
         cfg.to_json_file(str(d / "config.json"))
+        # Renamed into place once whole: an interrupted run leaves no truncated file to reuse.
+        save_file(tensors, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
+        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
         del tensors
     return root
 

@@ -50,8 +50,10 @@ def make_family(name: str, layers: int) -> Path:
             k: torch.empty(s).uniform_(-0.05, 0.05, generator=g).to(torch.bfloat16)
             for k, s in shapes.items()
         }
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(cfg))
+        # Renamed into place once whole: an interrupted run leaves no truncated file to reuse.
+        save_file(tensors, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
+        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
         del tensors
     return root
 
