@@ -194,6 +194,14 @@ def test_gpu_items_in_flight_hold_the_gpu_budget() -> None:
     assert state["max_cpu"] > 8  # the CPU items ran side by side, beyond the GPU budget
 
 
+def test_a_gpu_budget_must_be_positive(tmp_path) -> None:
+    with pytest.raises(MerganserError, match="--gpu-memory must be positive"):
+        merganser.merge(
+            _recipe(_family(tmp_path)), tmp_path / "o", merganser.MergeOptions(gpu_memory=0)
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_running_out_of_gpu_memory_is_a_one_line_error_naming_the_tensor() -> None:
     from types import SimpleNamespace
 

@@ -117,6 +117,8 @@ def merge(
         raise MerganserError("--read-ahead must be 0 or more")
     if options.read_streams < 1:
         raise MerganserError("--read-streams must be 1 or more")
+    if options.gpu_memory is not None and options.gpu_memory <= 0:
+        raise MerganserError("--gpu-memory must be positive")
     check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()
