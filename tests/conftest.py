@@ -28,18 +28,27 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | N
     return folder
 
 
+def random_models(
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]], count: int, seed: int, prefix: str = "t"
+) -> list[Path]:
+    """``count`` model folders (``prefix``0, 1, ...) of random bf16 tensors of ``shapes``, drawn
+    in order from one generator seeded with ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return [
+        write_model(
+            tmp_path / f"{prefix}{k}",
+            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
+        )
+        for k in range(count)
+    ]
+
+
 def ties_recipe(
     tmp_path: Path, shapes: dict[str, tuple[int, ...]], seed: int, **params: object
 ) -> dict:
     """TIES (density 0.5) over a base and two experts of random bf16 tensors of ``shapes``."""
-    g = torch.Generator().manual_seed(seed)
-    paths = [
-        write_model(
-            tmp_path / f"t{k}",
-            {n: torch.randn(*s, generator=g).to(torch.bfloat16) for n, s in shapes.items()},
-        )
-        for k in range(3)
-    ]
+    paths = random_models(tmp_path, shapes, 3, seed)
     return {
         "merge_method": "ties",
         "base_model": str(paths[0]),

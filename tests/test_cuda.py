@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_folder, ties_recipe, write_model
+from conftest import load_folder, random_models, ties_recipe, write_model
 
 import merganser
 
@@ -98,14 +98,7 @@ def test_a_tensor_too_large_for_gpu_memory_is_merged_on_the_cpu(tmp_path, scope)
 
 def test_gpu_memory_in_flight_stays_within_the_budget(tmp_path) -> None:
     """Sixteen threads merging many tensors on the GPU hold at most --gpu-memory at once."""
-    g = torch.Generator().manual_seed(3)
-    paths = [
-        write_model(
-            tmp_path / f"m{k}",
-            {f"w{i}": torch.randn(512, 512, generator=g).to(torch.bfloat16) for i in range(32)},
-        )
-        for k in range(4)
-    ]
+    paths = random_models(tmp_path, {f"w{i}": (512, 512) for i in range(32)}, 4, 3, "m")
     budget = 64 << 20
     for method in ("ties", "slerp", "linear"):
         recipe = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import evict_or_skip, load_folder, write_model
+from conftest import evict_or_skip, load_folder, random_models, write_model
 
 import merganser
 from merganser import direct_io, engine, pagecache
@@ -72,15 +72,8 @@ def test_resident_tells_cold_ranges_from_cached_ones(tmp_path) -> None:
 
 
 def _family(tmp_path: Path) -> list[Path]:
-    g = torch.Generator().manual_seed(3)
-    names = [f"layers.{i}.weight" for i in range(6)]
-    return [
-        write_model(
-            tmp_path / f"m{k}",
-            {n: torch.randn(300, 257, generator=g).to(torch.bfloat16) for n in names},
-        )
-        for k in range(3)
-    ]
+    shapes = {f"layers.{i}.weight": (300, 257) for i in range(6)}
+    return random_models(tmp_path, shapes, 3, 3, "m")
 
 
 def _recipe(paths: list[Path]) -> dict:
@@ -227,14 +220,7 @@ def test_items_read_ahead_while_at_most_threads_compute(tmp_path) -> None:
 
 
 def _blockwise_family(tmp_path: Path) -> dict:
-    g = torch.Generator().manual_seed(5)
-    paths = [
-        write_model(
-            tmp_path / f"b{k}",
-            {f"w{i}": torch.randn(1100, 300, generator=g).to(torch.bfloat16) for i in range(3)},
-        )
-        for k in range(4)
-    ]
+    paths = random_models(tmp_path, {f"w{i}": (1100, 300) for i in range(3)}, 4, 5, "b")
     return {
         "merge_method": "ties",
         "base_model": str(paths[0]),
