@@ -167,9 +167,13 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             continue
         chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
         device = "cpu" if task.copy_only else options.device  # a copy does no math
-        whole_need = bytes_per_element(plan, task) * task.numel
-        if gpu_cap is not None and (not chunks or not chunkable) and whole_need > gpu_cap:
-            device = "cpu"
+        one_item = not chunks or not chunkable
+        if (
+            gpu_cap is not None
+            and one_item
+            and bytes_per_element(plan, task) * task.numel > gpu_cap
+        ):
+            device = "cpu"  # merged whole, and too large for the GPU's budget
         in_blocks = chunks and blockwise(plan, task, device)
         per = bytes_per_element(plan, task, in_blocks)
         need = per * task.numel
@@ -182,7 +186,7 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
         if need <= cap or task.numel <= 1:
             items.append(item(0, task.numel, need, True))
             continue
-        if not chunks or not chunkable:
+        if one_item:
             if need > options.memory_budget:
                 raise MerganserError(
                     f"tensor {task.name} {list(task.shape)} needs about {need / 2**30:.2f} GiB "

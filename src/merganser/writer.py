@@ -134,10 +134,11 @@ class _ShardStream(threading.Thread):
         self._next = (0, 0)  # the block this thread writes next
         self._cv = threading.Condition()
         self._halt = False
-        # The write pool's queue has no bound: the stream waits for a free write thread before
-        # it moves on, or blocks at or before its next one, which writers may always stage, pile
-        # up behind a slow disk (148 blocks, 0.6 GB, in a 1B merge whose inputs were cached).
-        # So at most STAGE_LIMIT + WRITE_DEPTH + 1 blocks are staged.
+        # The write pool's queue has no bound, and writers may always stage the block the
+        # stream needs next, so hashed blocks waiting to be written would pile up behind a slow
+        # disk (148 blocks, 0.6 GB, in a 1B merge whose inputs were cached). The stream waits
+        # for a free write thread before it moves on: at most STAGE_LIMIT + WRITE_DEPTH + 1
+        # blocks are staged.
         self._writing = threading.Semaphore(WRITE_DEPTH)
 
     def _length(self, shard: int, block: int) -> int:
