@@ -172,16 +172,24 @@ def test_gpu_items_in_flight_hold_the_gpu_budget() -> None:
     from merganser import engine
 
     lock = threading.Lock()
-    state = {"gpu": 0, "max_gpu": 0, "cpu": 0, "max_cpu": 0}
+    on_gpu: list[int] = []  # costs of the GPU items in flight
+    seen: list[list[int]] = []  # on_gpu each time a GPU item started
+    cpu = {"now": 0, "peak": 0}
 
     def fn(item, compute) -> None:
-        key = "gpu" if item.device == "cuda" else "cpu"
         with lock:
-            state[key] += item.cost
-            state["max_" + key] = max(state["max_" + key], state[key])
+            if item.device == "cuda":
+                on_gpu.append(item.cost)
+                seen.append(sorted(on_gpu))
+            else:
+                cpu["now"] += item.cost
+                cpu["peak"] = max(cpu["peak"], cpu["now"])
         time.sleep(0.02)
         with lock:
-            state[key] -= item.cost
+            if item.device == "cuda":
+                on_gpu.remove(item.cost)
+            else:
+                cpu["now"] -= item.cost
 
     def item(cost: int, device: str) -> engine.WorkItem:
         return engine.WorkItem(None, 0, 1, cost, True, device)  # type: ignore[arg-type]
@@ -190,8 +198,11 @@ def test_gpu_items_in_flight_hold_the_gpu_budget() -> None:
     items += [item(4, "cpu") for _ in range(12)]
     opts = EngineOptions(memory_budget=1 << 20, threads=8, device="cuda", device_budget=10)
     engine._run_items(items, fn, opts)
-    assert state["max_gpu"] in (8, 25)  # two 4-byte items at once, or the big one alone
-    assert state["max_cpu"] > 8  # the CPU items ran side by side, beyond the GPU budget
+    assert len(seen) == 13
+    assert [25] in seen  # the item larger than the budget ran alone ...
+    assert all(s == [25] or (25 not in s and sum(s) <= 10) for s in seen)  # ... the rest within
+    assert [4, 4] in seen  # two small ones did run side by side
+    assert cpu["peak"] > 10  # the CPU items ran side by side, beyond the GPU budget
 
 
 def test_a_gpu_budget_must_be_positive(tmp_path) -> None:
