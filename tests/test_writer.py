@@ -6,11 +6,14 @@ import queue
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from blake3 import blake3
+from conftest import ties_recipe
 
+import merganser
 import merganser.writer as writer
 from merganser.safetensors_header import read_header
 from merganser.writer import AtomicOutput, layout
@@ -197,3 +200,30 @@ def test_staging_stays_bounded_while_the_disk_writes_slowly(tmp_path, monkeypatc
     monkeypatch.setattr(writer._ShardStream, "_entry", counted_entry)
     _write_in_order(tmp_path, count=40, numel=256, shard_size=10**6)
     assert 0 < peak <= writer.STAGE_LIMIT + writer.WRITE_DEPTH + 1, peak
+
+
+def test_every_file_and_folder_is_synced_before_the_rename(tmp_path, monkeypatch) -> None:
+    """Shards, written side files, copied tokenizer files, the temporary folder and the target's
+    parent are each fsynced once, so a power cut cannot leave a partial output in place.
+    """
+    import os
+
+    recipe = ties_recipe(tmp_path, {"a.w": (96, 64), "b.w": (64, 64), "c.w": (64,)}, seed=3)
+    (Path(recipe["base_model"]) / "tokenizer.json").write_text('{"model": {}}')
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc to name a descriptor's file")
+    monkeypatch.setattr(os, "fsync", fsync)
+    opts = merganser.MergeOptions(out_shard_size=20_000, progress=False)
+    out = merganser.merge(recipe, tmp_path / "out", opts)
+    names = [p.name for p in synced]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(list(out.glob("model-*.safetensors"))) == 2 and "tokenizer.json" in files
+    tmp_name = next(n for n in names if ".merganser-tmp-" in n)
+    assert sorted(names) == sorted([*files, tmp_name, tmp_path.name])

@@ -304,7 +304,11 @@ class _ShardStream(threading.Thread):
 
 
 class AtomicOutput:
-    """A temporary folder beside ``target`` that becomes ``target`` only when complete."""
+    """A temporary folder beside ``target`` that becomes ``target`` only when complete.
+
+    Every file and the folder reach the disk (fsync) before the rename that publishes them, so
+    not even a power cut leaves a partial output under the target's name.
+    """
 
     def __init__(self, target: Path, force: bool = False):
         self.target = Path(target).absolute()
@@ -382,7 +386,10 @@ class AtomicOutput:
             os.fsync(f.fileno())
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copyfile(src, self.tmp / (name or src.name))
+        dest = self.tmp / (name or src.name)
+        shutil.copyfile(src, dest)
+        with open(dest, "rb") as f:
+            os.fsync(f.fileno())
 
     def verify_and_index(self) -> dict[str, Any]:
         """Re-check every shard header and write the index; return the shards' BLAKE3 digests
