@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import threading
@@ -202,28 +203,56 @@ def test_staging_stays_bounded_while_the_disk_writes_slowly(tmp_path, monkeypatc
     assert 0 < peak <= writer.STAGE_LIMIT + writer.WRITE_DEPTH + 1, peak
 
 
-def test_every_file_and_folder_is_synced_before_the_rename(tmp_path, monkeypatch) -> None:
-    """Shards, written side files, copied tokenizer files, the temporary folder and the target's
-    parent are each fsynced once, so a power cut cannot leave a partial output in place.
-    """
-    import os
-
-    recipe = ties_recipe(tmp_path, {"a.w": (96, 64), "b.w": (64, 64), "c.w": (64,)}, seed=3)
-    (Path(recipe["base_model"]) / "tokenizer.json").write_text('{"model": {}}')
-    synced: list[Path] = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The names of the files and folders fsynced while the test runs, in order."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc to name a descriptor's file")
+    names: list[str] = []
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        names.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         real_fsync(fd)
 
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("no /proc to name a descriptor's file")
     monkeypatch.setattr(os, "fsync", fsync)
+    return names
+
+
+def test_every_file_and_folder_is_synced_before_the_rename(tmp_path, synced) -> None:
+    """Shards, written side files, copied tokenizer files, the temporary folder and the target's
+    parent are each fsynced once, so a power cut cannot leave a partial output in place.
+    """
+    recipe = ties_recipe(tmp_path, {"a.w": (96, 64), "b.w": (64, 64), "c.w": (64,)}, seed=3)
+    (Path(recipe["base_model"]) / "tokenizer.json").write_text('{"model": {}}')
     opts = merganser.MergeOptions(out_shard_size=20_000, progress=False)
     out = merganser.merge(recipe, tmp_path / "out", opts)
-    names = [p.name for p in synced]
     files = sorted(p.name for p in out.iterdir())
     assert len(list(out.glob("model-*.safetensors"))) == 2 and "tokenizer.json" in files
-    tmp_name = next(n for n in names if ".merganser-tmp-" in n)
-    assert sorted(names) == sorted([*files, tmp_name, tmp_path.name])
+    tmp_name = next(n for n in synced if ".merganser-tmp-" in n)
+    assert sorted(synced) == sorted([*files, tmp_name, tmp_path.name])
+
+
+def test_publish_syncs_then_replaces_the_target_whole(tmp_path, synced) -> None:
+    """The zip, calibrate and search outputs: the new folder's files and the folders are synced
+    before the target changes, and a previous target, folder or file, is gone without a trace.
+    """
+
+    def folder(name: str, **files: str) -> Path:
+        (tmp_path / name).mkdir()
+        for k, v in files.items():
+            (tmp_path / name / k).write_text(v)
+        return tmp_path / name
+
+    target = folder("out", stale="x", a="old")
+    writer.publish(folder(".new", a="1", b="2"), target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "1", "b": "2"}
+    assert sorted(synced) == sorted(["a", "b", ".new", tmp_path.name])
+    (tmp_path / "f").write_text("a file")
+    writer.publish(folder(".dir", c="3"), tmp_path / "f")
+    assert (tmp_path / "f" / "c").read_text() == "3"
+    (tmp_path / ".g").write_text("new")
+    writer.publish(tmp_path / ".g", tmp_path / "f" / "c")
+    assert (tmp_path / "f" / "c").read_text() == "new"
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["f", "f/c", "out", "out/a", "out/b"]

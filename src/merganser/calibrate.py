@@ -28,6 +28,7 @@ from tqdm import tqdm
 from merganser.device import check_device
 from merganser.errors import MerganserError
 from merganser.evaluate import LoadedModel, load_model, pad_batches, read_jsonl
+from merganser.writer import publish
 
 FORMAT = "merganser-statistics-1"
 
@@ -179,7 +180,7 @@ def calibrate(
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, out)
+            publish(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
     return tensors, meta

@@ -412,23 +412,8 @@ class AtomicOutput:
 
     def commit(self) -> None:
         """Move the finished folder into place (replacing the target only with --force)."""
-        _fsync_dir(self.tmp)
-        old = None
-        if self.target.exists():
-            _refuse_existing(self.target, self.force)
-            if self.target.is_dir() and not any(self.target.iterdir()):
-                self.target.rmdir()
-            else:
-                old = (
-                    self.target.parent / f".{self.target.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-                )
-                os.rename(self.target, old)
-        # Nothing may interrupt the swap halfway, so termination signals wait for it.
-        with _signals_deferred():
-            os.rename(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _refuse_existing(self.target, self.force)
+        _swap_in(self.tmp, self.target)
 
     def abort(self) -> None:
         if self._stream is not None:
@@ -441,6 +426,38 @@ class AtomicOutput:
         self._fds.clear()
         self._direct.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` (a finished file, or a folder of files) ``target``: its bytes reach the disk
+    first, and a previous ``target`` is swapped out whole, so ``target`` is never partial.
+    """
+    for f in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _swap_in(tmp, target)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename the synced ``tmp`` to ``target``, moving a previous target aside first and
+    deleting it after, and sync the folders the renames changed.
+    """
+    if tmp.is_dir():
+        _fsync_dir(tmp)
+    old = None
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    elif target.is_dir() or (target.exists() and tmp.is_dir()):
+        # rename() replaces only a file with a file: anything else is moved aside whole.
+        old = target.parent / f".{target.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    # Nothing may interrupt the swap halfway, so termination signals wait for it.
+    with _signals_deferred():
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str = SHARD_DIGEST, block: int = 8 << 20) -> str:

@@ -37,6 +37,7 @@ from merganser.evaluate import load_model
 from merganser.features import collect_features
 from merganser.multihead import save_multihead, trunk_names
 from merganser.refit import fit_unmerges, refit_layers
+from merganser.writer import publish
 
 StateDict = dict[str, torch.Tensor]
 
@@ -110,9 +111,7 @@ def _write_folder(out: Path, source: Path, force: bool, write: Any, config: bool
         for name in names:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -33,6 +33,7 @@ from merganser.search.journal import JOURNAL_NAME, Journal, candidate_key
 from merganser.search.kinship_greedy import greedy_merge_search, slerp_merger
 from merganser.search.soup import greedy_soup
 from merganser.search.workers import EvalSpec, Pool, fitness_fn, make_pool, pack
+from merganser.writer import publish
 
 RESULTS_NAME = "search.json"
 PLOT_NAME = "search.png"
@@ -295,7 +296,7 @@ def run_search(
         _save_model(result.best, dtypes, skeleton, out / "best")
         tmp = out / f".{RESULTS_NAME}.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out / RESULTS_NAME)
+        publish(tmp, out / RESULTS_NAME)
         plot_search(scorer.rows, cfg.strategy, out / PLOT_NAME)
         return report
     finally:
@@ -318,8 +319,7 @@ def _save_model(
     for name in ("config.json", *TOKENIZER_FILES):
         if (skeleton / name).is_file():
             shutil.copy2(skeleton / name, tmp / name)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    publish(tmp, folder)
 
 
 def plot_search(rows: list[dict[str, Any]], strategy: str, path: Path) -> None:

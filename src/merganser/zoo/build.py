@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from merganser.writer import publish
 from merganser.zoo.tasks import EXPERT_TASKS, PRETRAIN_TASKS
 from merganser.zoo.tokenizer import BOS, EOS, PAD, CharTokenizer
 from merganser.zoo.train import train
@@ -74,8 +75,7 @@ def _save(model: torch.nn.Module, folder: Path, tok: CharTokenizer) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    publish(tmp, folder)
 
 
 def build_zoo(
