@@ -456,8 +456,10 @@ def _swap_in(tmp: Path, target: Path) -> None:
     with _signals_deferred():
         os.rename(tmp, target)
         _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str = SHARD_DIGEST, block: int = 8 << 20) -> str:
