@@ -388,8 +388,7 @@ class AtomicOutput:
     def copy_file(self, src: Path, name: str | None = None) -> None:
         dest = self.tmp / (name or src.name)
         shutil.copyfile(src, dest)
-        with open(dest, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync_path(dest)
 
     def verify_and_index(self) -> dict[str, Any]:
         """Re-check every shard header and write the index; return the shards' BLAKE3 digests
@@ -434,8 +433,7 @@ def publish(tmp: Path, target: Path) -> None:
     """
     for f in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync_path(f)
     _swap_in(tmp, target)
 
 
@@ -444,7 +442,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     deleting it after, and sync the folders the renames changed.
     """
     if tmp.is_dir():
-        _fsync_dir(tmp)
+        _fsync_path(tmp)
     old = None
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
@@ -455,7 +453,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     # Nothing may interrupt the swap halfway, so termination signals wait for it.
     with _signals_deferred():
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        _fsync_path(target.parent)
     if old is not None and old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
     elif old is not None:
@@ -547,7 +545,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
