@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama import llama_shapes
+from llama import llama_shapes, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "bench_out"
@@ -87,9 +86,7 @@ def make_family(size: str) -> Path:
             for k, v in base.items()
         }
         cfg.to_json_file(str(d / "config.json"))
-        # Renamed into place once whole: an interrupted run leaves no truncated file to reuse.
-        save_file(tensors, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
-        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
+        save_checkpoint(tensors, d)
         del tensors
     return root
 

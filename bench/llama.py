@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
 
 def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a LlamaForCausalLM without grouped-query attention."""
@@ -18,3 +23,12 @@ def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, 
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
+
+
+def save_checkpoint(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """``folder``/model.safetensors, renamed into place once whole: an interrupted run leaves no
+    truncated file for the next run to take as cached.
+    """
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / "model.safetensors")

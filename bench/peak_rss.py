@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama import llama_shapes
+from llama import llama_shapes, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1] / "bench_out"
 TARGET_RSS = 1.5 * 2**30
@@ -51,9 +50,7 @@ def make_family(name: str, layers: int) -> Path:
             for k, s in shapes.items()
         }
         (d / "config.json").write_text(json.dumps(cfg))
-        # Renamed into place once whole: an interrupted run leaves no truncated file to reuse.
-        save_file(tensors, str(d / "model.safetensors.tmp"), metadata={"format": "pt"})
-        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
+        save_checkpoint(tensors, d)
         del tensors
     return root
 
