@@ -7,7 +7,12 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
+# The generic fuzzer over every subcommand's inputs (tests/faults/fuzz_cli.py); `make test`
+# runs a 180-case slice of it.
+FUZZ_CASES ?= 2000
+FUZZ_SEED ?= 0
+
+.PHONY: setup demo test fuzz lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +37,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	cd tests/faults && ../../$(PY) fuzz_cli.py $(FUZZ_CASES) $(FUZZ_SEED)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -44,7 +44,7 @@ def test_verify_accepts_a_merge_and_catches_tampering(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["merge", str(r), str(out), "--out-shard-size", "200KB", "--no-progress"]) == 0
     assert main(["verify", str(out)]) == 0
-    assert "OK (2 shard(s), 2 tensors)" in capsys.readouterr().out
+    assert "OK (2 shard(s), 2 tensors; every file)" in capsys.readouterr().out
     shard = sorted(out.glob("model-*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF

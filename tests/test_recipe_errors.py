@@ -161,7 +161,7 @@ def test_non_empty_output_needs_force(models, tmp_path, capsys) -> None:
 def test_output_inside_an_input_is_refused(models, tmp_path, capsys) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", _ta(models))
     assert main(["merge", str(recipe), str(models["a"]), "--force"]) == 1
-    assert "overlaps input model" in capsys.readouterr().err
+    assert "overlaps input" in capsys.readouterr().err
     assert (models["a"] / "model.safetensors").is_file()
 
 

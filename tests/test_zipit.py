@@ -348,7 +348,7 @@ def test_zip_errors_are_one_line_and_write_nothing(
         with pytest.raises(MerganserError, match=msg.replace("(", r"\(").replace(".", r"\.")):
             zip_models(models, TEXTS, out, ZipOptions(**kw))  # type: ignore[arg-type]
         assert not out.exists()
-    with pytest.raises(MerganserError, match="overwrite an input"):
+    with pytest.raises(MerganserError, match="overlaps input"):
         zip_models([a, b], TEXTS, a, ZipOptions())
     with pytest.raises(MerganserError, match="needs data"):
         zip_models([a, b], None, out, ZipOptions())

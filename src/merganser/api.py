@@ -17,14 +17,22 @@ from merganser.card import model_card
 from merganser.checkpoint import ReadMode
 from merganser.device import check_device, default_device_budget
 from merganser.dtypes import dtype_name
-from merganser.errors import MerganserError, RecipeError
+from merganser.errors import MerganserError, RecipeError, size_text
 from merganser.methods import get_method
 from merganser.plan import Plan, build_plan, tensor_seed
 from merganser.progress import Progress
 from merganser.provenance import ALGORITHM, InputDigests
 from merganser.recipe import Recipe, load_recipe, parse_recipe
 from merganser.stats import WholeModelStats
-from merganser.writer import MANIFEST_NAME, AtomicOutput, layout
+from merganser.writer import (
+    MANIFEST_NAME,
+    RECIPE_NAME,
+    SHARD_DIGEST,
+    AtomicOutput,
+    file_digest,
+    guard_output,
+    layout,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -38,7 +46,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-RECIPE_NAME = "merganser_recipe.yaml"
 
 
 def default_memory_budget() -> int:
@@ -129,13 +136,12 @@ def merge(
         # The statistics passes read whole tensors; they must fit the budget too.
         stat_items = engine.work_items(plan, eopts, chunks=False) if stats is not None else None
         tokenizer = _tokenizer_source(plan)
-        target = Path(out_dir)
-        _check_not_an_input(target, plan)
+        target = guard_output(out_dir, _inputs(plan, tokenizer), options.force)
         try:
             out = AtomicOutput(target, force=options.force)
         except OSError as e:
-            msg = f"{e.filename or target}: cannot create output ({e.strerror})"
-            raise MerganserError(msg) from None
+            # Name the target, never the hidden temporary folder beside it.
+            raise MerganserError(f"{target}: cannot create output ({e.strerror})") from None
         try:
             _check_disk_space(out.tmp, plan.out_nbytes)
             shards, slots = layout(
@@ -162,15 +168,23 @@ def merge(
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
             }
             out.write_file("README.md", model_card(plan, manifest, inputs))
+            files = {
+                str(f.relative_to(out.tmp)): {
+                    SHARD_DIGEST: file_digest(f),
+                    "bytes": f.stat().st_size,
+                }
+                for f in sorted(out.tmp.rglob("*"))
+                if f.is_file() and f.name not in manifest
+            }
             out.write_file(
-                MANIFEST_NAME, json.dumps(_manifest(plan, manifest, inputs), indent=2) + "\n"
+                MANIFEST_NAME,
+                json.dumps(_manifest(plan, manifest, files, inputs), indent=2) + "\n",
             )
             out.commit()
         except OSError as e:
             # Disk full, file-size limits, permissions: one line naming the place, no debris.
             out.abort()
-            where = e.filename or target
-            raise MerganserError(f"{where}: cannot write output ({e.strerror or e})") from None
+            raise MerganserError(f"{target}: cannot write output ({e.strerror or e})") from None
         except BaseException:
             out.abort()
             raise
@@ -186,7 +200,10 @@ def _whole_model_stats(plan: Plan) -> WholeModelStats | None:
     return plan.method.stats(first.params)
 
 
-def _manifest(plan: Plan, shards: dict[str, Any], inputs: dict[str, str | None]) -> dict[str, Any]:
+def _manifest(
+    plan: Plan, shards: dict[str, Any], files: dict[str, Any], inputs: dict[str, str | None]
+) -> dict[str, Any]:
+    """What `merganser verify` checks: every shard and every other file, by digest."""
     from merganser import __version__
 
     return {
@@ -197,6 +214,7 @@ def _manifest(plan: Plan, shards: dict[str, Any], inputs: dict[str, str | None])
         "inputs": inputs,
         "input_digest": ALGORITHM,
         "shards": shards,
+        "files": files,
     }
 
 
@@ -228,23 +246,28 @@ def _tokenizer_source(plan: Plan) -> Path | None:
     path = rec.resolve(src)
     if not path.is_dir():
         raise RecipeError(f"{rec.source_name}: tokenizer_source: {src!r} is not a model folder")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+        raise RecipeError(
+            f"{rec.source_name}: tokenizer_source: {src!r} holds no tokenizer files "
+            f"(expected one of tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.*)"
+        )
     return path
 
 
-def _check_not_an_input(target: Path, plan: Plan) -> None:
-    t = target.resolve()
-    for ref, ckpt in zip(plan.refs, plan.checkpoints, strict=True):
-        p = ckpt.path.resolve()
-        if t == p or p.is_relative_to(t) or t.is_relative_to(p):
-            raise MerganserError(f"{target}: output path overlaps input model {ref}")
+def _inputs(plan: Plan, tokenizer: Path | None) -> list[Path]:
+    """Every path a merge reads: checkpoints, statistics, the tokenizer source, the recipe."""
+    paths = [c.path for c in plan.checkpoints] + ([tokenizer] if tokenizer else [])
+    if plan.recipe.source_dir is not None:  # read from a file (not an in-memory mapping)
+        paths.append(Path(plan.recipe.source_name))
+    return paths
 
 
 def _check_disk_space(folder: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < need + (16 << 20):
         raise MerganserError(
-            f"{folder.parent}: not enough disk space ({free / 2**30:.2f} GiB free, output needs "
-            f"{need / 2**30:.2f} GiB)"
+            f"{folder.parent}: not enough disk space ({size_text(free)} free, output needs "
+            f"{size_text(need)})"
         )
 
 

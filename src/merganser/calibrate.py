@@ -28,7 +28,8 @@ from tqdm import tqdm
 from merganser.device import check_device
 from merganser.errors import MerganserError
 from merganser.evaluate import LoadedModel, load_model, pad_batches, read_jsonl
-from merganser.writer import publish
+from merganser.inputs import read_text
+from merganser.writer import guard_output, publish
 
 FORMAT = "merganser-statistics-1"
 
@@ -44,18 +45,14 @@ class CalibrationOptions:
     seed: int = 0
     progress: bool | None = None
     device: str = "cpu"  # where the forward/backward passes and the sums run (cpu, cuda[:N])
+    force: bool = False  # replace an existing statistics file
 
 
 def read_texts(path: str | os.PathLike[str]) -> list[str]:
     """Calibration texts: JSONL of ``{prompt, answer}`` or ``{text}`` objects, or lines of text."""
     p = Path(path)
     if p.suffix != ".jsonl":
-        try:
-            return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise MerganserError(
-                f"{p}: cannot read ({getattr(e, 'strerror', None) or e})"
-            ) from None
+        return [line for line in read_text(p, "data file").splitlines() if line.strip()]
     out = []
     for where, obj in read_jsonl(p):
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
@@ -88,6 +85,9 @@ def calibrate(
         raise MerganserError(
             f"--fisher-labels: expected sampled or empirical, got {o.fisher_labels!r}"
         )
+    if out is not None:
+        inputs = [] if isinstance(model, LoadedModel) else [model]
+        out = guard_output(out, inputs, o.force, kind="file")
     texts = list(texts)[: o.examples]
     if not texts:
         raise MerganserError("calibrate: no calibration examples")
@@ -176,7 +176,6 @@ def calibrate(
         meta["fisher_labels"] = o.fisher_labels
         meta["fisher_norm"] = repr(math.sqrt(norm_sq))
     if out is not None:
-        out = Path(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=meta)

@@ -11,7 +11,6 @@ each byte once, and filling the cache would cost more CPU than the merge.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pickle
 import threading
@@ -21,9 +20,10 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from merganser import direct_io, pagecache
+from merganser import direct_io, pagecache, safejson
 from merganser.dtypes import itemsize
 from merganser.errors import CheckpointError, MerganserError
+from merganser.inputs import regular_file
 from merganser.safetensors_header import TensorInfo, read_header
 
 ST_INDEX = "model.safetensors.index.json"
@@ -55,6 +55,8 @@ class Checkpoint:
         self._lock = threading.Lock()
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
+        if not self.path.is_dir():
+            regular_file(self.path)
         if self.path.is_dir():
             self._open_folder()
         else:
@@ -67,17 +69,17 @@ class Checkpoint:
     def _open_folder(self) -> None:
         folder = self.path
         cfg = folder / "config.json"
-        if cfg.is_file():
+        if _present(cfg):
             self.config = _read_json(cfg)
             if not isinstance(self.config, dict):
                 raise CheckpointError(f"{cfg}: expected a JSON object")
-        if (folder / ST_INDEX).is_file():
+        if _present(folder / ST_INDEX):
             self._open_index(folder / ST_INDEX)
-        elif (folder / "model.safetensors").is_file():
+        elif _present(folder / "model.safetensors"):
             self._open_file(folder / "model.safetensors")
-        elif (folder / BIN_INDEX).is_file():
+        elif _present(folder / BIN_INDEX):
             self._open_index(folder / BIN_INDEX)
-        elif (folder / "pytorch_model.bin").is_file():
+        elif _present(folder / "pytorch_model.bin"):
             self._open_file(folder / "pytorch_model.bin")
         else:
             files = sorted(folder.glob("*.safetensors"))
@@ -109,8 +111,7 @@ class Checkpoint:
                 )
 
     def _open_file(self, path: Path, only: set[str] | None = None) -> set[str]:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
+        regular_file(path)
         if path.suffix == ".safetensors":
             infos, meta = read_header(path)
             self.metadata.update(meta)
@@ -278,21 +279,38 @@ def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
 
 
 def _inside(folder: Path, fname: str, index_path: Path) -> Path:
-    """Resolve an index entry, refusing anything that escapes the model folder."""
+    """Resolve an index entry, refusing anything that escapes the model folder.
+
+    A Hugging Face cache snapshot (``<repo>/snapshots/<revision>/``) holds symbolic links into
+    the same repository's ``<repo>/blobs/``; those are followed. The path returned keeps the
+    entry's own name (a blob's name has no ``.safetensors`` suffix).
+    """
     if os.path.isabs(fname) or ".." in Path(fname).parts:
         raise CheckpointError(f"{index_path}: weight_map names {fname!r}, outside the model folder")
     resolved = (folder / fname).resolve()
-    if not resolved.is_relative_to(folder):
+    allowed = [folder]
+    if folder.parent.name == "snapshots":
+        allowed.append(folder.parent.parent / "blobs")
+    if not any(resolved.is_relative_to(a) for a in allowed):
         raise CheckpointError(f"{index_path}: weight_map names {fname!r}, outside the model folder")
-    return resolved
+    return folder / fname
+
+
+def _present(path: Path) -> bool:
+    """Whether anything (a file, a FIFO, a broken link...) is at ``path``; what it is, is for
+    ``regular_file`` to judge.
+    """
+    return path.is_symlink() or path.exists()
 
 
 def _read_json(path: Path) -> Any:
+    regular_file(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot parse JSON ({e})") from None
+        return safejson.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def check_same_tensors(

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="size-weighted average of per-tensor metrics (reference --split-calculation)",
     )
-    k.add_argument("--heatmap", default="kinship.png", help="PNG of the Pearson matrix")
+    k.add_argument("--heatmap", default=None, help="write a PNG of the Pearson matrix here")
+    k.add_argument("--force", action="store_true", help="replace an existing --heatmap file")
     k.add_argument("--json", action="store_true", help="print JSON")
 
     for name, helptext in (
@@ -241,12 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
     c.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    c.add_argument("--force", action="store_true", help="replace an existing statistics file")
     c.add_argument("--no-progress", dest="progress", action="store_false")
 
     s = sub.add_parser("evolve", help="search merges against a dev set (Evolver, CMA-ES, soups)")
     s.add_argument("search", help="SEARCH.yaml")
     s.add_argument("out", help="output folder: best/, search.json, search.png, evaluations.jsonl")
     s.add_argument("--resume", action="store_true", help="go on from OUT's evaluation journal")
+    s.add_argument(
+        "--resume-repair",
+        action="store_true",
+        help="with --resume: drop damaged journal lines (they are evaluated again) instead of "
+        "refusing to resume",
+    )
     s.add_argument("--force", action="store_true", help="discard a previous search in OUT")
     s.add_argument("--workers", type=_positive_int, help="parallel evaluators (default: cores)")
     s.add_argument(
@@ -325,7 +333,8 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     from merganser.verify import verify_output
 
     r = verify_output(a.path)
-    print(f"{a.path}: OK ({r['shards']} shard(s), {r['tensors']} tensors)")
+    scope = "every file" if r["files_checked"] else "shards only: an older manifest"
+    print(f"{a.path}: OK ({r['shards']} shard(s), {r['tensors']} tensors; {scope})")
     return 0
 
 
@@ -399,7 +408,10 @@ def _cmd_kinship(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from merganser.kinship import METRICS, format_matrix, heatmap, kinship_matrix
+    from merganser.writer import guard_output
 
+    if a.heatmap:  # checked before the work, not after it
+        guard_output(a.heatmap, [*a.models, a.base], a.force, kind="file")
     matrices = kinship_matrix(a.models, a.base, split=a.split)
     if a.json:
         print(json.dumps({"models": a.models, "base": a.base, **matrices}, indent=2))
@@ -474,8 +486,11 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     import torch
 
     from merganser.calibrate import CalibrationOptions, calibrate
+    from merganser.writer import guard_output
 
     torch.set_num_threads(a.threads)
+    if a.data:  # the data file is an input too (calibrate checks the model itself)
+        guard_output(a.out, [a.data], force=True, kind="file")
     texts = _texts(a)
     if texts is None:
         raise MerganserError("calibrate: give --tasks or --data")
@@ -489,6 +504,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         seed=a.seed,
         progress=None if a.progress else False,
         device=a.device,
+        force=a.force,
     )
     tensors, meta = calibrate(a.model, texts, a.out, opts)
     print(
@@ -501,10 +517,13 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 def _cmd_evolve(a: argparse.Namespace) -> int:
     from merganser.search.config import load_search
     from merganser.search.run import run_search
+    from merganser.writer import guard_output
 
     cfg = load_search(a.search)
+    guard_output(a.out, [a.search], force=True)  # the search file itself is an input too
     r = run_search(
-        cfg, a.out, resume=a.resume, force=a.force, workers=a.workers, ray=a.ray,
+        cfg, a.out, resume=a.resume or a.resume_repair, resume_repair=a.resume_repair,
+        force=a.force, workers=a.workers, ray=a.ray,
         verbose=not a.quiet,
     )  # fmt: skip
     if a.json:
@@ -538,45 +557,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Carry out parsed arguments; the exit status."""
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "merge": _cmd_merge,
+    "inspect": _cmd_inspect,
+    "verify": _cmd_verify,
+    "methods": _cmd_methods,
+    "tiny": _cmd_tiny,
+    "zoo": _cmd_zoo,
+    "kinship": _cmd_kinship,
+    "evolve": _cmd_evolve,
+    "calibrate": _cmd_calibrate,
+    "zip": _cmd_zip,
+    "align": _cmd_align,
+    "eval": _cmd_eval,
+}
+
+
+def run(args: argparse.Namespace, console: bool = False) -> int:
+    """Carry out parsed arguments; the exit status. Everything after argument parsing runs
+    inside this one error boundary, the prefetch included: whatever the input, the outcome is
+    one line and a documented exit status (docs/errors.md), never a traceback. ``console``:
+    the process is the command itself (see ``_import_torch_frozen``).
+    """
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     tune_malloc()
-    handlers = {
-        "merge": _cmd_merge,
-        "inspect": _cmd_inspect,
-        "verify": _cmd_verify,
-        "methods": _cmd_methods,
-        "tiny": _cmd_tiny,
-        "zoo": _cmd_zoo,
-        "kinship": _cmd_kinship,
-        "evolve": _cmd_evolve,
-        "calibrate": _cmd_calibrate,
-        "zip": _cmd_zip,
-        "align": _cmd_align,
-        "eval": _cmd_eval,
-    }
+    early: Prefetch | None = None
     try:
-        return handlers[args.command](args)
+        early = _prefetch(args)
+        if console:
+            _import_torch_frozen()
+        return HANDLERS[args.command](args)
     except MerganserError as e:
-        print(f"merganser: error: {e}", file=sys.stderr)
+        print(f"merganser: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"merganser: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = _short(os.fsdecode(e.filename)) if e.filename else ""
+        print(f"merganser: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except RecursionError:
+        print("merganser: error: input nested too deeply to process", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        if "null byte" not in str(e):  # the os module's word for a NUL in a path
+            return _internal(e)
+        print("merganser: error: a path contains a NUL character", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("merganser: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("MERGANSER_DEBUG"):
-            raise
-        print(
-            f"merganser: internal error: {type(e).__name__}: {e} "
-            "(set MERGANSER_DEBUG=1 for a traceback)",
-            file=sys.stderr,
-        )
-        return 70
+        return _internal(e)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _internal(e: Exception) -> int:
+    """A bug, not the user's input: one line and exit 70 (re-raised with MERGANSER_DEBUG)."""
+    if os.environ.get("MERGANSER_DEBUG"):
+        raise e
+    print(
+        f"merganser: internal error: {type(e).__name__}: {_one_line(str(e))} "
+        "(set MERGANSER_DEBUG=1 for a traceback)",
+        file=sys.stderr,
+    )
+    return 70
+
+
+def _short(text: str, limit: int = 240) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (a 500-segment path)."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
+def _one_line(text: str) -> str:
+    """The first line of a message, shortened: errors are one line."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return _short(first, 1000)
 
 
 def threading_is_main() -> bool:
@@ -585,35 +642,33 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def entry() -> None:
-    """The console script: ``main`` with start-up and exit costs cut, then exit."""
-    args = build_parser().parse_args()  # help, version and usage errors exit here, before torch
-    early = _prefetch(args)
-    # Importing torch builds about a million long-lived objects. The cyclic GC would traverse
-    # them again and again while they are imported and once more at exit: half a second of a
-    # command's start-up here. Import them with the GC paused and freeze them (the permanent
-    # generation is never traversed). Only here, not in `main`: a program that calls `main`
-    # keeps its own objects collectable.
+def _import_torch_frozen() -> None:
+    """Import torch with the cyclic GC paused, then freeze what it built.
+
+    Importing torch builds about a million long-lived objects. The cyclic GC would traverse
+    them again and again while they are imported and once more at exit: half a second of a
+    command's start-up here. The permanent generation is never traversed. Only for the console
+    script: a program that calls ``main`` keeps its own objects collectable.
+    """
     gc.disable()
     try:
         import merganser.api  # noqa: F401  (imports torch)
     finally:
         gc.freeze()
         gc.enable()
-    # The prefetch goes on while the merge runs: the engine computes the ranges it brought in
-    # with no reads of its own, and the disk would idle meanwhile (0.5-0.8 s of a cold 1B
-    # SLERP merge). It ends at its limit or with the merge.
-    try:
-        rc = run(args)
-    finally:
-        if early is not None:
-            early.stop()
-    sys.exit(rc)
+
+
+def entry() -> None:
+    """The console script: ``main``, then exit with its status."""
+    args = build_parser().parse_args()  # help, version and usage errors exit here, before torch
+    sys.exit(run(args, console=True))
 
 
 def _prefetch(a: argparse.Namespace) -> Prefetch | None:
     """For a merge, start reading its inputs into the page cache while torch is imported (it
-    goes on while the merge runs, up to its limit).
+    goes on while the merge runs, up to its limit: the engine computes the ranges it brought
+    in with no reads of its own, and the disk would idle meanwhile). Best effort: a recipe it
+    cannot read is left for the merge to report.
     """
     if a.command != "merge" or a.read == "direct":
         return None
@@ -622,9 +677,9 @@ def _prefetch(a: argparse.Namespace) -> Prefetch | None:
 
     try:
         recipe = load_recipe(a.recipe)
-    except (MerganserError, OSError):
+        models = [pagecache.weight_files(recipe.resolve(p)) for p in recipe.model_paths()]
+    except (MerganserError, OSError, ValueError):
         return None  # the merge itself reports it
-    models = [pagecache.weight_files(recipe.resolve(p)) for p in recipe.model_paths()]
     return pagecache.Prefetch(models, pagecache.prefetch_limit()).start()
 
 

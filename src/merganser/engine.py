@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from merganser.dtypes import itemsize
-from merganser.errors import MerganserError
+from merganser.dtypes import dtype_name, itemsize
+from merganser.errors import MerganserError, size_text
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.plan import Plan, TensorTask
 from merganser.provenance import BLOCK as DIGEST_BLOCK
@@ -189,9 +189,9 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
         if one_item:
             if need > options.memory_budget:
                 raise MerganserError(
-                    f"tensor {task.name} {list(task.shape)} needs about {need / 2**30:.2f} GiB "
+                    f"tensor {task.name} {list(task.shape)} needs about {size_text(need)} "
                     f"to merge with {plan.method.name!r}, more than --memory-budget "
-                    f"{options.memory_budget / 2**30:.2f} GiB"
+                    f"{size_text(options.memory_budget)}"
                 )
             items.append(item(0, task.numel, need, True))
             continue
@@ -352,8 +352,8 @@ def merge_blocks(
                         res = bm.merge(s + a, tensors, base)
                     else:
                         res = plan.method(tensors, base, **task.params)
-                    _check_finite(task, res, options)
-                    out[a - p0 : a - p0 + n].copy_(res)
+                    # Checked in the output dtype: a finite float32 can round to Inf there.
+                    _check_finite(task, out[a - p0 : a - p0 + n].copy_(res), options)
             # The sink may wait for the writer, and must not hold a compute slot while it does.
             yield s + p0, out.view(task.shape) if item.whole and pn == task.numel else out
 
@@ -377,8 +377,8 @@ def _check_finite(task: TensorTask, out: torch.Tensor, options: EngineOptions) -
 
 def _nonfinite(task: TensorTask) -> MerganserError:
     return MerganserError(
-        f"tensor {task.name}: merge produced NaN or Inf (check the inputs and parameters, "
-        "or pass --allow-nonfinite)"
+        f"tensor {task.name}: merge produced NaN or Inf in {dtype_name(task.out_dtype)} (check "
+        "the inputs, the parameters and out_dtype, or pass --allow-nonfinite)"
     )
 
 
@@ -386,7 +386,7 @@ def _out_of_memory(item: WorkItem, options: EngineOptions) -> MerganserError:
     budget = options.device_budget or 0
     return MerganserError(
         f"tensor {item.task.name}: out of memory on {item.device} with "
-        f"--gpu-memory {budget / 2**30:.2f} GiB (pass a smaller --gpu-memory, or --device cpu)"
+        f"--gpu-memory {size_text(budget)} (pass a smaller --gpu-memory, or --device cpu)"
     )
 
 
@@ -485,8 +485,10 @@ def compute_item(
     with compute:
         out = plan.method(tensors, base, **task.params, **extra)
         del tensors, base, extra
+        # Checked in the output dtype: a finite float32 result can round to Inf there.
+        out = out.to(dtype=task.out_dtype)
         _check_finite(task, out, options)
-        return out.to(dtype=task.out_dtype).cpu()
+        return out.cpu()
 
 
 def run(

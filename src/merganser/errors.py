@@ -11,3 +11,15 @@ class RecipeError(MerganserError):
 
 class CheckpointError(MerganserError):
     """A checkpoint is missing, unreadable, inconsistent or unsafe."""
+
+
+def size_text(n: float) -> str:
+    """A byte count for a message, in the unit that shows it: 512 B, 3.0 KiB, 12.4 MiB,
+    1.25 GiB (never "0.00 GiB" for a small size).
+    """
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return (
+                f"{n / scale:.2f} {unit}" if unit in ("GiB", "TiB") else f"{n / scale:.1f} {unit}"
+            )
+    return f"{int(n)} B"

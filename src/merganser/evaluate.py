@@ -6,7 +6,6 @@ An evaluator is any callable ``(LoadedModel) -> {task: Score}``. Built in: the z
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -16,7 +15,9 @@ from typing import Any
 
 import torch
 
+from merganser import hf, safejson
 from merganser.errors import MerganserError
+from merganser.inputs import read_text
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,24 @@ def load_model(path: str | os.PathLike[str], threads: int | None = None) -> Load
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MerganserError(f"{p}: not a model folder (no config.json)")
-    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
-        raise MerganserError(f"{p}: no tokenizer files; evaluation needs the model's tokenizer")
+    hf.require_tokenizer(p, "evaluation")
     if threads:
         torch.set_num_threads(threads)
     from merganser.multihead import is_multihead, load_multihead
 
     if is_multihead(p):
-        multi = load_multihead(p)
-        tok = AutoTokenizer.from_pretrained(p, config=multi.config)  # not its config.json
+        multi = hf.load(p, "the model", lambda: load_multihead(p))
+        # The tokenizer with the multi-head model's config, not its config.json.
+        tok = hf.load(
+            p, "the tokenizer", lambda: AutoTokenizer.from_pretrained(p, config=multi.config)
+        )
         return LoadedModel(multi, tok, p.name, multi.routes)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(p), p.name)
+    model = hf.load(
+        p, "the model", lambda: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    ).eval()
+    return LoadedModel(
+        model, hf.load(p, "the tokenizer", lambda: AutoTokenizer.from_pretrained(p)), p.name
+    )
 
 
 @torch.no_grad()
@@ -178,18 +185,15 @@ def zoo_evaluator(
 def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[str, Any]]:
     """``(where, object)`` for each non-blank line of a JSONL file; ``where`` is ``file:line``."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MerganserError(f"{p}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    lines = read_text(p, "JSONL file").splitlines()
     out = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            out.append((f"{p}:{no}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise MerganserError(f"{p}:{no}: not valid JSON ({e.msg})") from None
+            out.append((f"{p}:{no}", safejson.loads(line)))
+        except ValueError as e:
+            raise MerganserError(f"{p}:{no}: {e}") from None
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 from merganser.checkpoint import Checkpoint
 from merganser.errors import MerganserError
+from merganser.writer import publish
 
 METRICS = ("pearson", "cosine", "abs_cosine", "euclidean")
 _CHUNK = 1 << 22
@@ -192,8 +193,13 @@ def heatmap(names: Sequence[str], matrix: list[list[float]], metric: str, path: 
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(f"model kinship ({metric}) of task vectors")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        publish(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def state_kinship(

@@ -12,13 +12,15 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import json
 import mmap
 import os
 import platform
+import stat
 import sys
 import threading
 from pathlib import Path
+
+from merganser import safejson
 
 # cachestat(2), Linux 6.5+; the number is the generic table's, which these machines use.
 _CACHESTAT = 451 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else 0
@@ -73,19 +75,24 @@ def prefetch_limit() -> int:
 
 def weight_files(model: Path) -> list[Path]:
     """A model's safetensors files in the order a merge plan reads them (by path), as far as
-    can be told without parsing headers: best effort, for prefetching only.
+    can be told without parsing headers: best effort, for prefetching only. Anything odd (an
+    unreadable index, a path too long, a FIFO) gives fewer files, never an error: the merge
+    itself reports it.
     """
-    if model.is_file():
-        return [model]
-    index = model / "model.safetensors.index.json"
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = {v for v in weight_map.values() if isinstance(v, str) and "/" not in v}
-        return sorted(model / n for n in names)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    single = model / "model.safetensors"
-    return [single] if single.is_file() else sorted(model.glob("*.safetensors"))
+        if model.is_file():
+            return [model]
+        index = model / "model.safetensors.index.json"
+        try:
+            weight_map = safejson.loads(index.read_bytes())["weight_map"]
+            names = {v for v in weight_map.values() if isinstance(v, str) and "/" not in v}
+            return sorted(model / n for n in names)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+        single = model / "model.safetensors"
+        return [single] if single.is_file() else sorted(model.glob("*.safetensors"))
+    except (OSError, ValueError):
+        return []
 
 
 class Prefetch:
@@ -159,10 +166,15 @@ class _Stream:
                 if not self.files:
                     return None
                 try:
-                    self.fd = os.open(self.files.pop(0), os.O_RDONLY)
-                    self.size = os.fstat(self.fd).st_size
+                    # Non-blocking: opening a FIFO for reading would wait for a writer forever.
+                    self.fd = os.open(self.files.pop(0), os.O_RDONLY | os.O_NONBLOCK)
+                    st = os.fstat(self.fd)
                 except OSError:
                     continue  # the merge itself reports missing or unreadable files
+                if not stat.S_ISREG(st.st_mode):
+                    self.close()  # a FIFO, device or folder: the merge itself refuses it
+                    continue
+                self.size = st.st_size
                 self.offset = 0
             n, got = min(len(buf), self.size - self.offset), 0
             try:

@@ -431,8 +431,17 @@ def _vocab_fit(
 
 def _check_param_names(recipe: Recipe, method: Method) -> None:
     def check(params: dict[str, ParamValue] | None, where: str, per_model: bool) -> None:
-        for key in params or {}:
-            if key in IGNORED_PARAMS or key in method.ignored:
+        for key, value in (params or {}).items():
+            if key in IGNORED_PARAMS:
+                # mergekit's int8_mask is a boolean (it only saves memory there); anything else
+                # is a mistake to report, not to ignore.
+                if not isinstance(value, bool):
+                    raise RecipeError(
+                        f"{recipe.source_name}: {where}.{key}: expected true or false, "
+                        f"got {value!r}"
+                    )
+                continue
+            if key in method.ignored:
                 continue
             p = method.param(key)
             if p is None:

@@ -17,9 +17,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from merganser import safejson
 from merganser.errors import RecipeError
 
 MAX_GRADIENT_POINTS = 4096
+MAX_SEED = 2**32 - 1
+# Merges of 2-16 models are the common case and soups reach 72 (Wortsman et al. 2022); far more
+# is an accident, and each model costs a file descriptor set and a read of every tensor.
+MAX_MODELS = 128
 VOCAB_POLICIES = ("error", "common_submatrix", "base")
 
 Scalar = float | int | bool | str
@@ -163,6 +168,16 @@ class Recipe(_HasParams):
     # Embedding/head matrices of different vocabulary sizes: error, common_submatrix or base.
     vocab_policy: str = "error"
 
+    @field_validator("random_seed", mode="before")
+    @classmethod
+    def _check_seed(cls, v: Any) -> int | None:
+        # numpy's seeds (and so mergekit's, which seeds numpy) are 32-bit unsigned.
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+            raise ValueError(f"expected an integer from 0 to {MAX_SEED}, got {str(v)[:40]}")
+        return v
+
     @field_validator("vocab_policy")
     @classmethod
     def _check_vocab_policy(cls, v: str) -> str:
@@ -246,25 +261,75 @@ def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = No
         raise RecipeError(f"{name}: models: at least one model is required (or give slices)")
     if recipe.models and recipe.slices:
         raise RecipeError(f"{name}: give either models or slices, not both")
+    n = len(recipe.model_paths())
+    if n > MAX_MODELS:
+        raise RecipeError(
+            f"{name}: names {n} models; at most {MAX_MODELS} (every output tensor reads each "
+            "of them, and pairwise methods such as model_stock cost N² per tensor)"
+        )
     return recipe
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML lets the
+    last one win without a word).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Recipes nest a few levels (slices > sources > parameters > filter rules); far deeper is an
+# attack or an accident, refused before anything walks it recursively.
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_BYTES = 16 << 20
+
+
 def read_yaml(path: str | os.PathLike[str], what: str = "recipe") -> tuple[str, Any]:
-    """A YAML file's text and safely parsed data; any problem is one line naming the file."""
+    """A YAML file's text and safely parsed data; any problem is one line naming the file.
+
+    Limits: at most MAX_RECIPE_BYTES, nesting at most MAX_RECIPE_DEPTH levels, integers of at
+    most 4300 digits (Python's own limit), no key twice in a mapping.
+    """
     p = Path(path)
     try:
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{p}: {what} is larger than {MAX_RECIPE_BYTES >> 20} MiB")
+        if not p.is_file():
+            raise RecipeError(f"{p}: cannot read {what} (not a regular file)")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(
             f"{p}: cannot read {what} ({getattr(e, 'strerror', None) or e})"
         ) from None
     try:
-        return text, yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "syntax error"
         raise RecipeError(f"{p}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: {what} nests deeper than {MAX_RECIPE_DEPTH} levels") from None
+    except ValueError as e:  # an integer beyond Python's digit limit
+        raise RecipeError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if safejson.depth(data) > MAX_RECIPE_DEPTH:
+        raise RecipeError(f"{p}: {what} nests deeper than {MAX_RECIPE_DEPTH} levels")
+    return text, data
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:

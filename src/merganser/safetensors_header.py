@@ -7,7 +7,6 @@ A hostile file must not make us allocate or read beyond what the file actually h
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from merganser import safejson
 from merganser.dtypes import ST_TO_TORCH, itemsize
 from merganser.errors import CheckpointError
 
@@ -59,9 +59,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        header = safejson.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     return _parse_entries(path, header, data_start=8 + n, data_size=size - 8 - n)
@@ -82,7 +82,7 @@ def _parse_entries(
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: header entry is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in ST_TO_TORCH:
+        if not isinstance(code, str) or code not in ST_TO_TORCH:
             raise CheckpointError(f"{where}: unsupported dtype {code!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -115,4 +115,12 @@ def _parse_entries(
     for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    # As the reference implementation: the tensors fill the data section exactly. Bytes past
+    # the last tensor are data no header describes (a wrong file appended to, or a bad write).
+    end = max((e for _, e, _ in spans), default=0)
+    if end != data_size:
+        raise CheckpointError(
+            f"{path}: {data_size - end} bytes after the last tensor that no header entry "
+            "describes (expected the tensors to fill the file)"
+        )
     return tensors, metadata

@@ -26,10 +26,14 @@ def summarize(path: str | Path) -> dict[str, Any]:
         dtypes: Counter[str] = Counter()
         for info in ckpt.tensors.values():
             dtypes[dtype_name(info.dtype)] += info.numel
+        archs, model_type = cfg.get("architectures"), cfg.get("model_type")
         return {
             "path": str(ckpt.path),
-            "architecture": (cfg.get("architectures") or [None])[0],
-            "model_type": cfg.get("model_type"),
+            # config.json is the user's: a field of an unexpected type shows as unknown.
+            "architecture": archs[0]
+            if isinstance(archs, list) and archs and isinstance(archs[0], str)
+            else None,
+            "model_type": model_type if isinstance(model_type, str) else None,
             "num_layers": ckpt.num_layers(),
             "parameters": sum(t.numel for t in ckpt.tensors.values()),
             "tensors": len(ckpt.tensors),

@@ -35,6 +35,7 @@ from merganser.safetensors_header import read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "merganser_manifest.json"
+RECIPE_NAME = "merganser_recipe.yaml"
 # Each shard's checksum in the manifest: BLAKE3 of the whole file, as `b3sum` computes it. It is
 # hashed behind the write frontier while the merge runs; sha256 cost 2.5x the CPU there.
 SHARD_DIGEST = "blake3"
@@ -523,6 +524,38 @@ def _refuse_existing(target: Path, force: bool) -> None:
         raise MerganserError(f"{target}: output path exists and is not a folder")
     if any(target.iterdir()) and not force:
         raise MerganserError(f"{target}: output folder exists and is not empty (use --force)")
+
+
+def guard_output(
+    target: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]],
+    force: bool,
+    kind: str = "folder",
+) -> Path:
+    """The one check every command that writes makes before any work: ``target`` overlaps no
+    input (is not one, is not inside one, does not hold one), and an existing target is
+    replaced only with ``force`` (an empty folder counts as free). ``kind``: "folder" or
+    "file", what the command writes. Returns ``target`` as an absolute path.
+    """
+    t = Path(target).absolute()
+    resolved = t.resolve()
+    for ref in inputs:
+        p = Path(ref).resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise MerganserError(f"{target}: output path overlaps input {ref}")
+    if t.is_symlink() or t.exists():
+        if kind == "folder" and t.is_dir() and not t.is_symlink():
+            if any(t.iterdir()) and not force:
+                raise MerganserError(
+                    f"{target}: output folder exists and is not empty (use --force)"
+                )
+        elif kind == "file" and t.is_dir():
+            raise MerganserError(f"{target}: is a folder, expected a file to write")
+        elif kind == "folder":
+            raise MerganserError(f"{target}: output path exists and is not a folder")
+        elif not force:
+            raise MerganserError(f"{target}: output file exists (use --force)")
+    return t
 
 
 def _remove_stale_tmp(target: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from merganser import hf
 from merganser.align import (
     MATCHERS,
     Alignment,
@@ -37,7 +38,7 @@ from merganser.evaluate import load_model
 from merganser.features import collect_features
 from merganser.multihead import save_multihead, trunk_names
 from merganser.refit import fit_unmerges, refit_layers
-from merganser.writer import publish
+from merganser.writer import guard_output, publish
 
 StateDict = dict[str, torch.Tensor]
 
@@ -61,7 +62,7 @@ def _read(path: Path) -> tuple[StateDict, Any]:
 
     if not (path / "config.json").is_file():
         raise MerganserError(f"{path}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path)
+    config = hf.load(path, "the config", lambda: AutoConfig.from_pretrained(path))
     with Checkpoint(path) as c:
         return {k: c.read(k) for k in c}, config
 
@@ -91,7 +92,12 @@ def _check(paths: Sequence[Path], states: Sequence[StateDict], configs: Sequence
 def _same_vocab(paths: Sequence[Path]) -> None:
     from transformers import AutoTokenizer
 
-    vocabs = [AutoTokenizer.from_pretrained(p).get_vocab() for p in paths]
+    for p in paths:
+        hf.require_tokenizer(p, "zip and align (they check the vocabularies agree)")
+    vocabs = [
+        hf.load(p, "the tokenizer", lambda p=p: AutoTokenizer.from_pretrained(p)).get_vocab()
+        for p in paths
+    ]
     for p, v in zip(paths[1:], vocabs[1:], strict=True):
         if v != vocabs[0]:
             raise MerganserError(f"{p}: tokenizer vocabulary differs from {paths[0]}'s")
@@ -100,8 +106,6 @@ def _same_vocab(paths: Sequence[Path]) -> None:
 def _write_folder(out: Path, source: Path, force: bool, write: Any, config: bool = True) -> None:
     """Fill a temporary sibling of ``out`` with ``write(tmp)`` and the source's tokenizer, then
     rename it into place: ``out`` is either untouched or complete."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MerganserError(f"{out}: output exists and is not an empty folder (use --force)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -188,11 +192,9 @@ def zip_models(
     if o.matcher not in MATCHERS:
         raise MerganserError(f"--match: expected one of {', '.join(MATCHERS)}, got {o.matcher!r}")
     ps = [Path(p) for p in paths]
-    out = Path(out)
     if len(ps) < 2:
         raise MerganserError("zip: needs at least two models")
-    if any(out.resolve() == p.resolve() for p in ps):
-        raise MerganserError(f"{out}: the output would overwrite an input model")
+    out = guard_output(out, ps, force)
     read = [_read(p) for p in ps]
     states, configs = [s for s, _ in read], [c for _, c in read]
     shape = _check(ps, states, configs)
@@ -281,9 +283,7 @@ def align_models(
         )
     o = replace(options or ZipOptions(), matcher=matcher)
     ps = [Path(ref), Path(other)]
-    out = Path(out)
-    if any(out.resolve() == p.resolve() for p in ps):
-        raise MerganserError(f"{out}: the output would overwrite an input model")
+    out = guard_output(out, ps, force)
     read = [_read(p) for p in ps]
     states = [s for s, _ in read]
     shape = _check(ps, states, [c for _, c in read])

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from merganser.errors import RecipeError
 
 Scope = Literal["model", "global"]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Param:
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
             raise RecipeError(f"{where}: must be finite, got {value}")
+        if abs(value) > FLOAT32_MAX:  # the math runs in float32
+            raise RecipeError(f"{where}: {value:g} is beyond float32's range (±{FLOAT32_MAX:.4g})")
         if self.kind is int:
             if value != int(value):
                 raise RecipeError(f"{where}: expected an integer, got {value!r}")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merganser.errors import RecipeError
 from merganser.recipe import format_error, read_yaml
+from merganser.zoo.tasks import ALL_TASKS
 
 STRATEGIES = ("evolver", "cmaes", "greedy_soup", "kinship_greedy", "adamerging")
 
@@ -123,6 +124,11 @@ def parse_search(data: Any, name: str = "<search>", source_dir: Path | None = No
     ev = cfg.evaluator
     if not ev.tasks and not (ev.dev and ev.test):
         raise RecipeError(f"{name}: evaluator: give zoo tasks, or both dev and test JSONL files")
+    for i, t in enumerate(ev.tasks):
+        if t not in ALL_TASKS:
+            raise RecipeError(
+                f"{name}: evaluator.tasks[{i}]: unknown task {t!r} (known: {', '.join(ALL_TASKS)})"
+            )
     stats = cfg.evolver.merger.statistics
     if stats is not None and len(stats) != len(cfg.models):
         raise RecipeError(

@@ -32,8 +32,8 @@ from merganser.search.evolver import EvolverConfig, evolve
 from merganser.search.journal import JOURNAL_NAME, Journal, candidate_key
 from merganser.search.kinship_greedy import greedy_merge_search, slerp_merger
 from merganser.search.soup import greedy_soup
-from merganser.search.workers import EvalSpec, Pool, fitness_fn, make_pool, pack
-from merganser.writer import publish
+from merganser.search.workers import EvalSpec, Pool, check_spec, fitness_fn, make_pool, pack
+from merganser.writer import guard_output, publish
 
 RESULTS_NAME = "search.json"
 PLOT_NAME = "search.png"
@@ -212,6 +212,7 @@ def run_search(
     out: str | os.PathLike[str],
     *,
     resume: bool = False,
+    resume_repair: bool = False,
     force: bool = False,
     workers: int | None = None,
     ray: str | None = None,
@@ -219,6 +220,17 @@ def run_search(
 ) -> dict[str, Any]:
     """Run the search described by ``cfg``; writes OUT/best, OUT/search.json, OUT/search.png."""
     out = Path(out)
+    refs = [cfg.resolve(m) for m in cfg.models]
+    base_ref = cfg.resolve(cfg.base_model) if cfg.base_model else None
+    jsonl = tuple(
+        (s, str(cfg.resolve(p)))
+        for s, p in (("dev", cfg.evaluator.dev), ("test", cfg.evaluator.test))
+        if p
+    )
+    stats = [cfg.resolve(p) for p in cfg.evolver.merger.statistics or []]
+    # OUT may hold a search to resume or replace (the checks below), but never any input.
+    inputs = [*refs, *([base_ref] if base_ref else []), *(Path(p) for _, p in jsonl), *stats]
+    guard_output(out, inputs, force=True)
     journal_path = out / JOURNAL_NAME
     if out.exists() and not journal_path.exists() and any(out.iterdir()) and not force:
         raise MerganserError(f"{out}: exists and is not a search folder (use --force)")
@@ -228,19 +240,12 @@ def run_search(
         )
     if resume and not journal_path.exists():
         raise MerganserError(f"{out}: nothing to resume (no evaluations.jsonl)")
-    refs = [cfg.resolve(m) for m in cfg.models]
-    base_ref = cfg.resolve(cfg.base_model) if cfg.base_model else None
     for p in (*refs, *([base_ref] if base_ref else [])):
         if not p.exists():
             raise MerganserError(f"{p}: model not found")
     skeleton = base_ref or refs[0]
     if not (skeleton / "config.json").is_file():
         raise MerganserError(f"{skeleton}: the search needs a model folder with config.json")
-    jsonl = tuple(
-        (s, str(cfg.resolve(p)))
-        for s, p in (("dev", cfg.evaluator.dev), ("test", cfg.evaluator.test))
-        if p
-    )
     for _, p in jsonl:
         if not Path(p).is_file():
             raise MerganserError(f"{p}: evaluation file not found")
@@ -255,6 +260,8 @@ def run_search(
         base, _ = load_state(base_ref)
         check_same_tensors(refs[0], models[0], base_ref, base)
 
+    spec = EvalSpec(str(skeleton), tuple(cfg.evaluator.tasks), cfg.evaluator.n, jsonl)
+    check_spec(spec)
     if force:
         for name in OUTPUTS:
             p = out / name
@@ -263,9 +270,8 @@ def run_search(
             elif p.exists() or p.is_symlink():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    spec = EvalSpec(str(skeleton), tuple(cfg.evaluator.tasks), cfg.evaluator.n, jsonl)
     n_workers = workers or cfg.workers or os.cpu_count() or 1
-    journal = Journal(out, cfg.digest(), resume)
+    journal = Journal(out, cfg.digest(), resume, repair=resume_repair)
     pool = make_pool(spec, n_workers, ray)
     try:
         scorer = _Scorer(pool, journal, cfg.metric, _generations(cfg), verbose)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from merganser import hf
 from merganser.errors import MerganserError
 from merganser.evaluate import Evaluator, LoadedModel, Score, jsonl_evaluator, zoo_evaluator
 
@@ -48,6 +49,18 @@ class EvalSpec:
             return lambda lm: {t: s for ev in evaluators for t, s in ev(lm).items()}
 
         return {s: run(e) for s, e in evs.items()}
+
+
+def check_spec(spec: EvalSpec) -> None:
+    """Load what every worker will load (config, tokenizer, evaluators) once, here: a problem
+    is then one line before any worker starts, not a worker's traceback and a broken pool.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf.require_tokenizer(spec.skeleton, "the search's evaluator")
+    hf.load(spec.skeleton, "the config", lambda: AutoConfig.from_pretrained(spec.skeleton))
+    hf.load(spec.skeleton, "the tokenizer", lambda: AutoTokenizer.from_pretrained(spec.skeleton))
+    spec.evaluators()
 
 
 class Judge:
