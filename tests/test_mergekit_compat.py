@@ -193,3 +193,108 @@ def test_stochastic_methods_match_mergekit_in_expectation(outputs, name) -> None
         assert abs(kept_m - kept_o) < 5 * (0.25 / dm.numel()) ** 0.5 * 2 + 0.01, (name, k)
         l1_m, l1_o = dm.abs().sum().item(), do.abs().sum().item()
         assert abs(l1_m - l1_o) / l1_m < 0.08, (name, k, l1_m, l1_o)
+
+
+def _mergekit(tmp_path: Path, cfg: dict, name: str) -> dict[str, torch.Tensor]:
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [MK_PYTHON, str(REPO / "tests/compat/mergekit_driver.py"), str(tmp_path / f"{name}.yaml"),
+         str(tmp_path / "mk" / name)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_folder(tmp_path / "mk" / name)
+
+
+def test_mixtral_ties_difference_is_mergekits_fused_expert_bank(tmp_path) -> None:
+    """docs/anatomy.md: mergekit 0.1.5 (with transformers 5) writes Mixtral's experts as
+    transformers' fused bank (``mlp.experts.gate_up_proj``: every expert's w1 and w3) and trims
+    over it; merganser keeps the checkpoint's per-expert tensors and trims each. Everything
+    else is equal, and mergekit's bank is exactly TIES over the fused inputs.
+    """
+    from families import build_family as build
+
+    base, e1, e2 = build("mixtral", tmp_path / "m")
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(e1), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(e2), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    mk = _mergekit(tmp_path, cfg, "ties")
+    merganser.merge(cfg, tmp_path / "ours", merganser.MergeOptions(progress=False))
+    ours = load_folder(tmp_path / "ours")
+    for k in set(mk) & set(ours):
+        assert torch.equal(mk[k], ours[k]), k
+    ins = [load_folder(p) for p in (base, e1, e2)]
+    experts = 4
+    for layer in range(4):
+        p = f"model.layers.{layer}.block_sparse_moe"
+        assert torch.equal(mk[f"model.layers.{layer}.mlp.gate.weight"], ours[f"{p}.gate.weight"])
+
+        def bank(sd, p=p):
+            up = [torch.cat([sd[f"{p}.experts.{e}.w1.weight"], sd[f"{p}.experts.{e}.w3.weight"]])
+                  for e in range(experts)]  # fmt: skip
+            return torch.stack(up), torch.stack(
+                [sd[f"{p}.experts.{e}.w2.weight"] for e in range(experts)]
+            )
+
+        b, x, y = (bank(sd) for sd in ins)
+        fused_ours = bank(ours)
+        for j, name in enumerate(("gate_up_proj", "down_proj")):
+            theirs = mk[f"model.layers.{layer}.mlp.experts.{name}"]
+            want = merganser.merge_tensors(
+                "ties", [x[j], y[j]], base=b[j], weight=[0.6, 0.4], density=[0.5, 0.5]
+            )
+            assert torch.equal(theirs, want)
+            assert not torch.equal(theirs, fused_ours[j])  # per-expert trimming differs
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "gpt2",
+        "roberta",
+        "vit",
+    ],
+)
+def test_families_match_mergekit(tmp_path, family) -> None:
+    """Linear and TIES over other families give mergekit's tensors (where mergekit runs them)."""
+    from families import build_family as build
+
+    base, e1, e2 = build(family, tmp_path / "m")
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(e1), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(e2), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    mk = _mergekit(tmp_path, cfg, "ties")
+    merganser.merge(cfg, tmp_path / "ours", merganser.MergeOptions(progress=False))
+    ours = load_folder(tmp_path / "ours")
+    if family == "qwen3_moe":  # experts: mergekit writes transformers' fused bank (see above)
+        assert {k for k in ours if ".experts." in k} and not {
+            k for k in mk if ".experts." in k and k.endswith(".weight")
+        }
+        ours = {k: v for k, v in ours.items() if ".experts." not in k}
+        mk = {k: v for k, v in mk.items() if ".experts." not in k}
+    if family == "vit":  # mergekit 0.1.5 writes 8 of ViT's 72 tensors without a word
+        assert set(mk) < set(ours) and len(ours) == len(load_folder(base)) == 72
+        ours = {k: ours[k] for k in mk}
+    assert mk.keys() == ours.keys(), sorted(set(mk) ^ set(ours))[:4]
+    worst = max(float((mk[k] - ours[k]).abs().max()) for k in mk)
+    assert worst <= 1e-6, worst

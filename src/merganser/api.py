@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,12 @@ from typing import Any
 
 import torch
 
-from merganser import engine
+from merganser import anatomy, engine, safejson
 from merganser.card import model_card
 from merganser.checkpoint import ReadMode
 from merganser.device import check_device, default_device_budget
 from merganser.dtypes import dtype_name
-from merganser.errors import MerganserError, RecipeError, size_text
+from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
 from merganser.methods import get_method
 from merganser.plan import Plan, build_plan, tensor_seed
 from merganser.progress import Progress
@@ -74,6 +75,8 @@ class MergeOptions:
     progress: bool | None = None
     input_checksums: bool = True
     read_mode: ReadMode = "auto"
+    # Warnings (a parameter a method ignores, a filter that matches no tensor) become errors.
+    strict: bool = False
 
     def engine_options(self) -> engine.EngineOptions:
         return engine.EngineOptions(
@@ -131,11 +134,18 @@ def merge(
     eopts = options.engine_options()
     plan = build_plan(rec, options.read_mode)
     try:
+        for w in plan.warnings:
+            if options.strict:
+                raise MerganserError(f"{w} (--strict)")
+            print(f"merganser: warning: {w}", file=sys.stderr)
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)
         # The statistics passes read whole tensors; they must fit the budget too.
         stat_items = engine.work_items(plan, eopts, chunks=False) if stats is not None else None
         tokenizer = _tokenizer_source(plan)
+        config = _output_config(plan)
+        _check_structure(plan, config, Path(out_dir))
+        side = _side_files(plan)
         target = guard_output(out_dir, _inputs(plan, tokenizer), options.force)
         try:
             out = AtomicOutput(target, force=options.force)
@@ -162,7 +172,7 @@ def merge(
                     on_abort=out.cancel_writes,
                 )
             out.close_shards()
-            _write_side_files(out, plan, tokenizer)
+            _write_side_files(out, plan, config, tokenizer, side)
             manifest = out.verify_and_index()
             inputs = {
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
@@ -218,26 +228,111 @@ def _manifest(
     }
 
 
-def _write_side_files(out: AtomicOutput, plan: Plan, tokenizer: Path | None) -> None:
+def _output_config(plan: Plan) -> dict[str, Any] | None:
+    """The output's config.json: the reference's, with the plan's updates and the dtype."""
     ref = plan.reference_checkpoint
-    if ref.config is not None:
-        config = {**ref.config, **plan.config_updates}
-        dtypes = [t.out_dtype for t in plan.tasks if not t.copy_only]
-        if dtypes:
-            name = dtype_name(max(set(dtypes), key=dtypes.count))
-            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-            for k in keys:
-                config[k] = name
+    if ref.config is None:
+        return None
+    merged = {**ref.config, **plan.config_updates}
+    config = {k: v for k, v in merged.items() if k not in plan.config_drop}
+    dtypes = [t.out_dtype for t in plan.tasks if not t.copy_only]
+    if dtypes:
+        name = dtype_name(max(set(dtypes), key=dtypes.count))
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = name
+    return config
+
+
+def _check_structure(plan: Plan, config: dict[str, Any] | None, target: Path) -> None:
+    """Before any work: the output's tensors and its config agree (each stack's layer count,
+    per-layer config lists); a frankenmerge that would not load is refused here.
+    """
+    problem = anatomy.check_structure((t.name for t in plan.tasks), config, f"{target}")
+    if problem is not None:
+        raise MerganserError(problem)
+
+
+# Files of the model beside its weights and tokenizer, carried over from the reference model:
+# image/video processors of vision models, and sentence-transformers' pipeline description.
+SIDE_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def _side_files(plan: Plan) -> list[tuple[Path, str]]:
+    """(source, name in the output) for each side file of the reference model, including the
+    module folders sentence-transformers' modules.json lists (``1_Pooling/``); one line for a
+    module folder that holds weights (merganser would copy them unmerged).
+    """
+    folder = plan.reference_checkpoint.path
+    if not folder.is_dir():
+        return []
+    files = [(folder / n, n) for n in SIDE_FILES if (folder / n).is_file()]
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            listed = safejson.loads(modules.read_bytes())
+        except ValueError as e:
+            raise CheckpointError(f"{modules}: {e}") from None
+        for m in listed if isinstance(listed, list) else []:
+            sub = m.get("path") if isinstance(m, dict) else None
+            if (
+                not isinstance(sub, str)
+                or not sub
+                or ".." in Path(sub).parts
+                or sub.startswith("/")
+            ):
+                continue
+            d = folder / sub
+            if not d.is_dir():
+                continue
+            for f in sorted(d.rglob("*")):
+                if f.is_file() and f.suffix in _WEIGHT_SUFFIXES:
+                    raise CheckpointError(
+                        f"{f}: sentence-transformers module {sub} holds weights, which merganser "
+                        "does not merge yet"
+                    )
+                if f.is_file():
+                    files.append((f, str(f.relative_to(folder))))
+    return files
+
+
+def _write_side_files(
+    out: AtomicOutput,
+    plan: Plan,
+    config: dict[str, Any] | None,
+    tokenizer: Path | None,
+    side: list[tuple[Path, str]],
+) -> None:
+    if config is not None:
         out.write_file("config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer is not None and tokenizer.is_dir():
         for fname in TOKENIZER_FILES:
             if (tokenizer / fname).is_file():
                 out.copy_file(tokenizer / fname)
+    for src, name in side:
+        if not (out.tmp / name).exists():
+            (out.tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            out.copy_file(src, name)
     out.write_file(RECIPE_NAME, plan.recipe.source_text)
 
 
 def _tokenizer_source(plan: Plan) -> Path | None:
     rec = plan.recipe
+    if rec.chat_template is not None:
+        # Accepted and ignored, it left the base's template in the output without a word.
+        raise RecipeError(
+            f"{rec.source_name}: chat_template: not supported yet (the output would keep the "
+            "base's template); remove the key to keep it"
+        )
     src = rec.tokenizer_source
     if src is None or src == "base":
         return plan.reference_checkpoint.path

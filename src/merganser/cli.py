@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
     )
     m.add_argument(
+        "--strict",
+        action="store_true",
+        help="make warnings errors: a parameter the method ignores, a filter matching no tensor",
+    )
+    m.add_argument(
         "--no-fused",
         dest="fused",
         action="store_false",
@@ -315,6 +320,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         progress=a.progress,
         input_checksums=a.input_checksums,
         read_mode=a.read,
+        strict=a.strict,
     )
     out = merge(a.recipe, a.out, opts)
     print(f"merged into {out}")

@@ -32,6 +32,7 @@ import torch
 
 from merganser.dtypes import dtype_name, itemsize
 from merganser.errors import MerganserError, size_text
+from merganser.formats import dequantize_fp8_block
 from merganser.methods.blockwise import BlockMerge, Load
 from merganser.plan import Plan, TensorTask
 from merganser.provenance import BLOCK as DIGEST_BLOCK
@@ -122,7 +123,7 @@ class MemoryBudget:
 def blockwise(plan: Plan, task: TensorTask, device: str) -> bool:
     """Whether ``task`` runs block by block on ``device`` (see the module docstring)."""
     m = plan.method
-    simple = task.fill is None and task.stats is None and not task.copy_only
+    simple = task.fill is None and task.stats is None and task.scales is None and not task.copy_only
     return (
         device == "cpu"
         and simple
@@ -165,7 +166,12 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
     for task in plan.tasks:
         if not chunks and task.copy_only:
             continue
-        chunkable = (plan.method.elementwise or task.copy_only) and task.fill is None
+        # Cut or dequantised inputs are read whole (a chunk would split rows or scale blocks).
+        chunkable = (
+            (plan.method.elementwise or task.copy_only)
+            and task.fill is None
+            and task.scales is None
+        )
         device = "cpu" if task.copy_only else options.device  # a copy does no math
         one_item = not chunks or not chunkable
         if (
@@ -431,17 +437,24 @@ def load_inputs(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The item's inputs as float32 on its device (sources, then base or None)."""
 
-    def load(ref: tuple[int, str]) -> torch.Tensor:
-        t = rounded(plan, read_raw(plan, item, ref, digests, again))
+    task = item.task
+    scales = task.scales or [None] * len(task.inputs)
+
+    def load(ref: tuple[int, str], scale: tuple[int, str, tuple[int, int]] | None) -> torch.Tensor:
+        t = read_raw(plan, item, ref, digests, again)
+        if scale is not None:  # FP8 block-scaled: float32 values first
+            s = read_raw(plan, item, (scale[0], scale[1]), digests, again)
+            t = dequantize_fp8_block(t, s, scale[2])
+        t = rounded(plan, t)
         # Copy first, convert after: a blocking host-to-GPU copy that also changes the dtype
         # converts on the CPU, then copies twice the bytes of a bf16 tensor.
         return t.to(device=item.device).float()
 
-    task = item.task
-    tensors = [load(ref) for ref in task.sources]
-    base = load(task.base) if task.base else None
+    n = len(task.sources)
+    tensors = [load(ref, scales[i]) for i, ref in enumerate(task.sources)]
+    base = load(task.base, scales[n]) if task.base else None
     if task.fill is not None:
-        filler = load(task.fill)
+        filler = load(task.fill, None)
         tensors = [fit(t, task.shape, filler) for t in tensors]
         base = fit(base, task.shape, filler) if base is not None else None
     return tensors, base

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from merganser import anatomy
 from merganser.checkpoint import Checkpoint, ReadMode
 from merganser.dtypes import itemsize, parse_dtype
 from merganser.errors import CheckpointError, RecipeError
 from merganser.methods import IGNORED_PARAMS, Method, get_method
-from merganser.naming import depth, layer_index
-from merganser.recipe import ParamValue, Recipe, evaluate
+from merganser.naming import is_layer_linear
+from merganser.recipe import Conditional, ParamValue, Recipe, evaluate
 
 _VOCAB_RE = re.compile(r"embed|lm_head|wte|word_embeddings|output\.weight$")
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
@@ -41,6 +43,9 @@ class TensorTask:
     copy_only: bool = False  # non-float buffers are copied from the reference model
     fill: tuple[int, str] | None = None  # vocab policy: inputs are cut or padded to ``shape``
     stats: list[tuple[int, str] | None] | None = None  # per source: its calibration statistic
+    # Per input (sources, then base): where its FP8 block scales are and the block size, for
+    # inputs stored block-scaled in FP8 (dequantised as read); None for plain inputs.
+    scales: list[tuple[int, str, tuple[int, int]] | None] | None = None
 
     @property
     def numel(self) -> int:
@@ -69,6 +74,9 @@ class Plan:
     tasks: list[TensorTask] = field(default_factory=list)
     compute_dtype: torch.dtype | None = None  # inputs are rounded to this first (mergekit `dtype`)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # Accepted (as mergekit accepts them) but worth a word: printed, or errors with --strict.
+    warnings: list[str] = field(default_factory=list)
+    config_drop: set[str] = field(default_factory=set)  # keys the output's config leaves out
     stats_files: dict[int, int] = field(default_factory=dict)  # model checkpoint -> statistics
 
     @property
@@ -101,6 +109,18 @@ class _Group:
     params_label: str
     count: int | None  # layers in the group; None: every layer, names unchanged
     offset: int = 0  # first output layer
+    module: tuple[str, dict[str, ParamValue]] | None = None  # a module's own parameters
+
+
+@dataclass
+class _Unit:
+    """One part of the output: its groups (one models group, or slices), the reference's
+    tensors it covers (None: all of them), and the layer stack its slices cut.
+    """
+
+    groups: list[_Group]
+    names: set[str] | None = None
+    stack: anatomy.Stack | None = None
 
 
 def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
@@ -125,16 +145,18 @@ def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
                 raise CheckpointError(
                     f"{src}: {where}: {e} (merganser never downloads; give a local path)"
                 ) from None
+            ckpt = checkpoints[-1]
+            files = [p.name for p in ckpt.path.iterdir()] if ckpt.path.is_dir() else []
+            problem = anatomy.weight_format(ckpt.tensors, ckpt.config, files)
+            if problem is not None:
+                raise CheckpointError(f"{ckpt.path}: {problem}")
         index = {ref: i for i, ref in enumerate(refs)}
-        groups = (
-            _slice_groups(recipe, method, checkpoints, index)
-            if recipe.slices
-            else [_models_group(recipe, method, index)]
-        )
+        units = _units(recipe, method, checkpoints, index)
+        first = units[0].groups[0]
         reference = (
             index[recipe.base_model]
             if recipe.base_model
-            else (groups[0].base or groups[0].contributors[0]).ckpt
+            else (first.base or first.contributors[0]).ckpt
         )
         plan = Plan(recipe, method, checkpoints, refs, reference, compute_dtype=compute_dtype)
         if method.statistics:
@@ -143,7 +165,9 @@ def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
             raise RecipeError(
                 f"{src}: models[].statistics: method {method.name!r} uses no statistics"
             )
-        _plan_tensors(plan, groups, out_dtype)
+        for unit in units:
+            _plan_unit(plan, unit, out_dtype)
+        plan.warnings += _ignored_params(recipe, method) + _unmatched_filters(plan)
         return plan
     except BaseException:
         for c in checkpoints:
@@ -187,30 +211,100 @@ def _split(
     return contributors, base
 
 
-def _models_group(recipe: Recipe, method: Method, index: dict[str, int]) -> _Group:
+def _units(
+    recipe: Recipe, method: Method, checkpoints: list[Checkpoint], index: dict[str, int]
+) -> list[_Unit]:
+    """The parts of the output: the whole model (``models:`` or ``slices:``), or one part per
+    module of a ``modules:`` recipe (a stack and the tensors around it, or a projector).
+    """
+    src = recipe.source_name
+    if recipe.slices:
+        groups = _slice_groups(
+            recipe, method, checkpoints, index, recipe.slices, "slices",
+            lambda ckpt, ref: _slice_stack(recipe, ckpt, ref),
+        )  # fmt: skip
+        ref = recipe.base_model or recipe.slices[0].sources[0].model
+        return [_Unit(groups, None, _slice_stack(recipe, checkpoints[index[ref]], ref))]
+    if not recipe.modules:
+        return [_Unit([_models_group(recipe, method, index, recipe.models or [], "models")])]
+    mods = recipe.modules
+    lead = next(iter(mods.values()))
+    ref = recipe.base_model or (
+        lead.models[0].model if lead.models else lead.slices[0].sources[0].model
+    )  # type: ignore[index]
+    ref_ckpt = checkpoints[index[ref]]
+    try:
+        parts = anatomy.assign_modules(ref_ckpt.tensors, ref_ckpt.config, list(mods))
+    except ValueError as e:
+        raise RecipeError(f"{src}: modules: {ref}: {e}") from None
+    units = []
+    for key, mod in mods.items():
+        stack, names = parts[key]
+        label = f"modules.{key}"
+        own = (f"{label}.parameters", mod.parameters or {})
+        if mod.slices:
+            if stack is None:
+                raise RecipeError(f"{src}: {label}.slices: module {key!r} has no layer stack")
+
+            def stack_in(
+                ckpt: Checkpoint, r: str, prefix: str = stack.prefix, label: str = label
+            ) -> anatomy.Stack:
+                found = [
+                    s for s in anatomy.find_stacks(ckpt.tensors, ckpt.config) if s.prefix == prefix
+                ]
+                if not found:
+                    raise RecipeError(f"{src}: {label}.slices: {r} has no layer stack {prefix}")
+                return found[0]
+
+            groups = _slice_groups(
+                recipe, method, checkpoints, index, mod.slices, f"{label}.slices", stack_in, own
+            )
+        else:
+            groups = [
+                _models_group(recipe, method, index, mod.models or [], f"{label}.models", own)
+            ]
+        units.append(_Unit(groups, set(names), stack))
+    return units
+
+
+def _models_group(
+    recipe: Recipe,
+    method: Method,
+    index: dict[str, int],
+    entries: list[Any],
+    label: str,
+    module: tuple[str, dict[str, ParamValue]] | None = None,
+) -> _Group:
     members = [
-        _Contributor(f"models[{i}].parameters", index[e.model], e.parameters)
-        for i, e in enumerate(recipe.models or [])
+        _Contributor(f"{label}[{i}].parameters", index[e.model], e.parameters)
+        for i, e in enumerate(entries)
     ]
-    contributors, base = _split(recipe, method, "models", members, recipe.base_model, index)
-    return _Group("models", contributors, base, None, "", None)
+    contributors, base = _split(recipe, method, label, members, recipe.base_model, index)
+    return _Group(label, contributors, base, None, "", None, module=module)
 
 
 def _slice_groups(
-    recipe: Recipe, method: Method, checkpoints: list[Checkpoint], index: dict[str, int]
+    recipe: Recipe,
+    method: Method,
+    checkpoints: list[Checkpoint],
+    index: dict[str, int],
+    slices: list[Any],
+    where: str,
+    stack_of: Callable[[Checkpoint, str], anatomy.Stack],
+    module: tuple[str, dict[str, ParamValue]] | None = None,
 ) -> list[_Group]:
     name = recipe.source_name
     groups: list[_Group] = []
     offset = 0
-    for si, sl in enumerate(recipe.slices or []):
-        label = f"slices[{si}]"
+    for si, sl in enumerate(slices):
+        label = f"{where}[{si}]"
         if not sl.sources:
             raise RecipeError(f"{name}: {label}.sources: at least one source is required")
         members, counts = [], set()
         for j, s in enumerate(sl.sources):
             lo, hi = s.layer_range
             ckpt = checkpoints[index[s.model]]
-            total = _num_layers(ckpt)
+            total = stack_of(ckpt, s.model).layers
             if not 0 <= lo < hi <= total:
                 raise RecipeError(
                     f"{name}: {label}.sources[{j}].layer_range: [{lo}, {hi}] is not within "
@@ -228,62 +322,122 @@ def _slice_groups(
         contributors, base = _split(recipe, method, f"{label}.sources", members, base_ref, index)
         count = counts.pop()
         groups.append(
-            _Group(label, contributors, base, sl.parameters, f"{label}.parameters", count, offset)
-        )
+            _Group(
+                label, contributors, base, sl.parameters, f"{label}.parameters", count, offset,
+                module,
+            )
+        )  # fmt: skip
         offset += count
     return groups
 
 
-def _num_layers(ckpt: Checkpoint) -> int:
-    return ckpt.num_layers() or 1 + max((layer_index(n) or 0 for n in ckpt.tensors), default=-1)
-
-
-def _with_layer(name: str, layer: int) -> str:
-    idx = layer_index(name)
-    assert idx is not None
-    return re.sub(
-        rf"(^|\.)((?:layers|h|blocks|block|layer)\.){idx}\.", rf"\g<1>\g<2>{layer}.", name, count=1
+def _slice_stack(recipe: Recipe, ckpt: Checkpoint, ref: str) -> anatomy.Stack:
+    """The one layer stack a ``slices:`` recipe cuts; one line where there is none or several
+    (an encoder and a decoder, a text model and a vision tower: each needs its own slices).
+    """
+    stacks = anatomy.find_stacks(ckpt.tensors, ckpt.config)
+    if len(stacks) == 1:
+        return stacks[0]
+    if not stacks:
+        raise RecipeError(f"{recipe.source_name}: slices: {ref} has no layer stack to slice")
+    found = ", ".join(f"{st.prefix} ({st.layers} layers)" for st in stacks)
+    raise RecipeError(
+        f"{recipe.source_name}: slices: {ref} has {len(stacks)} layer stacks ({found}); slice "
+        "each with mergekit's modules: syntax (docs/anatomy.md)"
     )
 
 
-def _plan_tensors(plan: Plan, groups: list[_Group], out_dtype: torch.dtype | None) -> None:
+def _plan_unit(plan: Plan, unit: _Unit, out_dtype: torch.dtype | None) -> None:
+    """The tasks of one part of the output: every tensor it covers, names unchanged, or (for
+    slices) its layers renumbered with the tensors around its stack before and after them.
+    """
     ckpts = plan.checkpoints
     ref = ckpts[plan.reference]
-    ordered = sorted(ref.tensors.values(), key=lambda i: (str(i.file), i.start))
+    ordered = [
+        i
+        for i in sorted(ref.tensors.values(), key=lambda i: (str(i.file), i.start))
+        if unit.names is None or i.name in unit.names
+    ]
+    groups = unit.groups
     if groups[0].count is None:  # models: every tensor, names unchanged
-        num_layers = _num_layers(ref)
+        # Gradients run over each stack separately (a vision tower and a text model alike).
+        stacks = anatomy.find_stacks(ref.tensors, ref.config)
         for info in ordered:
             _add_task(
                 plan,
                 groups[0],
                 info.name,
                 lambda c, n=info.name: n,
-                depth(info.name, num_layers),
+                anatomy.depth_of(info.name, stacks),
                 out_dtype,
             )
         return
-    outside = [i.name for i in ordered if layer_index(i.name) is None]
+    assert unit.stack is not None
+    prefix = unit.stack.prefix
+
+    def in_stack(n: str) -> int | None:
+        s = anatomy.stack_of(n)
+        return s[1] if s is not None and s[0] == prefix else None
+
+    outside = [i.name for i in ordered if in_stack(i.name) is None]
     for n in outside:
         if _PRE_RE.search(n):
             _add_task(plan, groups[0], n, lambda c, n=n: n, 0.0, out_dtype)
     for g in groups:
         first = g.base or g.contributors[0]
+        tensors = ckpts[first.ckpt].tensors
         for j in range(g.count or 0):
             t = j / (g.count - 1) if g.count and g.count > 1 else 1.0
-            template = [n for n in ckpts[first.ckpt].tensors if layer_index(n) == first.start + j]
-            for n in sorted(template, key=lambda n: ckpts[first.ckpt].tensors[n].start):
+            template = [n for n in tensors if in_stack(n) == first.start + j]
+            for n in sorted(template, key=lambda n: tensors[n].start):
                 _add_task(
                     plan,
                     g,
-                    _with_layer(n, g.offset + j),
-                    lambda c, n=n, j=j: _with_layer(n, c.start + j),
+                    anatomy.with_layer(n, prefix, g.offset + j),
+                    lambda c, n=n, j=j: anatomy.with_layer(n, prefix, c.start + j),
                     t,
                     out_dtype,
                 )
     for n in outside:
         if not _PRE_RE.search(n):
             _add_task(plan, groups[-1], n, lambda c, n=n: n, 0.0, out_dtype)
-    plan.config_updates["num_hidden_layers"] = groups[-1].offset + (groups[-1].count or 0)
+    _slice_config(plan, groups, unit.stack)
+
+
+def _slice_config(plan: Plan, groups: list[_Group], stack: anatomy.Stack) -> None:
+    """Every config field that depends on the layer count, for the sliced output: the count
+    itself, and each per-layer list (``layer_types`` and the like) rebuilt from the entries of
+    the layers each slice took.
+    """
+    config = plan.reference_checkpoint.config or {}
+    total = groups[-1].offset + (groups[-1].count or 0)
+    if stack.count_key is None:
+        plan.config_updates["num_hidden_layers"] = total
+        return
+    lists: dict[tuple[str, ...], list[Any]] = {}
+    for path in anatomy.per_layer_fields(config, stack):
+        out: list[Any] = []
+        for g in groups:
+            first = g.base or g.contributors[0]
+            src = anatomy.get_path(plan.checkpoints[first.ckpt].config or {}, path)
+            if not isinstance(src, list) or len(src) < first.start + (g.count or 0):
+                raise RecipeError(
+                    f"{plan.recipe.source_name}: {plan.refs[first.ckpt]}: config "
+                    f"{'.'.join(path)} does not list its layers"
+                )
+            out.extend(src[first.start : first.start + (g.count or 0)])
+        lists[path] = out
+    head, *rest = stack.count_key
+    if not rest:
+        plan.config_updates[head] = total
+        plan.config_updates.update({p[0]: v for p, v in lists.items()})
+        return
+    # A nested config (text_config, vision_config) is updated whole, keeping what another
+    # module's slices already changed in it.
+    nested = dict(plan.config_updates.get(head) or config.get(head) or {})
+    nested[rest[-1]] = total
+    nested.update({p[-1]: v for p, v in lists.items()})
+    plan.config_updates[head] = nested
 
 
 def _add_task(
@@ -291,6 +445,8 @@ def _add_task(
 ) -> None:
     """Check the inputs of one output tensor and append its task."""
     recipe, method, ckpts = plan.recipe, plan.method, plan.checkpoints
+    if out_name.endswith(anatomy.FP8_SCALE) and anatomy.fp8_block(plan.reference_checkpoint.config):
+        return  # an FP8 block scale: consumed by dequantisation, not an output tensor
     members = [*g.contributors, *([g.base] if g.base else [])]
     infos = []
     for m in members:
@@ -333,6 +489,10 @@ def _add_task(
             )
         )
         return
+    scales = [_fp8_scale(plan, m.ckpt, info) for m, info in infos]
+    if any(scales):
+        plan.config_drop.add("quantization_config")  # the output is plain floats
+        out_dtype = out_dtype or torch.bfloat16
     params = _evaluate_params(recipe, method, g, out_name, t)
     stats = None
     if plan.stats_files:
@@ -352,10 +512,33 @@ def _add_task(
             params=params,
             fill=fill,
             stats=stats,
+            scales=scales if any(scales) else None,
         )
     )
     if fill is not None and "vocab_size" not in plan.config_updates and shape:
         plan.config_updates["vocab_size"] = shape[0]
+
+
+def _fp8_scale(plan: Plan, ci: int, info: Any) -> tuple[int, str, tuple[int, int]] | None:
+    """Where an FP8 input's block scales are; one line for FP8 merganser cannot dequantise."""
+    if info.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return None
+    ckpt = plan.checkpoints[ci]
+    block = anatomy.fp8_block(ckpt.config)
+    scale = ckpt.tensors.get(info.name + anatomy.FP8_SCALE)
+    where = f"{plan.refs[ci]}: tensor {info.name!r}"
+    if block is None or scale is None or len(info.shape) != 2:
+        raise CheckpointError(
+            f"{where}: FP8 without block scales (expected quantization_config quant_method fp8 "
+            f"with weight_block_size, and a 2-D weight with {info.name + anatomy.FP8_SCALE!r})"
+        )
+    want = tuple(-(-n // b) for n, b in zip(info.shape, block, strict=True))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(
+            f"{where}: block scales have shape {list(scale.shape)}, expected {list(want)} for "
+            f"blocks of {list(block)}"
+        )
+    return ci, scale.name, block
 
 
 def _open_statistics(plan: Plan, index: dict[str, int]) -> None:
@@ -396,8 +579,14 @@ def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tupl
     key = f"{kind}.{name}"
     info = ckpt.tensors.get(key)
     if kind == "gram":
+        if info is None and is_layer_linear(name, len(shape)):
+            # RegMean would silently average this weight: the statistics do not fit the model.
+            raise CheckpointError(
+                f"{ckpt.path}: {key!r} missing (the input Gram of linear weight {name!r}; "
+                "calibrated on another model?)"
+            )
         if info is None:
-            return None  # not a linear layer's weight: RegMean averages it
+            return None  # not a layer linear (norms, biases, embeddings): RegMean averages it
         want = (shape[1], shape[1]) if len(shape) == 2 else None
     else:
         if info is None:
@@ -429,6 +618,61 @@ def _vocab_fit(
     return tuple(lead.shape), lead_ref
 
 
+def _param_sets(recipe: Recipe) -> list[tuple[str, dict[str, ParamValue]]]:
+    """Every parameters mapping of a recipe with where it sits."""
+    out = [("parameters", recipe.parameters or {})]
+    out += [
+        (f"models[{i}].parameters", e.parameters or {}) for i, e in enumerate(recipe.models or [])
+    ]
+    out += _slice_param_sets("slices", recipe.slices or [])
+    for key, mod in (recipe.modules or {}).items():
+        out.append((f"modules.{key}.parameters", mod.parameters or {}))
+        out += [
+            (f"modules.{key}.models[{i}].parameters", e.parameters or {})
+            for i, e in enumerate(mod.models or [])
+        ]
+        out += _slice_param_sets(f"modules.{key}.slices", mod.slices or [])
+    return out
+
+
+def _slice_param_sets(where: str, slices: list[Any]) -> list[tuple[str, dict[str, ParamValue]]]:
+    out = []
+    for si, sl in enumerate(slices):
+        out.append((f"{where}[{si}].parameters", sl.parameters or {}))
+        out += [
+            (f"{where}[{si}].sources[{j}].parameters", s.parameters or {})
+            for j, s in enumerate(sl.sources)
+        ]
+    return out
+
+
+def _ignored_params(recipe: Recipe, method: Method) -> list[str]:
+    return [
+        f"{recipe.source_name}: {where}.{key}: has no effect on method {method.name!r} "
+        "(accepted because mergekit accepts it)"
+        for where, params in _param_sets(recipe)
+        for key in params
+        if key in method.ignored
+    ]
+
+
+def _unmatched_filters(plan: Plan) -> list[str]:
+    """A ``{filter, value}`` rule whose filter is in no output tensor's name does nothing."""
+    names = [t.name for t in plan.tasks]
+    out = []
+    for where, params in _param_sets(plan.recipe):
+        for key, value in params.items():
+            if not isinstance(value, Conditional):
+                continue
+            for i, (filt, _) in enumerate(value.rules):
+                if filt not in (None, "*") and not any(filt in n for n in names):
+                    out.append(
+                        f"{plan.recipe.source_name}: {where}.{key}[{i}].filter: {filt!r} matches "
+                        "no tensor"
+                    )
+    return out
+
+
 def _check_param_names(recipe: Recipe, method: Method) -> None:
     def check(params: dict[str, ParamValue] | None, where: str, per_model: bool) -> None:
         for key, value in (params or {}).items():
@@ -456,20 +700,19 @@ def _check_param_names(recipe: Recipe, method: Method) -> None:
                     f"{method.name!r}; set it under the top-level parameters"
                 )
 
-    check(recipe.parameters, "parameters", False)
-    for i, e in enumerate(recipe.models or []):
-        check(e.parameters, f"models[{i}].parameters", True)
-    for si, sl in enumerate(recipe.slices or []):
-        check(sl.parameters, f"slices[{si}].parameters", False)
-        for j, s in enumerate(sl.sources):
-            check(s.parameters, f"slices[{si}].sources[{j}].parameters", True)
+    for where, params in _param_sets(recipe):
+        check(params, where, "models[" in where or "sources[" in where)
 
 
 def _evaluate_params(
     recipe: Recipe, method: Method, g: _Group, tensor: str, t: float
 ) -> dict[str, Any]:
     """A parameter's value for one tensor: per-model, slice, top-level, then the default."""
-    layers = [(g.params_label, g.params or {}), ("parameters", recipe.parameters or {})]
+    layers = [
+        (g.params_label, g.params or {}),
+        *([g.module] if g.module else []),
+        ("parameters", recipe.parameters or {}),
+    ]
 
     def lookup(own: tuple[str, dict[str, ParamValue]] | None, name: str) -> tuple[Any, str]:
         for label, params in ([own] if own else []) + layers:

@@ -153,6 +153,13 @@ class OutputSlice(_HasParams):
     residual_weight: float | None = None
 
 
+class OutputModule(_HasParams):
+    """One part of a multi-stack model (mergekit's ``modules:``): its own models or slices."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+
+
 class Recipe(_HasParams):
     """A merge recipe (mergekit-compatible fields plus merganser's own)."""
 
@@ -160,6 +167,7 @@ class Recipe(_HasParams):
     base_model: str | None = None
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
@@ -196,6 +204,10 @@ class Recipe(_HasParams):
             paths.append(m.model)
         for s in self.slices or []:
             paths.extend(src.model for src in s.sources)
+        for mod in (self.modules or {}).values():
+            paths.extend(m.model for m in mod.models or [])
+            for s in mod.slices or []:
+                paths.extend(src.model for src in s.sources)
         return list(dict.fromkeys(p for p in paths if p))
 
     def resolve(self, ref: str) -> Path:
@@ -257,10 +269,18 @@ def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = No
         errors = e.errors()
         # A union failure lists each branch; the first is the most informative.
         raise RecipeError(f"{name}: {format_error(errors[0])}") from None
-    if not recipe.models and not recipe.slices:
-        raise RecipeError(f"{name}: models: at least one model is required (or give slices)")
-    if recipe.models and recipe.slices:
-        raise RecipeError(f"{name}: give either models or slices, not both")
+    given = [k for k in ("models", "slices", "modules") if getattr(recipe, k)]
+    if not given:
+        raise RecipeError(
+            f"{name}: models: at least one model is required (or give slices or modules)"
+        )
+    if len(given) > 1:
+        raise RecipeError(
+            f"{name}: give one of models, slices or modules, not {' and '.join(given)}"
+        )
+    for key, mod in (recipe.modules or {}).items():
+        if bool(mod.models) == bool(mod.slices):
+            raise RecipeError(f"{name}: modules.{key}: give either models or slices")
     n = len(recipe.model_paths())
     if n > MAX_MODELS:
         raise RecipeError(

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from merganser import anatomy
 from merganser.checkpoint import Checkpoint
 from merganser.dtypes import dtype_name
 
@@ -27,6 +28,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         for info in ckpt.tensors.values():
             dtypes[dtype_name(info.dtype)] += info.numel
         archs, model_type = cfg.get("architectures"), cfg.get("model_type")
+        side_files = [p.name for p in ckpt.path.iterdir()] if ckpt.path.is_dir() else []
         return {
             "path": str(ckpt.path),
             # config.json is the user's: a field of an unexpected type shows as unknown.
@@ -40,6 +42,10 @@ def summarize(path: str | Path) -> dict[str, Any]:
             "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
             "dtypes": dict(dtypes),
             "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ckpt.files],
+            # What merging reads off the names and config (anatomy.py), shown so a user can
+            # see what was inferred for a family transformers does not know.
+            "stacks": anatomy.describe(ckpt.tensors, cfg),
+            "weights": anatomy.weight_format(ckpt.tensors, cfg, side_files) or "plain",
             "groups": [{"pattern": k, "count": n, "shape": shapes[k]} for k, n in groups.items()],
         }
 
@@ -52,9 +58,14 @@ def format_summary(s: dict[str, Any]) -> str:
         f"parameters:   {s['parameters']:,} in {s['tensors']} tensors "
         f"({s['bytes'] / 2**20:.1f} MiB)",
         "dtypes:       " + ", ".join(f"{k} ({v:,})" for k, v in s["dtypes"].items()),
+        f"weights:      {s['weights']}",
         f"files:        {len(s['files'])}",
     ]
     lines += [f"  {f['name']}  {f['bytes'] / 2**20:.1f} MiB" for f in s["files"]]
+    lines.append("layer stacks:" if s["stacks"] else "layer stacks: none found")
+    for st in s["stacks"]:
+        where = f"config {st['config']}" if st["config"] else "no count in config.json"
+        lines.append(f"  {st['prefix']}.N  {st['layers']} layers ({where})")
     lines.append("tensors:")
     width = max(len(g["pattern"]) for g in s["groups"])
     for g in s["groups"]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from merganser.errors import MerganserError
 from merganser.methods.params import LAMBDA, WEIGHT, normalize
 from merganser.methods.registry import Param, register
 from merganser.methods.sparsify import topk_mask
@@ -123,6 +124,12 @@ class DPPAStats:
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
+            if not self.numel:
+                # Without layer linears DPPA would silently be task arithmetic.
+                raise MerganserError(
+                    "dppa: no tensor is a linear weight inside a layer stack (names like "
+                    "'model.layers.N.mlp.up_proj.weight'); DPPA prunes by layer and needs them"
+                )
             return
         models = sorted({i for i, _ in self.sum})
         for i in models:
