@@ -247,3 +247,16 @@ def test_modules_that_do_not_fit_the_model_are_refused(
     assert main(["merge", str(recipe), str(tmp_path / "o"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_anatomy_reads_experts_and_tied_embeddings(family_root) -> None:
+    from merganser.summary import summarize
+
+    mixtral = summarize(_family(family_root, "mixtral")[0])
+    assert mixtral["experts"] == {"layout": "per_expert", "experts": 4}
+    assert not mixtral["tied_embeddings"]
+    gpt2 = summarize(_family(family_root, "gpt2")[0])
+    assert gpt2["experts"] is None and gpt2["tied_embeddings"]
+    assert gpt2["stacks"] == [{"prefix": "transformer.h", "layers": LAYERS, "config": "n_layer"}]
+    fused = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+    assert anatomy.experts(fused) == {"layout": "fused", "experts": None}

@@ -341,6 +341,38 @@ def with_layer(name: str, prefix: str, layer: int) -> str:
     return f"{prefix}.{layer}.{rest}"
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_FUSED_EXPERTS = re.compile(r"\.experts\.(?!\d)")
+
+
+def experts(names: Iterable[str]) -> dict[str, Any] | None:
+    """How a mixture-of-experts model stores its experts: ``per_expert`` (each expert's
+    projections tensors of their own: ``experts.3.w1.weight``) with their count, or ``fused``
+    (one tensor for all experts of a layer: ``experts.gate_up_proj``); None for a dense model.
+    """
+    per: set[int] = set()
+    fused = False
+    for n in names:
+        m = _EXPERT.search(n)
+        if m:
+            per.add(int(m.group(1)))
+        elif _FUSED_EXPERTS.search(n):
+            fused = True
+    if per:
+        return {"layout": "per_expert", "experts": max(per) + 1}
+    return {"layout": "fused", "experts": None} if fused else None
+
+
+def tied_embeddings(names: Iterable[str], config: Mapping[str, Any] | None) -> bool:
+    """Whether the output head shares the input embedding (no head tensor of its own)."""
+    names = set(names)
+    cfg = config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else {}
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    has_head = any(n.startswith("lm_head.") or n.endswith(".lm_head.weight") for n in names)
+    return bool(tie) and not has_head
+
+
 def describe(names: Iterable[str], config: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The stacks for `merganser inspect`: prefix, layers, and the config field of the count."""
     return [

@@ -597,9 +597,14 @@ def run(args: argparse.Namespace, console: bool = False) -> int:
     except MerganserError as e:
         print(f"merganser: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (`merganser kinship ... | head`): stop quietly, as a
+        # program killed by SIGPIPE does, and keep the exit's flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
-        where = _short(os.fsdecode(e.filename)) if e.filename else ""
-        print(f"merganser: error: {where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{_short(os.fsdecode(e.filename))}: " if e.filename else ""
+        print(f"merganser: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except RecursionError:
         print("merganser: error: input nested too deeply to process", file=sys.stderr)

@@ -373,9 +373,12 @@ def _positions(idx: torch.Tensor | None) -> torch.Tensor:
 def _check_finite(task: TensorTask, out: torch.Tensor, options: EngineOptions) -> None:
     if options.allow_nonfinite:
         return
-    # A finite sum proves every entry finite in one cheap pass; only a non-finite sum (or a
-    # float32 overflow of a huge but finite sum) needs the exact, costlier check.
-    if math.isfinite(float(out.sum(dtype=torch.float32))):
+    # A finite sum proves every entry finite in one cheap pass; only a non-finite sum (or an
+    # overflow of a huge but finite sum) needs the exact, costlier check. bfloat16 is summed
+    # natively (float32 accumulation inside): asking for a float32 result cost ten times more.
+    # float16 is summed into float32, as its own range is too small for a sum of weights.
+    acc = torch.float32 if out.dtype == torch.float16 else None
+    if math.isfinite(float(out.sum(dtype=acc))):
         return
     if not bool(torch.isfinite(out).all()):
         raise _nonfinite(task)

@@ -45,6 +45,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
             # What merging reads off the names and config (anatomy.py), shown so a user can
             # see what was inferred for a family transformers does not know.
             "stacks": anatomy.describe(ckpt.tensors, cfg),
+            "experts": anatomy.experts(ckpt.tensors),
+            "tied_embeddings": anatomy.tied_embeddings(ckpt.tensors, cfg),
             "weights": anatomy.weight_format(ckpt.tensors, cfg, side_files) or "plain",
             "groups": [{"pattern": k, "count": n, "shape": shapes[k]} for k, n in groups.items()],
         }
@@ -66,6 +68,12 @@ def format_summary(s: dict[str, Any]) -> str:
     for st in s["stacks"]:
         where = f"config {st['config']}" if st["config"] else "no count in config.json"
         lines.append(f"  {st['prefix']}.N  {st['layers']} layers ({where})")
+    if s["experts"]:
+        e = s["experts"]
+        count = f"{e['experts']} experts, " if e["experts"] else ""
+        lines.append(f"experts:      {count}{e['layout'].replace('_', ' ')} tensors")
+    if s["tied_embeddings"]:
+        lines.append("embeddings:   tied (the head shares the input embedding)")
     lines.append("tensors:")
     width = max(len(g["pattern"]) for g in s["groups"])
     for g in s["groups"]:

@@ -141,9 +141,8 @@ def mutate_tree(doc: Any, r: random.Random) -> Any:
     walk(doc)
     if not paths or r.random() < 0.15:
         if isinstance(doc, dict):
-            doc[r.choice(["bogus", "merge_method", "parameters", "weight_map", "slices"])] = (
-                hostile_value(r)
-            )
+            keys = ["bogus", "merge_method", "parameters", "weight_map", "slices", "modules"]
+            doc[r.choice(keys)] = hostile_value(r)
         return doc
     parent, key = r.choice(paths)
     parent[key] = hostile_value(r)
@@ -259,6 +258,8 @@ def _recipe_doc(models: list[Path], r: random.Random) -> dict:
         doc["models"] = doc["models"][:1]
     if method in ("ties", "dare_ties"):
         doc["parameters"] = {"density": 0.5}
+    if r.random() < 0.2:  # the same merge through mergekit's modules: syntax
+        doc["modules"] = {"text_decoder": {"models": doc.pop("models")}}
     return doc
 
 

@@ -36,6 +36,13 @@ def _linear(tmp_path, models, **extra):
     return write_recipe(tmp_path / "r.yaml", recipe)
 
 
+def _weighted(tmp_path, weight: float, **extra):
+    """A linear recipe over two models, each with ``weight``."""
+    ms = _models(tmp_path, 2)
+    models = [{"model": str(m), "parameters": {"weight": weight}} for m in ms]
+    return write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": models, **extra})
+
+
 def _one_line_error(capsys, *argv, rc=1) -> str:
     assert main(list(argv)) == rc
     err = capsys.readouterr().err
@@ -135,16 +142,7 @@ def test_too_many_models_are_refused_before_any_work(tmp_path, capsys) -> None:
 
 def test_overflow_in_the_output_dtype_is_caught(tmp_path, capsys) -> None:
     """The non-finite check ran on float32, before the cast to float16: exit 0 with Inf."""
-    ms = _models(tmp_path, 2)
-    p = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "merge_method": "linear",
-            "models": [{"model": str(m), "parameters": {"weight": 1e6}} for m in ms],
-            "parameters": {"normalize": False},
-            "out_dtype": "float16",
-        },
-    )
+    p = _weighted(tmp_path, 1e6, parameters={"normalize": False}, out_dtype="float16")
     err = _one_line_error(capsys, "merge", str(p), str(tmp_path / "o"), "--no-progress")
     assert "NaN or Inf" in err and not (tmp_path / "o").exists()
     # --allow-nonfinite still writes it, as asked.
@@ -164,14 +162,7 @@ def test_overflow_of_a_cast_alone_is_caught(tmp_path, capsys) -> None:
 
 
 def test_weights_beyond_float32(tmp_path, capsys) -> None:
-    ms = _models(tmp_path, 2)
-    p = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "merge_method": "linear",
-            "models": [{"model": str(m), "parameters": {"weight": 1e39}} for m in ms],
-        },
-    )
+    p = _weighted(tmp_path, 1e39)
     err = _one_line_error(capsys, "merge", str(p), str(tmp_path / "o"))
     assert "beyond float32's range" in err
 
@@ -179,18 +170,17 @@ def test_weights_beyond_float32(tmp_path, capsys) -> None:
 # -- 4. writes where it must not ---------------------------------------------------------------
 
 
-def test_evolve_refuses_an_input_model_folder_as_output(tmp_path, capsys) -> None:
+def _search(tmp_path, task: str):
+    """Two models and a SEARCH.yaml over them, evaluated on zoo task ``task``."""
     ms = _models(tmp_path, 2)
     search = tmp_path / "s.yaml"
-    search.write_text(
-        yaml.safe_dump(
-            {
-                "strategy": "evolver",
-                "models": [str(m) for m in ms],
-                "evaluator": {"tasks": ["reverse"], "n": 4},
-            }
-        )
-    )
+    cfg = {"strategy": "evolver", "models": [str(m) for m in ms], "evaluator": {"tasks": [task]}}
+    search.write_text(yaml.safe_dump(cfg))
+    return ms, search
+
+
+def test_evolve_refuses_an_input_model_folder_as_output(tmp_path, capsys) -> None:
+    ms, search = _search(tmp_path, "reverse")
     before = tree_digest(tmp_path)
     for out in (ms[0], ms[0] / "sub", tmp_path):
         err = _one_line_error(capsys, "evolve", str(search), str(out), "--force")
@@ -199,17 +189,7 @@ def test_evolve_refuses_an_input_model_folder_as_output(tmp_path, capsys) -> Non
 
 
 def test_evolve_refuses_an_unknown_task_in_one_line(tmp_path, capsys) -> None:
-    ms = _models(tmp_path, 2)
-    search = tmp_path / "s.yaml"
-    search.write_text(
-        yaml.safe_dump(
-            {
-                "strategy": "evolver",
-                "models": [str(m) for m in ms],
-                "evaluator": {"tasks": ["nope"]},
-            }
-        )
-    )
+    _, search = _search(tmp_path, "nope")
     err = _one_line_error(capsys, "evolve", str(search), str(tmp_path / "o"))
     assert "evaluator.tasks[0]: unknown task 'nope'" in err
 
@@ -561,3 +541,17 @@ def test_unwritable_output_names_the_target_not_the_temporary_folder(
     err = _one_line_error(capsys, "merge", str(_linear(tmp_path, ms)), str(target))
     assert f"{target}: cannot create output (Permission denied)" in err
     assert ".merganser-tmp" not in err
+
+
+def test_a_closed_stdout_stops_quietly(tmp_path) -> None:
+    """`merganser kinship ... | head` printed "merganser: error: : Broken pipe"."""
+    import subprocess
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "merganser.cli", "methods"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()  # the reader goes away before the first line
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and err == b"", err
