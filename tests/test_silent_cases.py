@@ -327,3 +327,26 @@ def test_chat_template_is_refused_rather_than_ignored(tmp_path, capsys) -> None:
     )
     rc, err = _merge(capsys, r, tmp_path / "o")
     assert rc == 1 and "chat_template: not supported yet" in err
+
+
+def test_a_module_folder_leading_outside_the_model_is_refused(tmp_path, capsys) -> None:
+    """modules.json is the model's own file: a module path that links elsewhere copies nothing."""
+    a = _sentence_transformer(tmp_path / "a", 0)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key.txt").write_text("private")
+    (a / "1_Pooling" / "config.json").unlink()
+    (a / "1_Pooling").rmdir()
+    (a / "1_Pooling").symlink_to(secret)
+    r = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(a)}]})
+    rc, err = _merge(capsys, r, tmp_path / "o")
+    assert rc == 1 and "leads outside the model folder" in err and not (tmp_path / "o").exists()
+
+
+def test_modules_without_any_model_are_refused(tmp_path, capsys) -> None:
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "linear", "modules": {"text_decoder": {"slices": [{"sources": []}]}}},
+    )
+    rc, err = _merge(capsys, r, tmp_path / "o")
+    assert rc == 1 and err.count("\n") == 1 and "modules: no model is named" in err

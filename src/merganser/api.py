@@ -295,6 +295,8 @@ def _side_files(plan: Plan) -> list[tuple[Path, str]]:
             if not d.is_dir():
                 continue
             for f in sorted(d.rglob("*")):
+                if not f.resolve().is_relative_to(folder.resolve()):
+                    raise CheckpointError(f"{f}: leads outside the model folder {folder}")
                 if f.is_file() and f.suffix in _WEIGHT_SUFFIXES:
                     raise CheckpointError(
                         f"{f}: sentence-transformers module {sub} holds weights, which merganser "

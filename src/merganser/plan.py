@@ -228,10 +228,10 @@ def _units(
     if not recipe.modules:
         return [_Unit([_models_group(recipe, method, index, recipe.models or [], "models")])]
     mods = recipe.modules
-    lead = next(iter(mods.values()))
-    ref = recipe.base_model or (
-        lead.models[0].model if lead.models else lead.slices[0].sources[0].model
-    )  # type: ignore[index]
+    # The model whose tensors are split among the modules: the base, else the first named.
+    ref = recipe.base_model or next((p for p in recipe.model_paths() if p), None)
+    if ref is None:
+        raise RecipeError(f"{src}: modules: no model is named")
     ref_ckpt = checkpoints[index[ref]]
     try:
         parts = anatomy.assign_modules(ref_ckpt.tensors, ref_ckpt.config, list(mods))
