@@ -19,7 +19,6 @@ re-expressed in model 0's basis, computing exactly the same function.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +36,10 @@ from merganser.matching import (
     weight_matching,
     zipit_match,
 )
+from merganser.naming import LLAMA_BLOCK
 
 MATCHERS = ("zipit", "permute", "weights", "identity")
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _ROLES = {  # tensor (inside block l) -> (output point, input point); "{l}" is the block
     "input_layernorm.weight": ("res", None),
     "post_attention_layernorm.weight": ("res", None),
@@ -70,18 +69,12 @@ def roles(name: str) -> tuple[str | None, str | None]:
     """(output point, input point) of a Llama tensor; an unknown tensor is an error."""
     if name in _TOP:
         return _TOP[name]
-    m = _LAYER.fullmatch(name)
+    m = LLAMA_BLOCK.fullmatch(name)
     if m and m.group(2) in _ROLES:
         out, inp = _ROLES[m.group(2)]
         fill = {"l": m.group(1)}
         return (out and out.format(**fill), inp and inp.format(**fill))
     raise MerganserError(f"{name}: not a Llama-style tensor this alignment knows how to move")
-
-
-def layer_of(name: str) -> int | None:
-    """Block index of a tensor, or None for embeddings, final norm and lm_head."""
-    m = _LAYER.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from merganser.errors import MerganserError
+from merganser.naming import layer_of
 
 MODEL_TYPE = "merganser_multihead"
 
@@ -92,7 +93,6 @@ class MultiHeadLM(torch.nn.Module):
 
 def trunk_names(names: Sequence[str], shared: int) -> list[str]:
     """The Llama tensor names that belong to the trunk of a k-block partial zip."""
-    from merganser.align import layer_of
 
     out = []
     for n in names:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+# A Llama decoder block's tensor, exactly: what alignment and zipping move block by block.
+LLAMA_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def layer_index(name: str) -> int | None:
@@ -25,3 +27,9 @@ def depth(name: str, num_layers: int) -> float:
 def is_layer_linear(name: str, ndim: int) -> bool:
     """A 2-D weight inside the layer stack (attention and MLP projections)."""
     return ndim == 2 and name.endswith("weight") and layer_index(name) is not None
+
+
+def layer_of(name: str) -> int | None:
+    """Llama block index of a tensor, or None for embeddings, final norm and lm_head."""
+    m = LLAMA_BLOCK.fullmatch(name)
+    return int(m.group(1)) if m else None

@@ -27,16 +27,16 @@ from merganser.align import (
     Shape,
     activation_unmerges,
     identity_unmerges,
-    layer_of,
     roles,
     weight_unmerges,
 )
-from merganser.api import TOKENIZER_FILES
 from merganser.checkpoint import Checkpoint, check_same_tensors
 from merganser.errors import MerganserError
 from merganser.evaluate import load_model
 from merganser.features import collect_features
+from merganser.hf import TOKENIZER_FILES
 from merganser.multihead import save_multihead, trunk_names
+from merganser.naming import layer_of
 from merganser.refit import fit_unmerges, refit_layers
 from merganser.writer import guard_output, publish
 

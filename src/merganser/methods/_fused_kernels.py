@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merganser.methods.fused import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
+from merganser.methods._fused_codes import DROP, MASS, SCALE_DIV, SCALE_MUL, SUM, TRIM, ZERO
 
 
 @intrinsic

@@ -27,10 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-# Per-model sparsification, in the order the torch path applies it.
-KEEP, ZERO, TRIM, DROP = 0, 1, 2, 3  # keep τᵢ, zero it, TIES top-k trim, DARE Bernoulli drop
-SCALE_NONE, SCALE_DIV, SCALE_MUL = 0, 1, 2  # rescale: none, inverse (÷ density), l1 (× factor)
-SUM, MASS, FREQUENCY = 0, 1, 2  # no election, or the TIES sign election by mass or frequency
+from merganser.methods._fused_codes import (  # noqa: F401  (used as fused.KEEP etc.)
+    DROP,
+    FREQUENCY,
+    KEEP,
+    MASS,
+    SCALE_DIV,
+    SCALE_MUL,
+    SCALE_NONE,
+    SUM,
+    TRIM,
+    ZERO,
+)
+
 # torch sums up to 4 stacked models in order; from 5 on, its order differs for a few entries in
 # 10⁵ (tests/test_fused.py checks this), and the kernels' elected sums would not match it.
 MAX_ELECTED = 4

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from merganser.api import merge_tensors
 from merganser.errors import MerganserError
 from merganser.methods import get_method
 from merganser.naming import layer_index
 from merganser.search.common import Scorer, SearchResult, StateDict
+from merganser.tensors import merge_tensors
 
 DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.05, 1.0)}
 

@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import torch
 
-from merganser.api import merge_tensors
 from merganser.errors import MerganserError
 from merganser.search.common import Flat, Scorer, SearchResult, StateDict
+from merganser.tensors import merge_tensors
 
 
 @dataclass(frozen=True)

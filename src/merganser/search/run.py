@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from merganser.api import TOKENIZER_FILES
 from merganser.checkpoint import Checkpoint, check_same_tensors
 from merganser.errors import MerganserError
 from merganser.evaluate import Score
+from merganser.hf import TOKENIZER_FILES
 from merganser.search.adamerging import AdaMergingConfig, adamerging
 from merganser.search.cmaes import CMAConfig, cma_search
 from merganser.search.common import SearchResult, StateDict
