@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, write_model, write_recipe
+from conftest import REPO, run_cli, write_model, write_recipe
 
 from merganser.cli import main, parse_size
 
@@ -172,3 +172,29 @@ def test_merge_flags_reach_the_merge_options(monkeypatch, tmp_path) -> None:
     argv = ["merge", "r.yaml", str(tmp_path / "b"), "--device", "cuda", "--gpu-memory", "2GiB"]
     assert main(argv) == 0
     assert (seen[-1].device, seen[-1].gpu_memory) == ("cuda", 2 << 30)
+
+
+def test_every_merge_flag_is_documented_and_no_other() -> None:
+    """docs/options.md lists exactly the flags MergeOptions generates (options.py)."""
+    import re
+
+    from merganser.cli import build_parser
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
+    flags = {s for a in merge._actions for s in a.option_strings if s not in ("-h", "--help")}
+    doc = (REPO / "docs" / "options.md").read_text()
+    documented = set()
+    for cell in re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M):
+        documented |= {"--" + f.lstrip("-") for f in cell.split("/")}
+    assert documented == flags, (sorted(flags - documented), sorted(documented - flags))
+
+
+def test_the_parameter_table_in_the_docs_is_the_registry(capsys) -> None:
+    """docs/methods.md embeds `merganser methods --markdown`; regenerate it when this fails."""
+    assert main(["methods", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    doc = (REPO / "docs" / "methods.md").read_text()
+    start = doc.index("<!-- generated: merganser methods --markdown -->\n")
+    end = doc.index("<!-- end generated -->")
+    assert doc[start:end].split("\n", 1)[1] == table
+    assert "| `magmax` | `lambda` | global | `0.5` |" in table

@@ -7,17 +7,21 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from merganser import anatomy, engine, safejson
 from merganser.card import model_card
-from merganser.checkpoint import ReadMode
-from merganser.device import check_device, default_device_budget
+from merganser.device import check_device
 from merganser.dtypes import dtype_name
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
 from merganser.hf import TOKENIZER_FILES
+from merganser.options import (
+    CPU_THREADS_CAP,
+    MergeOptions,
+    default_memory_budget,
+    default_threads,
+)
 from merganser.plan import Plan, build_plan
 from merganser.progress import Progress
 from merganser.provenance import ALGORITHM, InputDigests
@@ -34,65 +38,17 @@ from merganser.writer import (
     layout,
 )
 
-# merge_tensors (tensors.py) and TOKENIZER_FILES (hf.py) live below the façade; re-exported.
-__all__ = ["TOKENIZER_FILES", "MergeOptions", "merge", "merge_tensors"]
-
-
-def default_memory_budget() -> int:
-    """Half of physical memory (a cap on tensors in flight, not a reservation)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError):
-        return 4 << 30
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """Knobs of a merge run; every field is also a CLI flag."""
-
-    out_shard_size: int = 5 * 10**9
-    memory_budget: int | None = None
-    threads: int | None = None
-    torch_threads: int = 1
-    read_ahead: int = 1
-    read_streams: int = 4
-    device: str = "cpu"
-    gpu_memory: int | None = None
-    force: bool = False
-    allow_nonfinite: bool = False
-    fused: bool = True
-    progress: bool | None = None
-    input_checksums: bool = True
-    read_mode: ReadMode = "auto"
-    # Warnings (a parameter a method ignores, a filter that matches no tensor) become errors.
-    strict: bool = False
-
-    def engine_options(self) -> engine.EngineOptions:
-        return engine.EngineOptions(
-            memory_budget=self.memory_budget or default_memory_budget(),
-            threads=self.threads or default_threads(self.device),
-            torch_threads=self.torch_threads,
-            read_ahead=self.read_ahead,
-            read_streams=self.read_streams,
-            device=self.device,
-            device_budget=self.gpu_memory or default_device_budget(self.device),
-            allow_nonfinite=self.allow_nonfinite,
-            fused=self.fused,
-        )
-
-
-# More worker threads than this slowed warm CPU merges on a 16-core machine: 1B linear took 3.1 s
-# with 2 threads (that machine's read-plus-write floor) and 4.9 s with 16, TIES 4.2-4.8 s with 4
-# and 5.2-5.6 s with 16 (README, Performance). Each thread also holds its own buffers: peak RSS
-# 1.1 GB with 4 threads, 2.7-3.0 GB with 16. GPU merges kept gaining up to one thread per core
-# (TIES 5.7 s with 4, 4.6-4.9 s with 16), so they keep that.
-CPU_THREADS_CAP = 4
-
-
-def default_threads(device: str) -> int:
-    """Worker threads when none are asked for: the cores, at most ``CPU_THREADS_CAP`` on a CPU."""
-    cores = os.cpu_count() or 1
-    return cores if device != "cpu" else min(cores, CPU_THREADS_CAP)
+# merge_tensors (tensors.py), TOKENIZER_FILES (hf.py) and MergeOptions (options.py, torch-free
+# for the CLI) live below the façade; re-exported.
+__all__ = [
+    "CPU_THREADS_CAP",
+    "TOKENIZER_FILES",
+    "MergeOptions",
+    "default_memory_budget",
+    "default_threads",
+    "merge",
+    "merge_tensors",
+]
 
 
 def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:

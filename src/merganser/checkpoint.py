@@ -16,7 +16,7 @@ import pickle
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
@@ -24,16 +24,12 @@ from merganser import direct_io, pagecache, safejson
 from merganser.dtypes import itemsize
 from merganser.errors import CheckpointError, MerganserError
 from merganser.inputs import regular_file
+from merganser.pagecache import READ_MODES, ReadMode
 from merganser.safetensors_header import TensorInfo, read_header
 
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
-
-# auto: the page cache where it holds the range, else O_DIRECT; cache: always the page cache
-# (keeps the inputs cached for the next run); direct: always O_DIRECT where the file system can.
-ReadMode = Literal["auto", "cache", "direct"]
-READ_MODES: tuple[str, ...] = get_args(ReadMode)
 
 
 class Checkpoint:

@@ -63,6 +63,39 @@ def _int_at_least(low: int, what: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "a non-negative integer")
+# How a MergeOptions field's flag is parsed (its metadata's ``kind``).
+_KINDS: dict[str, Callable[[str], int]] = {
+    "size": parse_size,
+    "positive": _positive_int,
+    "non_negative": _non_negative_int,
+}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """`merganser merge`'s flags, one per field of MergeOptions (options.py): its name, help,
+    default and parser come from the field, so the CLI and the API cannot drift apart.
+    """
+    from merganser.options import option_fields
+
+    for f in option_fields():
+        meta, dest = f.metadata, f.name
+        name = meta["name"] or "--" + dest.replace("_", "-")
+        # Types are strings here (options.py has `from __future__ import annotations`).
+        if str(f.type) == "bool | None":  # a tri-state: --x / --no-x, unset keeps the default
+            g = parser.add_mutually_exclusive_group()
+            g.add_argument(
+                name, dest=dest, action="store_true", default=f.default, help=meta["help"]
+            )
+            g.add_argument("--no-" + name[2:], dest=dest, action="store_false")
+        elif str(f.type) == "bool":
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(name, dest=dest, action=action, help=meta["help"])
+        else:
+            kind = _KINDS[meta["kind"]] if meta["kind"] else None
+            parser.add_argument(
+                name, dest=dest, type=kind, default=f.default, choices=meta.get("choices"),
+                help=meta["help"],
+            )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,84 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge the models a YAML recipe names")
     m.add_argument("recipe", help="YAML recipe (mergekit-compatible)")
     m.add_argument("out", help="output folder (written atomically)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    m.add_argument(
-        "--out-shard-size",
-        type=parse_size,
-        default="5GB",
-        help="largest output shard (default 5GB)",
-    )
-    m.add_argument(
-        "--memory-budget",
-        type=parse_size,
-        default=None,
-        help="cap on tensor memory in flight (default: half of RAM)",
-    )
-    m.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="worker threads (default: the cores, at most 4 when --device is cpu)",
-    )
-    m.add_argument(
-        "--torch-threads",
-        type=_positive_int,
-        default=1,
-        help="torch intra-op threads per worker (default 1)",
-    )
-    m.add_argument(
-        "--read-ahead",
-        type=_non_negative_int,
-        default=1,
-        help="work items each worker thread reads ahead in elementwise merges, so that cold "
-        "inputs have more reads in flight (default 1)",
-    )
-    m.add_argument(
-        "--read-streams",
-        type=_positive_int,
-        default=4,
-        help="inputs of one tensor each worker thread reads side by side in TIES, DARE, SLERP "
-        "and other multi-pass merges, so that cold inputs have more reads in flight (default 4)",
-    )
-    m.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda[:N]")
-    m.add_argument(
-        "--gpu-memory",
-        type=parse_size,
-        default=None,
-        help="cap on GPU memory in flight with --device cuda; a tensor that needs more is "
-        "merged on the CPU (default: 80%% of the GPU's free memory)",
-    )
-    m.add_argument(
-        "--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of stopping"
-    )
-    m.add_argument(
-        "--strict",
-        action="store_true",
-        help="make warnings errors: a parameter the method ignores, a filter matching no tensor",
-    )
-    m.add_argument(
-        "--no-fused",
-        dest="fused",
-        action="store_false",
-        help="do TIES/DARE/SLERP math with torch instead of the fused numba kernels",
-    )
-    m.add_argument(
-        "--no-input-checksums",
-        dest="input_checksums",
-        action="store_false",
-        help="skip hashing the input tensors for the model card",
-    )
-    m.add_argument(
-        "--read",
-        choices=("auto", "cache", "direct"),  # checkpoint.READ_MODES (no torch import here)
-        default="auto",
-        help="auto (default): inputs the page cache holds are read from it, the rest with "
-        "O_DIRECT, leaving the cache alone; cache: always through the page cache, which keeps "
-        "the inputs cached for another run; direct: always O_DIRECT",
-    )
-    g = m.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    add_option_flags(m)
 
     i = sub.add_parser("inspect", help="summarise a checkpoint from its headers")
     i.add_argument("path")
@@ -159,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-check a merged folder against its manifest")
     v.add_argument("path")
 
-    sub.add_parser("methods", help="list the merge methods and their parameters")
+    ms = sub.add_parser("methods", help="list the merge methods and their parameters")
+    ms.add_argument(
+        "--markdown", action="store_true", help="as the table in docs/methods.md (generated)"
+    )
 
     k = sub.add_parser("kinship", help="pairwise kinship of models' task vectors")
     k.add_argument("models", nargs="+", help="two or more model folders")
@@ -303,25 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
-    from merganser.api import MergeOptions, merge
+    from merganser.api import merge
+    from merganser.options import MergeOptions, option_fields
 
-    opts = MergeOptions(
-        out_shard_size=a.out_shard_size,
-        memory_budget=a.memory_budget,
-        threads=a.threads,
-        torch_threads=a.torch_threads,
-        read_ahead=a.read_ahead,
-        read_streams=a.read_streams,
-        device=a.device,
-        gpu_memory=a.gpu_memory,
-        force=a.force,
-        allow_nonfinite=a.allow_nonfinite,
-        fused=a.fused,
-        progress=a.progress,
-        input_checksums=a.input_checksums,
-        read_mode=a.read,
-        strict=a.strict,
-    )
+    opts = MergeOptions(**{f.name: getattr(a, f.name) for f in option_fields()})
     out = merge(a.recipe, a.out, opts)
     print(f"merged into {out}")
     return 0
@@ -345,8 +289,11 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_methods(a: argparse.Namespace) -> int:
-    from merganser.methods import all_methods
+    from merganser.methods import all_methods, markdown_table
 
+    if a.markdown:
+        print(markdown_table(), end="")
+        return 0
     for m in all_methods():
         tag = " [experimental]" if m.experimental else ""
         print(f"{m.name}{tag}: {m.reference}")
@@ -681,7 +628,7 @@ def _prefetch(a: argparse.Namespace) -> Prefetch | None:
     in with no reads of its own, and the disk would idle meanwhile). Best effort: a recipe it
     cannot read is left for the merge to report.
     """
-    if a.command != "merge" or a.read == "direct":
+    if a.command != "merge" or a.read_mode == "direct":
         return None
     from merganser import pagecache
     from merganser.recipe import load_recipe

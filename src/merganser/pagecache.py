@@ -19,6 +19,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Literal, get_args
 
 from merganser import safejson
 
@@ -26,6 +27,12 @@ from merganser import safejson
 _CACHESTAT = 451 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else 0
 _syscall = ctypes.CDLL(None, use_errno=True).syscall if _CACHESTAT else None
 _no_cachestat = threading.Event()
+
+# How merges read their inputs. auto: through the page cache where it holds the range, else
+# O_DIRECT; cache: always the page cache (keeps the inputs cached for the next run); direct:
+# always O_DIRECT where the file system can.
+ReadMode = Literal["auto", "cache", "direct"]
+READ_MODES: tuple[str, ...] = get_args(ReadMode)
 
 
 class _CacheRange(ctypes.Structure):

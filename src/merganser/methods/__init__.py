@@ -8,10 +8,17 @@ fused kernels and their codes) are helpers that a method imports itself.
 import importlib
 import pkgutil
 
-from merganser.methods.registry import IGNORED_PARAMS, Method, Param, all_methods, get_method
+from merganser.methods.registry import (
+    IGNORED_PARAMS,
+    Method,
+    Param,
+    all_methods,
+    get_method,
+    markdown_table,
+)
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["IGNORED_PARAMS", "Method", "Param", "all_methods", "get_method"]
+__all__ = ["IGNORED_PARAMS", "Method", "Param", "all_methods", "get_method", "markdown_table"]

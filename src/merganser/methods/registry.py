@@ -190,3 +190,33 @@ def get_method(name: str, where: str = "merge_method") -> Method:
 
 def all_methods() -> list[Method]:
     return sorted({m.name: m for m in _REGISTRY.values()}.values(), key=lambda m: m.name)
+
+
+def _range(p: Param) -> str:
+    if p.choices:
+        return " \\| ".join(p.choices)
+    if p.kind is bool:
+        return "true \\| false"
+    if p.low is None and p.high is None:
+        return p.kind.__name__
+    return f"[{_fmt(p.low)}, {'inf' if p.high is None else f'{p.high:g}'}]"
+
+
+def markdown_table() -> str:
+    """Every registered method's parameters as a Markdown table (docs/methods.md embeds it;
+    a test checks the two agree).
+    """
+    rows = [
+        "| method | parameter | scope | default | values | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in all_methods():
+        name = f"`{m.name}`" + (" (experimental)" if m.experimental else "")
+        if not m.params:
+            rows.append(f"| {name} | — | | | | |")
+        for p in m.params:
+            doc = p.doc.replace("|", "\\|")
+            rows.append(
+                f"| {name} | `{p.name}` | {p.scope} | `{p.default!r}` | {_range(p)} | {doc} |"
+            )
+    return "\n".join(rows) + "\n"
