@@ -722,25 +722,16 @@ def _evaluate_params(
                     return v, f"{label}.{name}"
         return None, f"parameters.{name}"
 
-    out: dict[str, Any] = {}
-    for p in method.params:
-        if p.scope == "model":
-            values = []
-            for c in g.contributors:
-                v, key = lookup((c.label, c.params or {}), p.name)
-                where = f"{recipe.source_name}: {key} (tensor {tensor})"
-                values.append(p.check(p.default if v is None else v, where))
-            out[p.arg] = values
-        else:
-            v, key = lookup(None, p.name)
-            where = f"{recipe.source_name}: {key} (tensor {tensor})"
-            out[p.arg] = p.check(p.default if v is None else v, where)
+    def value(p: Any, model: int | None) -> tuple[Any, str]:
+        own = None if model is None else g.contributors[model]
+        v, key = lookup(None if own is None else (own.label, own.params or {}), p.name)
+        return v, f"{recipe.source_name}: {key} (tensor {tensor})"
+
+    out = method.bind(
+        value, len(g.contributors), f"{recipe.source_name}: parameters (tensor {tensor})"
+    )
     if method.stochastic:
         out["seed"] = tensor_seed(recipe.random_seed or 0, tensor)
-    if method.validate is not None:
-        problem = method.validate(out)
-        if problem:
-            raise RecipeError(f"{recipe.source_name}: parameters (tensor {tensor}): {problem}")
     return out
 
 

@@ -47,19 +47,16 @@ def merge_tensors(
         raise MerganserError(f"merge_tensors: unknown parameter {unknown[0]!r} for {method!r}")
 
     def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        for p in m.params:
+        def value(p: Any, model: int | None) -> tuple[Any, str]:
             v = values.get(p.name, values.get(p.arg, p.default))
-            if p.scope == "model":
-                vs = list(v) if isinstance(v, (list, tuple)) else [v] * len(models)
-                if len(vs) != len(models):
-                    raise MerganserError(f"merge_tensors: {p.name} needs {len(models)} values")
-                kwargs[p.arg] = [p.check(x, p.name) for x in vs]
-            else:
-                kwargs[p.arg] = p.check(v, p.name)
-        if m.validate is not None and (problem := m.validate(kwargs)):
-            raise MerganserError(f"merge_tensors: {problem}")
-        return kwargs
+            if model is None:
+                return v, p.name
+            vs = list(v) if isinstance(v, (list, tuple)) else [v] * len(models)
+            if len(vs) != len(models):
+                raise MerganserError(f"merge_tensors: {p.name} needs {len(models)} values")
+            return vs[model], p.name
+
+        return m.bind(value, len(models), "merge_tensors")
 
     kwargs = resolve(params)
     single = isinstance(models[0], torch.Tensor)

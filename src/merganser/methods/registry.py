@@ -108,6 +108,29 @@ class Method:
     # statistic passes over the blocks), or None where the whole tensor is needed at once.
     blockwise: Callable[[dict[str, Any], int], Any] | None = None
 
+    def bind(
+        self,
+        value: Callable[[Param, int | None], tuple[Any, str]],
+        n_models: int,
+        where: str,
+    ) -> dict[str, Any]:
+        """The keyword arguments of one call: each parameter's value (``value(param, model)``
+        gives it, or None for the default, with where it was set; ``model`` is None for a
+        global parameter), checked, then the method's own validation. One binding for the
+        streaming engine's plan and for ``merge_tensors``.
+        """
+        out: dict[str, Any] = {}
+        for p in self.params:
+            models = range(n_models) if p.scope == "model" else [None]
+            vals = []
+            for i in models:
+                v, at = value(p, i)
+                vals.append(p.check(p.default if v is None else v, at))
+            out[p.arg] = vals if p.scope == "model" else vals[0]
+        if self.validate is not None and (problem := self.validate(out)):
+            raise RecipeError(f"{where}: {problem}")
+        return out
+
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
