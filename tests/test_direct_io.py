@@ -186,7 +186,7 @@ def test_the_cli_offers_exactly_the_read_modes() -> None:
     from merganser.cli import build_parser
 
     merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
-    read = next(a for a in merge._actions if a.dest == "read")
+    read = next(a for a in merge._actions if "--read" in a.option_strings)
     assert tuple(read.choices) == READ_MODES
     assert read.default == merganser.MergeOptions().read_mode
 
