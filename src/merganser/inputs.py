@@ -52,15 +52,18 @@ def check_folder(folder: Path) -> None:
             regular_file(p)
 
 
-def read_text(path: str | Path, what: str = "file", limit: int = MAX_TEXT_BYTES) -> str:
+def read_text(
+    path: str | Path,
+    what: str = "file",
+    limit: int = MAX_TEXT_BYTES,
+    error: type[MerganserError] = MerganserError,
+) -> str:
     """A UTF-8 text file's contents; any problem is one line naming the file."""
     p = Path(path)
-    size = regular_file(p, MerganserError)
+    size = regular_file(p, error)
     if size > limit:
-        raise MerganserError(f"{p}: {what} is larger than {limit >> 20} MiB")
+        raise error(f"{p}: {what} is larger than {limit >> 20} MiB")
     try:
         return p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise MerganserError(
-            f"{p}: cannot read {what} ({getattr(e, 'strerror', None) or e})"
-        ) from None
+        raise error(f"{p}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None

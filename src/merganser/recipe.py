@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from merganser import safejson
 from merganser.errors import RecipeError
+from merganser.inputs import read_text
 
 MAX_GRADIENT_POINTS = 4096
 MAX_SEED = 2**32 - 1
@@ -326,16 +327,7 @@ def read_yaml(path: str | os.PathLike[str], what: str = "recipe") -> tuple[str, 
     most 4300 digits (Python's own limit), no key twice in a mapping.
     """
     p = Path(path)
-    try:
-        if p.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{p}: {what} is larger than {MAX_RECIPE_BYTES >> 20} MiB")
-        if not p.is_file():
-            raise RecipeError(f"{p}: cannot read {what} (not a regular file)")
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(
-            f"{p}: cannot read {what} ({getattr(e, 'strerror', None) or e})"
-        ) from None
+    text = read_text(p, what, MAX_RECIPE_BYTES, RecipeError)
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:

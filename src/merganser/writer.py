@@ -314,7 +314,7 @@ class AtomicOutput:
     def __init__(self, target: Path, force: bool = False):
         self.target = Path(target).absolute()
         self.force = force
-        _refuse_existing(self.target, force)
+        guard_output(self.target, (), force)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(self.target)
         self.tmp = (
@@ -412,7 +412,7 @@ class AtomicOutput:
 
     def commit(self) -> None:
         """Move the finished folder into place (replacing the target only with --force)."""
-        _refuse_existing(self.target, self.force)
+        guard_output(self.target, (), self.force)  # it may have appeared meanwhile
         _swap_in(self.tmp, self.target)
 
     def abort(self) -> None:
@@ -515,15 +515,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, what: str) -> No
             done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
             raise MerganserError(f"{what}: write failed ({e.strerror})") from None
-
-
-def _refuse_existing(target: Path, force: bool) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise MerganserError(f"{target}: output path exists and is not a folder")
-    if any(target.iterdir()) and not force:
-        raise MerganserError(f"{target}: output folder exists and is not empty (use --force)")
 
 
 def guard_output(
