@@ -19,6 +19,12 @@ def _merge(capsys, recipe, out, *flags) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+def _merge_linear(capsys, tmp_path, models, name="r", **extra) -> tuple[int, str]:
+    """A linear recipe over ``models`` (folders), merged into tmp_path/o_<name>."""
+    recipe = {"merge_method": "linear", "models": [{"model": str(m)} for m in models], **extra}
+    return _merge(capsys, write_recipe(tmp_path / f"{name}.yaml", recipe), tmp_path / f"o_{name}")
+
+
 def _layers(tmp_path, n=3, names=("model.layers.0.mlp.up_proj.weight",), config=None):
     g = torch.Generator().manual_seed(0)
     return [
@@ -49,13 +55,9 @@ def test_lora_adapter_folder_is_never_merged_as_plain_tensors(tmp_path, capsys) 
             json.dumps({"r": 2, "lora_alpha": 4, "peft_type": "LORA"})
         )
         adapters.append(d)
-    r = write_recipe(
-        tmp_path / "r.yaml",
-        {"merge_method": "linear", "models": [{"model": str(a)} for a in adapters]},
-    )
-    rc, err = _merge(capsys, r, tmp_path / "o")
+    rc, err = _merge_linear(capsys, tmp_path, adapters)
     assert rc == 1 and err.count("\n") == 1 and "is a PEFT LoRA adapter" in err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o_r").exists()
 
 
 def _fp8_model(folder, seed, block=(4, 8)):
@@ -115,49 +117,43 @@ def test_fp8_block_scaled_checkpoints_are_dequantised_on_read(tmp_path, capsys) 
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert "quantization_config" not in config
     # Without out_dtype the dequantised weights are written as bfloat16, never as raw FP8.
-    r = write_recipe(tmp_path / "d.yaml", {"merge_method": "linear", "models": [{"model": str(a)}]})
-    assert _merge(capsys, r, tmp_path / "d")[0] == 0
-    one = load_folder(tmp_path / "d")["model.layers.0.mlp.up_proj.weight"]
+    assert _merge_linear(capsys, tmp_path, [a], "d")[0] == 0
+    one = load_folder(tmp_path / "o_d")["model.layers.0.mlp.up_proj.weight"]
     assert one.dtype == torch.bfloat16
     assert torch.equal(
         one, load_folder(a32)["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16)
     )
 
 
-def test_fp8_without_scales_and_gptq_checkpoints_are_refused(tmp_path, capsys) -> None:
-    bare = write_model(
-        tmp_path / "bare",
-        {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 8).to(torch.float8_e4m3fn)},
-        {"num_hidden_layers": 1},
-    )
-    r = write_recipe(
-        tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(bare)}]}
-    )
-    rc, err = _merge(capsys, r, tmp_path / "o")
-    assert rc == 1 and "FP8 without block scales" in err
-    scaled = write_model(
-        tmp_path / "per-tensor",
-        {
-            "model.layers.0.mlp.up_proj.weight": torch.randn(8, 8).to(torch.float8_e4m3fn),
-            "model.layers.0.mlp.up_proj.weight_scale": torch.ones(()),
-        },
-        {"num_hidden_layers": 1, "quantization_config": {"quant_method": "fbgemm_fp8"}},
-    )
-    r = write_recipe(
-        tmp_path / "s.yaml", {"merge_method": "linear", "models": [{"model": str(scaled)}]}
-    )
-    rc, err = _merge(capsys, r, tmp_path / "o")
-    assert rc == 1 and "quantization_config: fbgemm_fp8" in err
-    gptq = write_model(
-        tmp_path / "gptq",
-        {"model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32)},
-        {"num_hidden_layers": 1, "quantization_config": {"quant_method": "gptq", "bits": 4}},
-    )
-    r = write_recipe(
-        tmp_path / "g.yaml", {"merge_method": "linear", "models": [{"model": str(gptq)}]}
-    )
-    rc, err = _merge(capsys, r, tmp_path / "o")
-    assert rc == 1 and "quantization_config: gptq" in err
+def test_fp8_without_scales_static_fp8_and_gptq_checkpoints_are_refused(tmp_path, capsys):
+    fp8 = torch.randn(8, 8).to(torch.float8_e4m3fn)
+    cases = [
+        ("bare", {"w": fp8}, {}, "FP8 without block scales"),
+        (
+            "per-tensor",
+            {"w": fp8, "w_scale": torch.ones(())},
+            {"quant_method": "fbgemm_fp8"},
+            "quantization_config: fbgemm_fp8",
+        ),
+        (
+            "static",
+            {"w": fp8, "w_scale_inv": torch.ones(1, 1), "input_scale": torch.ones(())},
+            {"quant_method": "fp8", "weight_block_size": [8, 8], "activation_scheme": "static"},
+            "'static' activation scales",
+        ),
+        (
+            "gptq",
+            {"qweight": torch.zeros(4, 8, dtype=torch.int32)},
+            {"quant_method": "gptq", "bits": 4},
+            "quantization_config: gptq",
+        ),
+    ]
+    for name, tensors, quant, message in cases:
+        config = {"num_hidden_layers": 1, **({"quantization_config": quant} if quant else {})}
+        tensors = {f"model.layers.0.mlp.up_proj.{k}": v for k, v in tensors.items()}
+        m = write_model(tmp_path / name, tensors, config)
+        rc, err = _merge_linear(capsys, tmp_path, [m], name)
+        assert rc == 1 and err.count("\n") == 1 and message in err, (name, err)
 
 
 def test_dppa_without_layer_linears_is_refused_not_task_arithmetic(tmp_path, capsys) -> None:
@@ -283,11 +279,7 @@ def test_sidecar_files_are_carried_and_the_card_names_every_input_by_name(tmp_pa
     save_file({"linear.weight": torch.ones(2, 2)}, str(b / "2_Dense" / "model.safetensors"))
     mods = json.loads((b / "modules.json").read_text())
     (b / "modules.json").write_text(json.dumps([*mods, {"idx": 2, "name": "2", "path": "2_Dense"}]))
-    r2 = write_recipe(
-        tmp_path / "r2.yaml",
-        {"merge_method": "linear", "models": [{"model": str(b)}, {"model": str(a)}]},
-    )
-    rc, err = _merge(capsys, r2, tmp_path / "o3")
+    rc, err = _merge_linear(capsys, tmp_path, [b, a], "r2")
     assert rc == 1 and "module 2_Dense holds weights" in err
 
 
@@ -316,17 +308,26 @@ def test_output_whose_config_disagrees_with_its_tensors_is_refused(tmp_path, cap
 
 def test_chat_template_is_refused_rather_than_ignored(tmp_path, capsys) -> None:
     """chat_template was parsed and never used: the output kept the base's template."""
-    ms = _layers(tmp_path, n=2)
-    r = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "merge_method": "linear",
-            "chat_template": "chatml",
-            "models": [{"model": str(m)} for m in ms],
-        },
-    )
-    rc, err = _merge(capsys, r, tmp_path / "o")
+    rc, err = _merge_linear(capsys, tmp_path, _layers(tmp_path, n=2), chat_template="chatml")
     assert rc == 1 and "chat_template: not supported yet" in err
+
+
+def test_residual_weight_warns_that_it_does_nothing(tmp_path, capsys) -> None:
+    """slices[].residual_weight was accepted and ignored without a word (mergekit ignores it
+    too, so it warns rather than fails; --strict makes it an error).
+    """
+    ms = _layers(tmp_path, n=2)
+    src = [{"model": str(m), "layer_range": [0, 1]} for m in ms]
+    recipe = {
+        "merge_method": "linear",
+        "slices": [{"sources": src, "residual_weight": 0.3}],
+    }
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    rc, err = _merge(capsys, r, tmp_path / "o")
+    assert rc == 0, err
+    assert "merganser: warning: " in err and "slices[0].residual_weight: has no effect" in err
+    rc, err = _merge(capsys, r, tmp_path / "o2", "--strict")
+    assert rc == 1 and "residual_weight" in err and not (tmp_path / "o2").exists()
 
 
 def test_a_module_folder_leading_outside_the_model_is_refused(tmp_path, capsys) -> None:
@@ -338,9 +339,8 @@ def test_a_module_folder_leading_outside_the_model_is_refused(tmp_path, capsys) 
     (a / "1_Pooling" / "config.json").unlink()
     (a / "1_Pooling").rmdir()
     (a / "1_Pooling").symlink_to(secret)
-    r = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(a)}]})
-    rc, err = _merge(capsys, r, tmp_path / "o")
-    assert rc == 1 and "leads outside the model folder" in err and not (tmp_path / "o").exists()
+    rc, err = _merge_linear(capsys, tmp_path, [a])
+    assert rc == 1 and "leads outside the model folder" in err and not (tmp_path / "o_r").exists()
 
 
 def test_modules_without_any_model_are_refused(tmp_path, capsys) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 _STACK_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer))\.(\d+)\.")
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "depth", "n_layers")
-NESTED = ("text_config", "vision_config", "audio_config", "encoder", "decoder")
 
 
 @dataclass(frozen=True)
@@ -72,9 +71,7 @@ def find_stacks(names: Iterable[str], config: Mapping[str, Any] | None) -> list[
 
 def _count_at(cfg: Mapping[str, Any], path: tuple[str, ...]) -> tuple[str, ...] | None:
     """``path + (k,)`` for the first count key ``k`` holding an int in ``cfg`` at ``path``."""
-    node: Any = cfg
-    for part in path:
-        node = node.get(part) if isinstance(node, Mapping) else None
+    node = get_path(cfg, path)
     if not isinstance(node, Mapping):
         return None
     for k in COUNT_KEYS:
@@ -108,6 +105,7 @@ def _count_key(prefix: str, prefixes: list[str], cfg: Mapping[str, Any]) -> tupl
 
 
 def get_path(cfg: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path`` in a nested config, or None where any step is missing."""
     node: Any = cfg
     for part in path:
         node = node.get(part) if isinstance(node, Mapping) else None
@@ -165,14 +163,12 @@ def check_structure(
                 f"{where}: config {key} is {count} but the tensors hold {st.layers} layers of "
                 f"{st.prefix}"
             )
-        parent = get_path(cfg, st.count_key[:-1])
-        for k in ("layer_types",):
-            v = parent.get(k) if isinstance(parent, Mapping) else None
-            if isinstance(v, list) and len(v) != st.layers:
-                return (
-                    f"{where}: config {'.'.join((*st.count_key[:-1], k))} has {len(v)} entries "
-                    f"for {st.layers} layers"
-                )
+        types = get_path(cfg, (*st.count_key[:-1], "layer_types"))
+        if isinstance(types, list) and len(types) != st.layers:
+            return (
+                f"{where}: config {'.'.join((*st.count_key[:-1], 'layer_types'))} has "
+                f"{len(types)} entries for {st.layers} layers"
+            )
     return None
 
 
@@ -210,17 +206,24 @@ def weight_format(
             "is a PEFT LoRA adapter: its A and B factors cannot be merged as plain tensors "
             "(merge the adapter into its base first)"
         )
-    if fp8_block(config) is not None:
-        return None  # dequantised on read (plan.py, engine.load_inputs)
     q = (config or {}).get("quantization_config")
+    if fp8_block(config) is not None:
+        # Weights are dequantised on read (plan.py, engine.load_inputs); static activation
+        # scales (input_scale tensors) would be copied into a plain model meaning nothing.
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            return (
+                f"holds FP8 weights with {scheme!r} activation scales, which merganser does not "
+                "merge (only activation_scheme: dynamic)"
+            )
+        return None
     if isinstance(q, Mapping):
         method = q.get("quant_method") or q.get("quant_type") or "unknown"
         return (
             f"holds quantised weights (quantization_config: {method}); merge the unquantised "
             "weights and quantise the result"
         )
-    markers = (
-        "weight_scale_inv",
+    markers = (  # ".weight_scale" also finds FP8's "weight_scale_inv"
         ".qweight",
         ".qzeros",
         ".scales",

@@ -647,13 +647,25 @@ def _slice_param_sets(where: str, slices: list[Any]) -> list[tuple[str, dict[str
 
 
 def _ignored_params(recipe: Recipe, method: Method) -> list[str]:
-    return [
+    """Keys accepted because mergekit accepts them, that change nothing here."""
+    out = [
         f"{recipe.source_name}: {where}.{key}: has no effect on method {method.name!r} "
         "(accepted because mergekit accepts it)"
         for where, params in _param_sets(recipe)
         for key in params
         if key in method.ignored
     ]
+    slices = [("slices", recipe.slices or [])] + [
+        (f"modules.{k}.slices", m.slices or []) for k, m in (recipe.modules or {}).items()
+    ]
+    out += [
+        f"{recipe.source_name}: {where}[{i}].residual_weight: has no effect (mergekit 0.1.5 "
+        "accepts it and ignores it too)"
+        for where, sls in slices
+        for i, sl in enumerate(sls)
+        if sl.residual_weight is not None
+    ]
+    return out
 
 
 def _unmatched_filters(plan: Plan) -> list[str]:
