@@ -12,6 +12,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+# Tests never touch the network: huggingface_hub and transformers read this at import, and
+# merganser's hub ids then resolve from the cache alone (subprocesses inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,6 +59,25 @@ def ties_recipe(
         "models": [{"model": str(p)} for p in paths[1:]],
         "parameters": {"density": 0.5, **params},
     }
+
+
+def write_tokenizer(
+    folder: Path, words: list[str], chat_template: str | None = None, **special: str
+) -> Path:
+    """A real (word-level) fast tokenizer saved with transformers into ``folder``: ids in the
+    order of ``words``, split on whitespace; ``special`` names special tokens (``bos_token``).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], **special)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return folder
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

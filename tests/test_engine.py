@@ -515,3 +515,34 @@ def test_a_block_merge_reads_a_tensor_it_can_hold_once(tmp_path, monkeypatch) ->
     assert outputs[1 << 20][0] == 3 * once  # pass 0, pass 1, the merge pass
     assert torch.equal(outputs[16 << 20][1], outputs[1 << 20][1])
     assert max(pieces) == 2 * engine.BLOCK and sum(pieces) == 2 * base.numel()
+
+
+def test_progress_counts_each_piece_once(tmp_path) -> None:
+    """A blockwise TIES item sends one part per block; the bar counted each part as a piece
+    and overran its total ("129/75 pieces").
+    """
+    from merganser.engine import run, work_items
+    from merganser.progress import Progress
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(700, 1100, generator=g)
+    paths = [
+        write_model(tmp_path / f"m{i}", {"w": base + 0.02 * torch.randn(base.shape, generator=g),
+                                         "b": torch.randn(8, generator=g)})
+        for i in range(2)
+    ]  # fmt: skip
+    b = write_model(tmp_path / "base", {"w": base, "b": torch.zeros(8)})
+    recipe = {"merge_method": "ties", "base_model": str(b), "parameters": {"density": 0.3},
+              "models": [{"model": str(p)} for p in paths]}  # fmt: skip
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        opts = merganser.MergeOptions(threads=2, memory_budget=6 << 20).engine_options()
+        items = work_items(plan, opts)
+        assert any(i.blocks for i in items)
+        sent = []
+        bar = Progress(plan.out_nbytes, len(items), enabled=False)
+        run(plan, lambda task, t, start: sent.append(t.numel()), opts, bar.update, None, items)
+        assert len(sent) > len(items)  # several parts for the blockwise tensor
+        assert bar.items == len(items)
+    finally:
+        plan.close()

@@ -111,6 +111,36 @@ def _configs(base: str, e1: str, e2: str) -> dict[str, dict]:
             ],
         },
         "passthrough": {"merge_method": "passthrough", "models": [{"model": e1}]},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": e1}],
+            "parameters": {"t": 0.01},
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": e1}],
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": e1}, {"model": e2}],
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": e1}, {"model": e2}],
+            "parameters": {"r": 0.5, "alpha": 0.9},
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": e1, "parameters": {"weight": 0.3}},
+                {"model": e2, "parameters": {"weight": 0.7}},
+            ],
+        },
         "slices": {
             "merge_method": "passthrough",
             "slices": [

@@ -23,6 +23,7 @@ def _rand(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor
 
 BASE_METHODS = sorted(m.name for m in all_methods() if m.needs_base)
 EXTRA = {"reborn": 2, "model_stock": 2, "nuslerp": 2}
+REQUIRED = {"nearswap": {"t": 0.01}}  # parameters without a default (as in mergekit)
 
 
 @settings(max_examples=25, deadline=None)
@@ -35,6 +36,7 @@ def test_models_equal_to_the_base_return_the_base(seed, shape, method, density) 
         if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
         else {}
     )
+    params.update(REQUIRED.get(method, {}))
     models = [base.clone() for _ in range(n)]
     if method == "dppa":  # DPPA prunes by layer: it needs a layer's linear weight (issue 26)
         name = "model.layers.0.mlp.up_proj.weight"

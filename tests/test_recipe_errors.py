@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_model, write_recipe
+from conftest import load_folder, run_cli, write_model, write_recipe
 
 from merganser.cli import main
 
@@ -17,6 +17,7 @@ def models(tmp_path: Path) -> dict[str, Path]:
     return {
         "base": write_model(tmp_path / "base", {"w": w, "ids": torch.arange(3)}),
         "a": write_model(tmp_path / "a", {"w": w + 1, "ids": torch.arange(3)}),
+        "b": write_model(tmp_path / "b", {"w": w + 2, "ids": torch.arange(3)}),
         "wide": write_model(tmp_path / "wide", {"w": torch.zeros(2, 4), "ids": torch.arange(3)}),
         "intw": write_model(
             tmp_path / "intw", {"w": torch.zeros(2, 3, dtype=torch.int32), "ids": torch.arange(3)}
@@ -77,9 +78,9 @@ CASES = {
         lambda m: _ta(m, parameters={"lamda": 0.5}),
         "parameters.lamda: unknown parameter for method 'task_arithmetic'",
     ),
-    "global parameter per model": (
-        lambda m: _ta(m, models=[{"model": str(m["a"]), "parameters": {"lambda": 2}}]),
-        "'lambda' is a global parameter",
+    "misspelt parameter gets a suggestion": (
+        lambda m: _ta(m, parameters={"lamdba": 0.5}),
+        "(did you mean 'lambda'?)",
     ),
     "nan weight": (
         lambda m: _ta(m, parameters={"weight": float("nan")}),
@@ -118,7 +119,40 @@ CASES = {
             "merge_method": "passthrough",
             "models": [{"model": str(m["a"])}, {"model": str(m["base"])}],
         },
-        "takes at most 1 model(s), got 2",
+        "method 'passthrough' merges at most 1 model, got 2",
+    ),
+    "slerp given three models counts them as written": (
+        lambda m: {
+            "merge_method": "slerp",
+            "base_model": str(m["base"]),
+            "models": [{"model": str(m["base"])}, {"model": str(m["a"])}, {"model": str(m["b"])}],
+            "parameters": {"t": 0.5},
+        },
+        "merges at most 2 models (the base_model and one other), got 3",
+    ),
+    "top-level typo is named, with the key it resembles": (
+        lambda m: {"merge_methd": "linear", "models": [{"model": str(m["a"])}]},
+        "merge_methd: unknown key (did you mean 'merge_method'?)",
+    ),
+    "nested typo": (
+        lambda m: _ta(m, models=[{"model": str(m["a"]), "parameter": {"weight": 1}}]),
+        "models[0].parameter: unknown key (did you mean 'parameters'?)",
+    ),
+    "unknown method gets a suggestion": (
+        lambda m: {**_ta(m), "merge_method": "tie"},
+        "unknown merge method 'tie' (did you mean 'ties'?",
+    ),
+    "a mergekit-moe config": (
+        lambda m: {
+            "base_model": str(m["base"]),
+            "gate_mode": "hidden",
+            "experts": [{"source_model": str(m["a"]), "positive_prompts": ["x"]}],
+        },
+        "a mergekit-moe config (it has experts:)",
+    ),
+    "a boolean given as a number other than 0 or 1": (
+        lambda m: _ta(m, parameters={"normalize": 0.5}),
+        "parameters.normalize (tensor w): expected true or false (or 1 or 0), got 0.5",
     ),
     "top level not a mapping": (lambda m: [1, 2], "expected a YAML mapping at the top level"),
 }
@@ -184,3 +218,54 @@ def test_bad_tokenizer_source_fails_before_any_tensor_is_read(
     with pytest.raises(merganser.MerganserError, match="tokenizer_source"):
         merganser.merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_numeric_booleans_are_read_as_model_cards_write_them(models, tmp_path) -> None:
+    """`normalize: 1.0` (a number where a boolean is meant, as mergekit accepts) was refused."""
+    import merganser
+
+    outs = {}
+    for flag in (1.0, True, 0, False):
+        recipe = write_recipe(
+            tmp_path / f"r{flag!r}.yaml",
+            {"merge_method": "linear", "parameters": {"normalize": flag},
+             "models": [{"model": str(models["a"]), "parameters": {"weight": 2.0}}]},
+        )  # fmt: skip
+        outs[repr(flag)] = load_folder(merganser.merge(recipe, tmp_path / f"o{flag!r}"))["w"]
+    a = load_folder(models["a"])["w"]
+    assert torch.equal(outs["1.0"], a) and torch.equal(outs["True"], a)
+    assert torch.equal(outs["0"], 2 * a) and torch.equal(outs["False"], 2 * a)
+
+
+def test_another_methods_parameter_warns_as_mergekit_accepts_it(models, tmp_path, capsys) -> None:
+    """A published recipe (YOYO-AI/Qwen2.5-14B-Fusion) gives arcee_fusion `normalize` and
+    `rescale`, which mergekit never reads: a warning, not a refusal (--strict refuses).
+    """
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "arcee_fusion", "base_model": str(models["base"]),
+         "models": [{"model": str(models["a"])}],
+         "parameters": {"normalize": True, "rescale": False}},
+    )  # fmt: skip
+    r = run_cli("merge", str(recipe), str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "parameters.normalize: has no effect on method 'arcee_fusion'" in r.stderr
+    r = run_cli("merge", str(recipe), str(tmp_path / "o2"), "--strict")
+    assert r.returncode == 1 and "(--strict)" in r.stderr
+
+
+def test_a_global_parameter_set_per_model_warns_and_is_not_used(models, tmp_path) -> None:
+    """Published recipes (YOYO-AI/Qwen2.5-7B-YOYO-super) set della's lambda per model; mergekit
+    reads only the top-level value (its output is unchanged by the per-model one), so this
+    was a refusal and is now a warning naming the key; --strict refuses.
+    """
+    per_model = _ta(models, models=[{"model": str(models["a"]), "parameters": {"lambda": 2}}])
+    r = run_cli("merge", str(write_recipe(tmp_path / "r.yaml", per_model)), str(tmp_path / "o"))
+    assert r.returncode == 0 and "'lambda' is a global parameter" in r.stderr
+    plain = run_cli(
+        "merge", str(write_recipe(tmp_path / "p.yaml", _ta(models))), str(tmp_path / "p")
+    )
+    assert plain.returncode == 0
+    assert torch.equal(load_folder(tmp_path / "o")["w"], load_folder(tmp_path / "p")["w"])
+    strict = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "o2"), "--strict")
+    assert strict.returncode == 1 and "(--strict)" in strict.stderr

@@ -306,10 +306,12 @@ def test_output_whose_config_disagrees_with_its_tensors_is_refused(tmp_path, cap
     assert all(torch.allclose(out[k], (a[k] + b[k]) / 2) for k in a)
 
 
-def test_chat_template_is_refused_rather_than_ignored(tmp_path, capsys) -> None:
-    """chat_template was parsed and never used: the output kept the base's template."""
+def test_chat_template_is_never_ignored(tmp_path, capsys) -> None:
+    """chat_template was parsed and never used: the output kept the base's template. It is
+    now applied (tests/test_chat_template.py), and refused where there is no tokenizer.
+    """
     rc, err = _merge_linear(capsys, tmp_path, _layers(tmp_path, n=2), chat_template="chatml")
-    assert rc == 1 and "chat_template: not supported yet" in err
+    assert rc == 1 and "chat_template: the output has no tokenizer to carry it" in err
 
 
 def test_residual_weight_warns_that_it_does_nothing(tmp_path, capsys) -> None:
@@ -350,3 +352,56 @@ def test_modules_without_any_model_are_refused(tmp_path, capsys) -> None:
     )
     rc, err = _merge(capsys, r, tmp_path / "o")
     assert rc == 1 and err.count("\n") == 1 and "modules: no model is named" in err
+
+
+def test_frankenmerge_whose_shapes_its_config_cannot_hold_is_refused(tmp_path, capsys) -> None:
+    """Layers of a wider model stacked on a narrower one's config exited 0 with an output
+    transformers cannot load; the meta-device check refuses it before any work.
+    """
+    import transformers as T
+
+    for name, inter in (("a", 64), ("b", 96)):
+        cfg = T.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=inter, num_attention_heads=4,
+            num_hidden_layers=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        cfg.architectures = ["LlamaForCausalLM"]
+        T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+    capsys.readouterr()  # save_pretrained's progress bars
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(tmp_path / "b"), "layer_range": [2, 4]}]},
+        ],
+    }
+    rc, err = _merge(capsys, write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out")
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "LlamaForCausalLM would not load the output" in err
+    assert "shape model.layers.2.mlp.down_proj.weight (32, 96)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_check_reports_only_what_the_merge_introduced(tmp_path) -> None:
+    """A checkpoint transformers loads with warnings (an extra buffer) still merges; a tensor
+    the merge drops is named as missing.
+    """
+    from merganser import hf
+
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+        "num_hidden_layers": 1, "num_key_value_heads": 2, "tie_word_embeddings": False,
+    }  # fmt: skip
+    import transformers as T
+
+    with torch.device("meta"):
+        want = T.LlamaForCausalLM(T.LlamaConfig(**cfg)).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in want.items()}
+    assert hf.key_problems(shapes, cfg) == set()
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    assert hf.key_problems({**shapes, buffer: (4,)}, cfg) == {f"unexpected:{buffer}"}
+    del shapes["lm_head.weight"]
+    assert hf.key_problems(shapes, cfg) == {"missing:lm_head.weight"}
+    assert hf.key_problems(shapes, {**cfg, "auto_map": {"AutoModel": "x.Y"}}) is None
+    assert hf.key_problems(shapes, {**cfg, "architectures": ["NoSuchModel"]}) is None

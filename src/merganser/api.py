@@ -6,16 +6,17 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from merganser import anatomy, engine, safejson
+from merganser import anatomy, chat_templates, engine, hf, multi, safejson
 from merganser.card import model_card
 from merganser.device import check_device
 from merganser.dtypes import dtype_name
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
-from merganser.hf import TOKENIZER_FILES
+from merganser.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
 from merganser.options import (
     CPU_THREADS_CAP,
     MergeOptions,
@@ -25,7 +26,7 @@ from merganser.options import (
 from merganser.plan import Plan, build_plan
 from merganser.progress import Progress
 from merganser.provenance import ALGORITHM, InputDigests
-from merganser.recipe import Recipe, load_recipe, parse_recipe
+from merganser.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
 from merganser.stats import WholeModelStats
 from merganser.tensors import merge_tensors
 from merganser.writer import (
@@ -64,8 +65,58 @@ def merge(
     out_dir: str | os.PathLike[str],
     options: MergeOptions | None = None,
 ) -> Path:
-    """Merge the models a recipe names into ``out_dir`` (atomically); return the output path."""
+    """Merge the models a recipe names into ``out_dir`` (atomically); return the output path.
+    A recipe file of several documents (mergekit-multimerge's format) runs each merge in turn.
+    """
     options = options or MergeOptions()
+    if isinstance(recipe, (str, os.PathLike)):
+        _, docs = read_yaml_documents(recipe)
+        if len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0]):
+            return _merge_documents(Path(recipe), docs, Path(out_dir), options)
+    return _merge_one(recipe, out_dir, options)
+
+
+def _merge_documents(path: Path, docs: list[Any], out: Path, options: MergeOptions) -> Path:
+    """Each merge of a multi-document recipe, in an order where the merges a document names
+    come first; named merges go to the intermediate directory (one already there from the
+    same document is reused, so a run that stopped resumes), the final one to ``out``.
+    """
+    steps = multi.plan_steps(docs, str(path))
+    inter = Path(options.intermediate_dir or out.parent / f"{out.name}.intermediate")
+    folders = {s.name: inter / s.name for s in steps if s.name}
+    for s in steps:
+        final = s is steps[-1]
+        target = out if final else folders[s.name]  # type: ignore[index]
+        rec = parse_recipe(
+            multi.patched(s.data, folders),
+            name=f"{path}: {s.label}",
+            source_dir=path.parent.resolve(),
+            file=path,
+        )
+        if not final and _same_recipe(target, rec):
+            print(f"merganser: {s.label}: reusing {target}", file=sys.stderr)
+            continue
+        print(f"merganser: {s.label}: merging into {target}", file=sys.stderr)
+        _merge_one(rec, target, options)
+    return out
+
+
+def _same_recipe(folder: Path, rec: Recipe) -> bool:
+    """Whether ``folder`` is a finished merge of exactly this recipe (its manifest says so)."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        return safejson.loads(manifest.read_bytes()).get("recipe_sha256") == rec.sha256
+    except (ValueError, AttributeError, OSError):
+        return False
+
+
+def _merge_one(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: MergeOptions,
+) -> Path:
     if options.out_shard_size <= 0:
         raise MerganserError("--out-shard-size must be positive")
     if options.read_ahead < 0:
@@ -77,17 +128,20 @@ def merge(
     check_device(options.device)
     rec = _as_recipe(recipe)
     eopts = options.engine_options()
-    plan = build_plan(rec, options.read_mode)
+    plan = build_plan(rec, options.read_mode, options.offline)
     try:
+        tokenizer = plan.tokenizer_dir
+        chat = _chat_template(plan, tokenizer)
         for w in plan.warnings:
             if options.strict:
                 raise MerganserError(f"{w} (--strict)")
             print(f"merganser: warning: {w}", file=sys.stderr)
+        for note in plan.vocab.report if plan.vocab else []:
+            print(f"merganser: tokenizer: {note}", file=sys.stderr)
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)
         # The statistics passes read whole tensors; they must fit the budget too.
         stat_items = engine.work_items(plan, eopts, chunks=False) if stats is not None else None
-        tokenizer = _tokenizer_source(plan)
         config = _output_config(plan)
         _check_structure(plan, config, Path(out_dir))
         side = _side_files(plan)
@@ -118,6 +172,8 @@ def merge(
                 )
             out.close_shards()
             _write_side_files(out, plan, config, tokenizer, side)
+            if chat is not None:
+                _write_chat_template(out, chat)
             manifest = out.verify_and_index()
             inputs = {
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
@@ -196,6 +252,29 @@ def _check_structure(plan: Plan, config: dict[str, Any] | None, target: Path) ->
     problem = anatomy.check_structure((t.name for t in plan.tasks), config, f"{target}")
     if problem is not None:
         raise MerganserError(problem)
+    ref = plan.reference_checkpoint
+    if config is None or ref.config is None:
+        return
+    shapes = {t.name: tuple(t.shape) for t in plan.tasks}
+    if (
+        shapes == {n: tuple(i.shape) for n, i in ref.tensors.items()}
+        and not plan.config_updates
+        and not plan.config_drop
+    ):
+        return  # the reference's own tensors and config (but the dtype): it loads as they do
+    out = hf.key_problems(shapes, config)
+    if not out:
+        return
+    # Only what the merge introduced: a checkpoint that loads with warnings loads so after.
+    known = hf.key_problems({n: i.shape for n, i in ref.tensors.items()}, ref.config) or set()
+    new = sorted(out - known)
+    if new:
+        more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
+        arch = config["architectures"][0]
+        raise MerganserError(
+            f"{target}: transformers' {arch} would not load the output as planned: "
+            f"{new[0].replace(':', ' ', 1)}{more}"
+        )
 
 
 # Files of the model beside its weights and tokenizer, carried over from the reference model:
@@ -261,7 +340,9 @@ def _write_side_files(
 ) -> None:
     if config is not None:
         out.write_file("config.json", json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None and tokenizer.is_dir():
+    if plan.vocab is not None:
+        _write_tokenizer(out, plan.vocab.tokenizer, tokenizer)
+    elif tokenizer is not None and tokenizer.is_dir():
         for fname in TOKENIZER_FILES:
             if (tokenizer / fname).is_file():
                 out.copy_file(tokenizer / fname)
@@ -272,35 +353,57 @@ def _write_side_files(
     out.write_file(RECIPE_NAME, plan.recipe.source_text)
 
 
-def _tokenizer_source(plan: Plan) -> Path | None:
+def _write_tokenizer(out: AtomicOutput, tok: Any, source: Path | None) -> None:
+    """A tokenizer built for this merge (a union, or one model's with rows realigned), as
+    transformers saves it, with the source's generation config beside it.
+    """
+    with tempfile.TemporaryDirectory(dir=out.tmp.parent) as tmp:
+        tok.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                out.copy_file(f)
+    if source is not None and (source / "generation_config.json").is_file():
+        out.copy_file(source / "generation_config.json")
+
+
+def _chat_template(plan: Plan, tokenizer: Path | None) -> str | None:
+    """The template the recipe's ``chat_template`` asks for, checked before any work; None
+    when the field is absent (the tokenizer's own template is kept as copied).
+    """
     rec = plan.recipe
-    if rec.chat_template is not None:
-        # Accepted and ignored, it left the base's template in the output without a word.
-        raise RecipeError(
-            f"{rec.source_name}: chat_template: not supported yet (the output would keep the "
-            "base's template); remove the key to keep it"
-        )
-    src = rec.tokenizer_source
-    if src is None or src == "base":
-        return plan.reference_checkpoint.path
-    if src == "union":
-        raise RecipeError(f"{rec.source_name}: tokenizer_source: 'union' is not supported yet")
-    path = rec.resolve(src)
-    if not path.is_dir():
-        raise RecipeError(f"{rec.source_name}: tokenizer_source: {src!r} is not a model folder")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
-        raise RecipeError(
-            f"{rec.source_name}: tokenizer_source: {src!r} holds no tokenizer files "
-            f"(expected one of tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.*)"
-        )
-    return path
+    if rec.chat_template is None:
+        return None
+    where = f"{rec.source_name}: chat_template"
+    if tokenizer is None or not any((tokenizer / f).is_file() for f in TOKENIZER_MARKERS):
+        source = tokenizer or plan.reference_checkpoint.path
+        raise RecipeError(f"{where}: the output has no tokenizer to carry it ({source} has none)")
+    folders = [c.path for c in plan.checkpoints if c.path.is_dir()]
+    template, how = chat_templates.resolve(rec.chat_template, folders, where)
+    if template is None:
+        plan.warnings.append(f"{where}: {how}; the output keeps the tokenizer's own")
+    return template
+
+
+def _write_chat_template(out: AtomicOutput, template: str) -> None:
+    """The template in ``chat_template.jinja`` and in every copied file that carries one
+    (tokenizer_config.json, a processor's chat_template.json), so no loader sees another.
+    """
+    out.write_file("chat_template.jinja", template)
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = out.tmp / name
+        if not path.is_file():
+            continue
+        data = safejson.loads(path.read_bytes())
+        if isinstance(data, dict) and "chat_template" in data:
+            data["chat_template"] = template
+            out.write_file(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _inputs(plan: Plan, tokenizer: Path | None) -> list[Path]:
     """Every path a merge reads: checkpoints, statistics, the tokenizer source, the recipe."""
     paths = [c.path for c in plan.checkpoints] + ([tokenizer] if tokenizer else [])
-    if plan.recipe.source_dir is not None:  # read from a file (not an in-memory mapping)
-        paths.append(Path(plan.recipe.source_name))
+    if plan.recipe.source_file is not None:  # read from a file (not an in-memory mapping)
+        paths.append(plan.recipe.source_file)
     return paths
 
 

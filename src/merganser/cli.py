@@ -9,8 +9,10 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from merganser import __version__
 from merganser.allocator import tune_malloc
@@ -107,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", help="YAML recipe (mergekit-compatible)")
     m.add_argument("out", help="output folder (written atomically)")
     add_option_flags(m)
+    m.add_argument(
+        "--dry-run", action="store_true", help="show the plan (as `merganser plan`); merge nothing"
+    )
+    m.add_argument("--json", action="store_true", help="print the result (or plan) as JSON")
+
+    pl = sub.add_parser(
+        "plan", help="what a merge would read, write and hold, from headers alone, in seconds"
+    )
+    pl.add_argument("recipe", help="YAML recipe")
+    pl.add_argument("--json", action="store_true", help="as JSON")
 
     i = sub.add_parser("inspect", help="summarise a checkpoint from its headers")
     i.add_argument("path")
@@ -116,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
 
     ms = sub.add_parser("methods", help="list the merge methods and their parameters")
-    ms.add_argument(
+    shape = ms.add_mutually_exclusive_group()
+    shape.add_argument(
         "--markdown", action="store_true", help="as the table in docs/methods.md (generated)"
     )
+    shape.add_argument("--json", action="store_true", help="as JSON, one object per method")
 
     k = sub.add_parser("kinship", help="pairwise kinship of models' task vectors")
     k.add_argument("models", nargs="+", help="two or more model folders")
@@ -266,9 +280,48 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from merganser.options import MergeOptions, option_fields
 
     opts = MergeOptions(**{f.name: getattr(a, f.name) for f in option_fields()})
+    if a.dry_run:
+        return _show_plan(a.recipe, opts, a.json, Path(a.out))
+    started = time.monotonic()
     out = merge(a.recipe, a.out, opts)
-    print(f"merged into {out}")
+    if a.json:
+        from merganser.writer import MANIFEST_NAME
+
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        shards = manifest["shards"]
+        print(
+            json.dumps(
+                {
+                    "output": str(out),
+                    "method": manifest["method"],
+                    "recipe_sha256": manifest["recipe_sha256"],
+                    "shards": len(shards),
+                    "bytes": sum(v["bytes"] for v in shards.values()),
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+                indent=1,
+            )
+        )
+    else:
+        print(f"merged into {out}")
     return 0
+
+
+def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -> int:
+    from merganser.preview import format_preview, preview_file
+
+    previews = preview_file(recipe, opts, out)
+    if as_json:
+        print(json.dumps(previews if len(previews) > 1 else previews[0], indent=1))
+    else:
+        print("\n\n".join(format_preview(p) for p in previews))
+    return 1 if any(p["missing"] for p in previews) else 0
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from merganser.options import MergeOptions
+
+    return _show_plan(a.recipe, MergeOptions(), a.json)
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -289,16 +342,20 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_methods(a: argparse.Namespace) -> int:
-    from merganser.methods import all_methods, markdown_table
+    from merganser.methods import all_methods, markdown_table, method_json
 
     if a.markdown:
         print(markdown_table(), end="")
+        return 0
+    if a.json:
+        print(json.dumps([method_json(m) for m in all_methods()], indent=1))
         return 0
     for m in all_methods():
         tag = " [experimental]" if m.experimental else ""
         print(f"{m.name}{tag}: {m.reference}")
         for p in m.params:
-            print(f"    {p.name} ({p.scope}, default {p.default!r}) {p.doc}")
+            default = "required" if p.default is None else f"default {p.default!r}"
+            print(f"    {p.name} ({p.scope}, {default}) {p.doc}")
     return 0
 
 
@@ -515,6 +572,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
     "methods": _cmd_methods,
+    "plan": _cmd_plan,
     "tiny": _cmd_tiny,
     "zoo": _cmd_zoo,
     "kinship": _cmd_kinship,

@@ -38,6 +38,7 @@ from merganser.plan import Plan, TensorTask
 from merganser.provenance import BLOCK as DIGEST_BLOCK
 from merganser.provenance import InputDigests
 from merganser.stats import WholeModelStats
+from merganser.vocab import align_rows
 
 # (task, result or a flat chunk of it, its first element). The sink must be done with the tensor
 # when it returns: its memory is reused for the next chunk.
@@ -123,7 +124,13 @@ class MemoryBudget:
 def blockwise(plan: Plan, task: TensorTask, device: str) -> bool:
     """Whether ``task`` runs block by block on ``device`` (see the module docstring)."""
     m = plan.method
-    simple = task.fill is None and task.stats is None and task.scales is None and not task.copy_only
+    simple = (
+        task.fill is None
+        and task.stats is None
+        and task.scales is None
+        and not task.copy_only
+        and not task.vocab
+    )
     return (
         device == "cpu"
         and simple
@@ -148,6 +155,8 @@ def bytes_per_element(plan: Plan, task: TensorTask, in_blocks: bool = False) -> 
     if task.copy_only or in_blocks:
         return raw + itemsize(task.out_dtype)
     work = int(4 * (len(inputs) + 2 + plan.method.workspace * len(inputs)))
+    if task.vocab:  # aligning rows: each input's moved copy, the fill sum and the fill
+        work += 4 * (2 * len(inputs) + 2)
     if task.stats:
         # Statistics need not match the tensor's size (a Gram is in × in); each is read once and
         # then held in float64 while solving, so count it three times over.
@@ -171,6 +180,7 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             (plan.method.elementwise or task.copy_only)
             and task.fill is None
             and task.scales is None
+            and not task.vocab
         )
         device = "cpu" if task.copy_only else options.device  # a copy does no math
         one_item = not chunks or not chunkable
@@ -460,6 +470,20 @@ def load_inputs(
         filler = load(task.fill, None)
         tensors = [fit(t, task.shape, filler) for t in tensors]
         base = fit(base, task.shape, filler) if base is not None else None
+    if task.vocab and plan.vocab is not None:
+        # Rows in the output vocabulary's order; a token a model lacks gets the shared fill.
+        v = plan.vocab
+        refs = task.inputs
+        everyone = tensors + ([base] if base is not None else [])
+        ckpts = [ci for ci, _ in refs]
+        fill_from = ckpts.index(v.fill_from) if v.fill_from in ckpts else None
+        overrides = {
+            out_id: (None if src is None else ckpts.index(src), row, force)
+            for out_id, (src, row, force) in v.overrides.items()
+        }
+        perms = [v.perms[ci] for ci in ckpts]
+        aligned = align_rows(everyone, perms, fill_from, v.rows, overrides)
+        tensors, base = aligned[:n], (aligned[n] if base is not None else None)
     return tensors, base
 
 
@@ -511,7 +535,7 @@ def run(
     plan: Plan,
     sink: Sink,
     options: EngineOptions,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, bool], None] | None = None,
     digests: InputDigests | None = None,
     items: list[WorkItem] | None = None,
     on_abort: Callable[[], None] | None = None,
@@ -538,7 +562,9 @@ def run(
         for start, out in parts:
             sink(item.task, out, start)
             if progress is not None:
-                progress(out.numel() * out.element_size())
+                progress(out.numel() * out.element_size(), False)
+        if progress is not None:
+            progress(0, True)  # a blockwise item sends several parts; it is one piece
 
     # Elementwise merges are bound by I/O, so they read ahead; the statistic passes of the
     # others are bound by compute, where reading ahead would only hold more memory.

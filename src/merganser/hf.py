@@ -9,9 +9,10 @@ becomes one line naming the folder. Remote code is never run (trust_remote_code 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from merganser.errors import CheckpointError, MerganserError
 from merganser.inputs import check_folder
@@ -62,3 +63,55 @@ def require_tokenizer(path: str | Path, why: str) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else "no details"
+
+
+def key_problems(
+    shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]
+) -> set[str] | None:
+    """What transformers would report loading these tensors into the model ``config`` names,
+    found on the meta device (no memory, no data read): ``missing:<key>``, ``unexpected:<key>``
+    and ``shape:<key>`` entries. None where transformers cannot build the class here (no
+    ``architectures``, remote code, an unknown class or model type).
+    """
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or "auto_map" in config:
+        return None  # remote code is never run, so its classes are never built
+    try:
+        import torch
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return None
+    cls = getattr(transformers, str(archs[0]), None)
+    model_type = config.get("model_type")
+    if cls is None or model_type not in transformers.CONFIG_MAPPING:
+        return None
+    try:
+        cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
+        with torch.device("meta"):
+            model = cls(cfg)
+        conversions = get_model_conversion_mapping(model)
+    except Exception as e:  # a config this class cannot be built from
+        return {f"build:{type(e).__name__}: {_first_line(e)}"}
+    want = model.state_dict()
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    found: set[str] = set()
+    problems: set[str] = set()
+    for name, shape in shapes.items():
+        key, fused = rename_source_key(name, renamings, converters, model.base_model_prefix, want)
+        found.add(key)
+        if key not in want:
+            ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+            if not any(re.search(p, key) for p in ignored):
+                problems.add(f"unexpected:{name}")
+        elif fused is None and tuple(want[key].shape) != tuple(shape):
+            problems.add(f"shape:{name} {tuple(shape)}, the class wants {tuple(want[key].shape)}")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    problems.update(f"missing:{k}" for k in want if k not in found and k not in tied)
+    return problems

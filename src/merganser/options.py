@@ -121,6 +121,20 @@ class MergeOptions:
             choices=READ_MODES,
         ),
     )
+    intermediate_dir: str | None = field(
+        default=None,
+        metadata=flag(
+            "where the named merges of a multi-document recipe go (default: OUT.intermediate "
+            "beside the output); one already there from the same document is reused"
+        ),
+    )
+    offline: bool = field(
+        default=False,
+        metadata=flag(
+            "never download: a hub id (org/name[@revision]) must be in the Hugging Face cache "
+            "(HF_HUB_OFFLINE=1 does the same)"
+        ),
+    )
     # Warnings (a parameter a method ignores, a filter that matches no tensor) become errors.
     strict: bool = field(
         default=False,

@@ -14,17 +14,20 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from merganser import anatomy
+from merganser import anatomy, hf, hub
 from merganser.checkpoint import Checkpoint, ReadMode
 from merganser.dtypes import itemsize, parse_dtype
 from merganser.errors import CheckpointError, RecipeError
-from merganser.methods import IGNORED_PARAMS, Method, get_method
+from merganser.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
+from merganser.methods import IGNORED_PARAMS, Method, all_methods, as_bool, get_method
 from merganser.naming import is_layer_linear
-from merganser.recipe import Conditional, ParamValue, Recipe, evaluate
+from merganser.recipe import Conditional, ParamValue, Recipe, did_you_mean, evaluate
+from merganser.tokenizer_merge import TokenRow, VocabPlan, plan_vocab
 
 _VOCAB_RE = re.compile(r"embed|lm_head|wte|word_embeddings|output\.weight$")
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
@@ -46,6 +49,9 @@ class TensorTask:
     # Per input (sources, then base): where its FP8 block scales are and the block size, for
     # inputs stored block-scaled in FP8 (dequantised as read); None for plain inputs.
     scales: list[tuple[int, str, tuple[int, int]] | None] | None = None
+    # Rows in the output vocabulary's order (tokenizer_source): each input's rows are moved
+    # and filled as Plan.vocab says before the method sees them.
+    vocab: bool = False
 
     @property
     def numel(self) -> int:
@@ -78,6 +84,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     config_drop: set[str] = field(default_factory=set)  # keys the output's config leaves out
     stats_files: dict[int, int] = field(default_factory=dict)  # model checkpoint -> statistics
+    vocab: VocabPlan | None = None  # where vocabulary rows come from (tokenizer_source)
+    tokenizer_dir: Path | None = None  # the folder whose tokenizer files the output gets
 
     @property
     def reference_checkpoint(self) -> Checkpoint:
@@ -123,7 +131,18 @@ class _Unit:
     stack: anatomy.Stack | None = None
 
 
-def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
+def locate(recipe: Recipe, ref: str, offline: bool = False) -> Path:
+    """The folder or file a recipe's model reference names: a local path (relative to the
+    working directory, then to the recipe), else a Hugging Face hub id from the cache or
+    the hub (never in offline mode).
+    """
+    path = recipe.resolve(ref)
+    if not path.exists() and hub.is_hub_id(ref):
+        return hub.resolve(ref, offline)
+    return path
+
+
+def build_plan(recipe: Recipe, read_mode: ReadMode = "auto", offline: bool = False) -> Plan:
     """Open every checkpoint's headers and plan each output tensor; raise on any mismatch."""
     src = recipe.source_name
     method = get_method(recipe.merge_method, f"{src}: merge_method")
@@ -136,15 +155,13 @@ def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
     checkpoints: list[Checkpoint] = []
     try:
         for ref in refs:
+            where = "base_model" if ref == recipe.base_model else "models"
             try:
-                checkpoints.append(Checkpoint(recipe.resolve(ref), read_mode))
+                checkpoints.append(Checkpoint(locate(recipe, ref, offline), read_mode))
             except CheckpointError as e:
-                if "no such file" not in str(e):
-                    raise
-                where = "base_model" if ref == recipe.base_model else "models"
-                raise CheckpointError(
-                    f"{src}: {where}: {e} (merganser never downloads; give a local path)"
-                ) from None
+                if not str(e).startswith(ref) and "no such file" not in str(e):
+                    raise  # a problem inside a model, already named by its path
+                raise CheckpointError(f"{src}: {where}: {e}") from None
             ckpt = checkpoints[-1]
             files = [p.name for p in ckpt.path.iterdir()] if ckpt.path.is_dir() else []
             problem = anatomy.weight_format(ckpt.tensors, ckpt.config, files)
@@ -159,6 +176,8 @@ def build_plan(recipe: Recipe, read_mode: ReadMode = "auto") -> Plan:
             else (first.base or first.contributors[0]).ckpt
         )
         plan = Plan(recipe, method, checkpoints, refs, reference, compute_dtype=compute_dtype)
+        plan.tokenizer_dir = _tokenizer_dir(plan, offline)
+        plan.vocab = _plan_vocab(plan, offline)
         if method.statistics:
             _open_statistics(plan, index)
         elif any(e.statistics for e in recipe.models or []):
@@ -204,9 +223,13 @@ def _split(
             f"model(s) besides the base, got {len(contributors)}"
         )
     if method.max_models is not None and len(contributors) > method.max_models:
+        # Count as the user wrote the list: the base, listed or not, plus the others.
+        listed = len(members) + (uses_base and all(m.ckpt != base_ckpt for m in members))
+        most = method.max_models + uses_base
+        with_base = " (the base_model and one other)" if uses_base and most == 2 else ""
         raise RecipeError(
-            f"{name}: {label}: method {method.name!r} takes at most {method.max_models} "
-            f"model(s), got {len(contributors)}"
+            f"{name}: {label}: method {method.name!r} merges at most {most} "
+            f"model{'s' if most > 1 else ''}{with_base}, got {listed}"
         )
     return contributors, base
 
@@ -460,6 +483,22 @@ def _add_task(
         infos.append((m, info))
     lead_m, lead = infos[-1] if g.base else infos[0]
     shape, fill = lead.shape, None
+    vocab = plan.vocab is not None and _is_vocab_tensor(plan.vocab, out_name, infos)
+    if vocab:
+        assert plan.vocab is not None
+        shape = (plan.vocab.rows, *lead.shape[1:])
+        inputs = {m.ckpt for m, _ in infos}
+        for src, _, _ in plan.vocab.overrides.values():
+            if src is not None and src not in inputs:
+                raise RecipeError(
+                    f"{recipe.source_name}: tokenizer.tokens: {plan.refs[src]} gives a token's "
+                    f"row but is not an input of tensor {out_name!r} (list it under models)"
+                )
+        if any(tuple(i.shape[1:]) != tuple(lead.shape[1:]) for _, i in infos):
+            raise CheckpointError(
+                f"{plan.refs[lead_m.ckpt]}: tensor {lead.name!r}: embedding widths differ "
+                f"({sorted({i.shape[1:] for _, i in infos})})"
+            )
     for m, info in infos:
         where = f"{plan.refs[m.ckpt]}: tensor {info.name!r}"
         if info.dtype.is_floating_point != lead.dtype.is_floating_point:
@@ -467,7 +506,7 @@ def _add_task(
                 f"{where}: dtype {info.dtype} cannot be merged with "
                 f"{lead.dtype} in {plan.refs[lead_m.ckpt]}"
             )
-        if info.shape != lead.shape:
+        if info.shape != lead.shape and not vocab:
             shape, fill = _vocab_fit(
                 recipe, where, out_name, [i for _, i in infos], lead, (lead_m.ckpt, lead.name)
             )
@@ -513,10 +552,119 @@ def _add_task(
             fill=fill,
             stats=stats,
             scales=scales if any(scales) else None,
+            vocab=vocab,
         )
     )
+    if vocab and shape and plan.vocab is not None:
+        _set_vocab_size(plan, shape[0])
     if fill is not None and "vocab_size" not in plan.config_updates and shape:
         plan.config_updates["vocab_size"] = shape[0]
+
+
+# The input token embedding of a checkpoint, whose rows are its vocabulary.
+_EMBEDDING_RE = re.compile(
+    r"(embed_tokens|wte|word_embeddings|tok_embeddings|token_embedding|embed_in|shared)\.weight$"
+)
+
+
+def _embedding_rows(ckpt: Checkpoint) -> int | None:
+    """How many token rows a checkpoint's input embedding has (None: it has none)."""
+    for name, info in ckpt.tensors.items():
+        if _EMBEDDING_RE.search(name) and len(info.shape) == 2:
+            return int(info.shape[0])
+    return None
+
+
+def _tokenizer_source(recipe: Recipe) -> str | None:
+    """The recipe's tokenizer source: its ``tokenizer:`` block's, or tokenizer_source."""
+    return recipe.tokenizer.source if recipe.tokenizer is not None else recipe.tokenizer_source
+
+
+def _tokenizer_dir(plan: Plan, offline: bool) -> Path:
+    """The folder whose tokenizer the output takes (a union starts from the base's); a named
+    model must be a folder with tokenizer files.
+    """
+    rec = plan.recipe
+    src = _tokenizer_source(rec)
+    if src in (None, "base", "union"):
+        return plan.reference_checkpoint.path
+    path = locate(rec, src, offline)
+    where = f"{rec.source_name}: tokenizer_source: {src!r}"
+    if not path.is_dir():
+        raise RecipeError(f"{where} is not a model folder")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+        raise RecipeError(
+            f"{where} holds no tokenizer files (expected one of tokenizer.json, "
+            "tokenizer_config.json, tokenizer.model, vocab.*)"
+        )
+    return path
+
+
+def _plan_vocab(plan: Plan, offline: bool) -> VocabPlan | None:
+    """The vocabulary plan when the recipe names a tokenizer_source and the inputs'
+    vocabularies differ; None where they agree (or no tokenizer_source is given).
+    """
+    rec = plan.recipe
+    block = rec.tokenizer
+    src = _tokenizer_source(rec)
+    if src is None:
+        return None
+    where = f"{rec.source_name}: " + ("tokenizer_source" if block is None else "tokenizer")
+    if src == "union" or block is not None:  # a union is built from every input's tokenizer
+        for c in plan.checkpoints:
+            hf.require_tokenizer(c.path, "tokenizer_source: union")
+    rows = [_embedding_rows(c) for c in plan.checkpoints]
+    if all(r is None for r in rows) and block is None:
+        return None  # no vocabulary rows to move: the tokenizer files are copied
+    if any(r is None for r in rows):
+        missing = plan.refs[rows.index(None)]
+        raise RecipeError(f"{where}: {missing} has no token embedding to align")
+    folders = [c.path for c in plan.checkpoints]
+    lacking = [r for r, f in zip(plan.refs, folders, strict=True)
+               if not any((f / m).is_file() for m in TOKENIZER_MARKERS)]  # fmt: skip
+    if lacking and src != "union" and len(set(rows)) == 1 and block is None:
+        plan.warnings.append(
+            f"{where}: {lacking[0]} has no tokenizer files, so its vocabulary cannot be "
+            "checked against the others; its rows are taken as they are"
+        )
+        return None
+    base = plan.refs.index(rec.base_model) if rec.base_model else None
+    source: str | Path = src if src in ("union", "base") else plan.tokenizer_dir  # type: ignore[assignment]
+    tokens = {}
+    for t, entry in ((block.tokens if block else None) or {}).items():
+        spec = entry.source
+        ref = spec if isinstance(spec, str) else spec.model
+        model = None
+        if ref is not None:
+            if ref not in plan.refs:
+                raise RecipeError(f"{where}: tokens.{t}: {ref} is not one of the merged models")
+            model = plan.refs.index(ref)
+        if isinstance(spec, str):
+            tokens[t] = TokenRow(model, force=entry.force)
+        else:
+            tokens[t] = TokenRow(model, spec.token, spec.token_id, entry.force)
+    pad = block.pad_to_multiple_of if block else None
+    return plan_vocab(source, folders, [int(r) for r in rows if r], base, pad, where, tokens)
+
+
+def _is_vocab_tensor(v: VocabPlan, name: str, infos: list[Any]) -> bool:
+    """Whether a tensor's rows are the vocabulary: a vocabulary tensor name whose inputs each
+    have that input's embedding row count.
+    """
+    return bool(_VOCAB_RE.search(name)) and all(
+        len(i.shape) >= 1 and i.shape[0] == v.in_rows[m.ckpt] for m, i in infos
+    )
+
+
+def _set_vocab_size(plan: Plan, rows: int) -> None:
+    """The output config's vocab_size (top level, or text_config's in vision-language
+    models) becomes the aligned vocabulary's rows.
+    """
+    cfg = plan.reference_checkpoint.config or {}
+    if "vocab_size" in cfg or "text_config" not in cfg:
+        plan.config_updates["vocab_size"] = rows
+    else:
+        plan.config_updates["text_config"] = {**cfg["text_config"], "vocab_size": rows}
 
 
 def _fp8_scale(plan: Plan, ci: int, info: Any) -> tuple[int, str, tuple[int, int]] | None:
@@ -646,6 +794,17 @@ def _slice_param_sets(where: str, slices: list[Any]) -> list[tuple[str, dict[str
     return out
 
 
+def _all_params() -> set[str]:
+    return {p.name for m in all_methods() for p in m.params}
+
+
+def _foreign(key: str, method: Method) -> bool:
+    """A parameter of other methods that this one lacks: mergekit reads only the parameters
+    a method asks for, so recipes carry such keys (``normalize`` for arcee_fusion) unnoticed.
+    """
+    return method.param(key) is None and key in _all_params()
+
+
 def _ignored_params(recipe: Recipe, method: Method) -> list[str]:
     """Keys accepted because mergekit accepts them, that change nothing here."""
     out = [
@@ -653,7 +812,18 @@ def _ignored_params(recipe: Recipe, method: Method) -> list[str]:
         "(accepted because mergekit accepts it)"
         for where, params in _param_sets(recipe)
         for key in params
-        if key in method.ignored
+        if key in method.ignored or _foreign(key, method)
+    ]
+    # A global parameter set per model: mergekit reads only the top-level value (checked:
+    # a per-model lambda leaves its output unchanged), and so does merganser.
+    out += [
+        f"{recipe.source_name}: {where}.{key}: {key!r} is a global parameter of "
+        f"{method.name!r}; set per model it has no effect (the top-level value is used, as in "
+        "mergekit)"
+        for where, params in _param_sets(recipe)
+        if "models[" in where or "sources[" in where
+        for key in params
+        if (p := method.param(key)) is not None and p.scope == "global"
     ]
     slices = [("slices", recipe.slices or [])] + [
         (f"modules.{k}.slices", m.slices or []) for k, m in (recipe.modules or {}).items()
@@ -691,25 +861,21 @@ def _check_param_names(recipe: Recipe, method: Method) -> None:
             if key in IGNORED_PARAMS:
                 # mergekit's int8_mask is a boolean (it only saves memory there); anything else
                 # is a mistake to report, not to ignore.
-                if not isinstance(value, bool):
+                if as_bool(value) is None:
                     raise RecipeError(
                         f"{recipe.source_name}: {where}.{key}: expected true or false, "
                         f"got {value!r}"
                     )
                 continue
-            if key in method.ignored:
-                continue
+            if key in method.ignored or _foreign(key, method):
+                continue  # warned about in _ignored_params
             p = method.param(key)
             if p is None:
                 known = ", ".join(q.name for q in method.params) or "none"
+                hint = did_you_mean(str(key), [q.name for q in method.params] or _all_params())
                 raise RecipeError(
                     f"{recipe.source_name}: {where}.{key}: unknown parameter for method "
-                    f"{method.name!r} (expected: {known})"
-                )
-            if per_model and p.scope == "global":
-                raise RecipeError(
-                    f"{recipe.source_name}: {where}.{key}: {key!r} is a global parameter of "
-                    f"{method.name!r}; set it under the top-level parameters"
+                    f"{method.name!r} (expected: {known}){hint}"
                 )
 
     for where, params in _param_sets(recipe):

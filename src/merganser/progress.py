@@ -30,11 +30,16 @@ class Progress:
         self._total_items = total_items
         self._lock = threading.Lock()
 
-    def update(self, nbytes: int) -> None:
-        if self._bar is None:
-            return
+    @property
+    def items(self) -> int:
+        return self._items
+
+    def update(self, nbytes: int, item_done: bool = True) -> None:
+        """``nbytes`` more written; ``item_done``: a work item (a piece) is finished."""
         with self._lock:
-            self._items += 1
+            self._items += item_done
+            if self._bar is None:
+                return
             self._bar.set_postfix_str(f"{self._items}/{self._total_items} pieces", refresh=False)
             self._bar.update(nbytes)
 

@@ -7,6 +7,7 @@ Validation happens here, before any checkpoint is opened.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
@@ -138,14 +139,24 @@ class _HasParams(_Strict):
         return _parse_params(v)
 
 
+def _model_ref(v: Any) -> Any:
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("expected a model path or hub id, got an empty string")
+    return v
+
+
 class ModelEntry(_HasParams):
     model: str
     statistics: str | None = None  # `merganser calibrate` output, for data-aware methods
+
+    _check_model = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
 
 class SliceSource(_HasParams):
     model: str
     layer_range: tuple[int, int]
+
+    _check_model = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
 
 class OutputSlice(_HasParams):
@@ -153,12 +164,45 @@ class OutputSlice(_HasParams):
     base_model: str | None = None
     residual_weight: float | None = None
 
+    _check_base = field_validator("base_model")(classmethod(lambda cls, v: _model_ref(v)))
+
 
 class OutputModule(_HasParams):
     """One part of a multi-stack model (mergekit's ``modules:``): its own models or slices."""
 
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
+
+
+class TokenSource(_Strict):
+    """Where a token's row comes from (mergekit's ``tokenizer.tokens.<t>.source``)."""
+
+    kind: str  # "model_token" or "zero"
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+class TokenEntry(_Strict):
+    source: str | TokenSource
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary's source, padding and the rows
+    of chosen tokens.
+    """
+
+    source: str = "union"
+    pad_to_multiple_of: int | None = None
+    tokens: dict[str, TokenEntry] | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _check_pad(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 1 << 20:
+            raise ValueError(f"expected an integer from 1 to {1 << 20}, got {v}")
+        return v
 
 
 class Recipe(_HasParams):
@@ -172,10 +216,15 @@ class Recipe(_HasParams):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     random_seed: int | None = None
     # Embedding/head matrices of different vocabulary sizes: error, common_submatrix or base.
     vocab_policy: str = "error"
+
+    _check_refs = field_validator("base_model", "tokenizer_source")(
+        classmethod(lambda cls, v: _model_ref(v))
+    )
 
     @field_validator("random_seed", mode="before")
     @classmethod
@@ -198,6 +247,7 @@ class Recipe(_HasParams):
     source_dir: Path | None = None
     source_name: str = "<recipe>"
     source_text: str = ""
+    source_file: Path | None = None  # the YAML file it was read from, if any
 
     def model_paths(self) -> list[str]:
         paths = [self.base_model] if self.base_model else []
@@ -239,7 +289,7 @@ def format_error(err: dict[str, Any]) -> str:
     loc = _format_loc(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
     typ, msg = err["type"], err["msg"]
     if typ == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{did_you_mean(str(err['loc'][-1]), _ALL_KEYS)}"
     if typ == "missing":
         return f"{loc}: required key is missing"
     if typ == "value_error":
@@ -254,22 +304,57 @@ def format_error(err: dict[str, Any]) -> str:
     return f"{loc}: {msg.lower()}, got {shown[:60]}"
 
 
-def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = None) -> Recipe:
-    """Validate an already-parsed recipe mapping."""
+def parse_recipe(
+    data: Any, name: str = "<recipe>", source_dir: Path | None = None, file: Path | None = None
+) -> Recipe:
+    """Validate an already-parsed recipe mapping (``file``: the YAML file it came from)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: expected a YAML mapping at the top level")
-    for key in ("source_dir", "source_name", "source_text"):
-        if key in data:
-            raise RecipeError(f"{name}: {key}: unknown key")
+    if "experts" in data and "merge_method" not in data:
+        raise RecipeError(
+            f"{name}: a mergekit-moe config (it has experts:); merganser cannot build a "
+            "mixture of experts yet, and `merge` takes merge recipes (merge_method:, models:)"
+        )
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise RecipeError(f"{name}: {key}: unknown key{did_you_mean(str(key), _TOP_KEYS)}")
     text = yaml.safe_dump(data, sort_keys=True)
     try:
         recipe = Recipe.model_validate(
-            {**data, "source_dir": source_dir, "source_name": name, "source_text": text}
+            {
+                **data,
+                "source_dir": source_dir,
+                "source_name": name,
+                "source_text": text,
+                "source_file": file,
+            }
         )
     except ValidationError as e:
         errors = e.errors()
         # A union failure lists each branch; the first is the most informative.
         raise RecipeError(f"{name}: {format_error(errors[0])}") from None
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise RecipeError(f"{name}: give tokenizer_source or a tokenizer: block, not both")
+    for tok, entry in ((recipe.tokenizer and recipe.tokenizer.tokens) or {}).items():
+        src = entry.source
+        ok = isinstance(src, str) or (
+            (
+                src.kind == "zero"
+                and src.model is None
+                and src.token is None
+                and src.token_id is None
+            )
+            or (
+                src.kind == "model_token"
+                and src.model
+                and (src.token is None) != (src.token_id is None)
+            )
+        )
+        if not ok:
+            raise RecipeError(
+                f"{name}: tokenizer.tokens.{tok}.source: expected a model, {{kind: zero}}, or "
+                "{kind: model_token, model: M, token: T | token_id: N}"
+            )
     given = [k for k in ("models", "slices", "modules") if getattr(recipe, k)]
     if not given:
         raise RecipeError(
@@ -291,14 +376,29 @@ def parse_recipe(data: Any, name: str = "<recipe>", source_dir: Path | None = No
     return recipe
 
 
+def did_you_mean(word: str, options: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or nothing."""
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_INTERNAL = {"source_dir", "source_name", "source_text", "source_file"}
+_TOP_KEYS = set(Recipe.model_fields) - _INTERNAL
+_ALL_KEYS = {
+    k for c in (ModelEntry, SliceSource, OutputSlice, OutputModule, Recipe) for k in c.model_fields
+} - _INTERNAL
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML lets the
-    last one win without a word).
+    """PyYAML's safe loader, refusing a key given twice in one mapping with different values
+    (plain YAML lets the last one win without a word). The same key and value twice, as some
+    published model cards have it (``merge_method: della_linear`` twice), means one thing
+    and is read once.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
+        seen: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
@@ -306,11 +406,15 @@ class _StrictLoader(yaml.SafeLoader):
                 duplicate = key in seen
             except TypeError:  # an unhashable key; the base class reports it
                 break
-            if duplicate:
+            value = self.construct_object(value_node, deep=True)
+            if duplicate and seen[key] != value:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                    None,
+                    None,
+                    f"key {key!r} appears twice with different values",
+                    key_node.start_mark,
                 )
-            seen.add(key)
+            seen[key] = value
         return super().construct_mapping(node, deep=deep)
 
 
@@ -326,10 +430,22 @@ def read_yaml(path: str | os.PathLike[str], what: str = "recipe") -> tuple[str, 
     Limits: at most MAX_RECIPE_BYTES, nesting at most MAX_RECIPE_DEPTH levels, integers of at
     most 4300 digits (Python's own limit), no key twice in a mapping.
     """
+    text, docs = read_yaml_documents(path, what)
+    if len(docs) != 1:
+        raise RecipeError(f"{path}: expected one YAML document, found {len(docs)}")
+    return text, docs[0]
+
+
+def read_yaml_documents(
+    path: str | os.PathLike[str], what: str = "recipe"
+) -> tuple[str, list[Any]]:
+    """A YAML file's text and its documents (mergekit-multimerge files hold several,
+    separated by ``---``), with read_yaml's checks; empty documents are left out.
+    """
     p = Path(path)
     text = read_text(p, what, MAX_RECIPE_BYTES, RecipeError)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -339,14 +455,16 @@ def read_yaml(path: str | os.PathLike[str], what: str = "recipe") -> tuple[str, 
         raise RecipeError(f"{p}: {what} nests deeper than {MAX_RECIPE_DEPTH} levels") from None
     except ValueError as e:  # an integer beyond Python's digit limit
         raise RecipeError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
-    if safejson.depth(data) > MAX_RECIPE_DEPTH:
+    if not docs:
+        raise RecipeError(f"{p}: the {what} is empty")
+    if any(safejson.depth(d) > MAX_RECIPE_DEPTH for d in docs):
         raise RecipeError(f"{p}: {what} nests deeper than {MAX_RECIPE_DEPTH} levels")
-    return text, data
+    return text, docs
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and validate a YAML recipe file."""
     p = Path(path)
     text, data = read_yaml(p)
-    recipe = parse_recipe(data, name=str(p), source_dir=p.parent.resolve())
+    recipe = parse_recipe(data, name=str(p), source_dir=p.parent.resolve(), file=p)
     return recipe.model_copy(update={"source_text": text})

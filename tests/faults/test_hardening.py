@@ -472,6 +472,18 @@ def test_duplicate_yaml_keys(tmp_path, capsys) -> None:
     )
 
 
+def test_a_yaml_key_repeated_with_the_same_value_is_read_once(tmp_path) -> None:
+    """A published model card (Stellar-Odyssey-12b) gives merge_method twice, both the same:
+    mergekit runs it, and so does merganser; different values stay an error (above).
+    """
+    from merganser.recipe import load_recipe
+
+    ms = _models(tmp_path, 1)
+    p = tmp_path / "r.yaml"
+    p.write_text(f"merge_method: linear\nmodels:\n  - model: {ms[0]}\nmerge_method: linear\n")
+    assert load_recipe(p).merge_method == "linear"
+
+
 def test_duplicate_tensor_keys_in_a_header(tmp_path, capsys) -> None:
     entry = b'{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
     h = b'{"w": ' + entry + b', "w": ' + entry + b"}"

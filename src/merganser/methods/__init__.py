@@ -13,12 +13,23 @@ from merganser.methods.registry import (
     Method,
     Param,
     all_methods,
+    as_bool,
     get_method,
     markdown_table,
+    method_json,
 )
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["IGNORED_PARAMS", "Method", "Param", "all_methods", "get_method", "markdown_table"]
+__all__ = [
+    "IGNORED_PARAMS",
+    "Method",
+    "Param",
+    "all_methods",
+    "as_bool",
+    "get_method",
+    "markdown_table",
+    "method_json",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import keyword
 import math
 from collections.abc import Callable
@@ -20,7 +21,7 @@ class Param:
 
     name: str
     scope: Scope
-    default: Any
+    default: Any  # None: required (mergekit has no default either)
     kind: type = float
     low: float | None = None
     high: float | None = None
@@ -37,9 +38,10 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """Validate and coerce one evaluated value."""
         if self.kind is bool:
-            if not isinstance(value, bool):
-                raise RecipeError(f"{where}: expected true or false, got {value!r}")
-            return value
+            flag = as_bool(value)
+            if flag is None:
+                raise RecipeError(f"{where}: expected true or false (or 1 or 0), got {value!r}")
+            return flag
         if self.kind is str:
             if isinstance(value, bool) and self.bool_map is not None:
                 value = self.bool_map[int(value)]
@@ -64,6 +66,17 @@ class Param:
                 f"{where}: {value} is out of range [{_fmt(self.low)}, {_fmt(self.high)}]"
             )
         return float(value) if self.kind is float else value
+
+
+def as_bool(value: Any) -> bool | None:
+    """A recipe's boolean: true/false, or the numbers 1/0 that model cards write
+    (``normalize: 1.0``; mergekit reads any truthy value); None for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    return None
 
 
 def _fmt(x: float | None) -> str:
@@ -125,6 +138,8 @@ class Method:
             vals = []
             for i in models:
                 v, at = value(p, i)
+                if v is None and p.default is None:
+                    raise RecipeError(f"{at}: {p.name} is required for {self.name}")
                 vals.append(p.check(p.default if v is None else v, at))
             out[p.arg] = vals if p.scope == "model" else vals[0]
         if self.validate is not None and (problem := self.validate(out)):
@@ -207,8 +222,13 @@ def get_method(name: str, where: str = "merge_method") -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
+        names = sorted(_REGISTRY)
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         known = ", ".join(sorted({m.name for m in _REGISTRY.values()}))
-        raise RecipeError(f"{where}: unknown merge method {name!r} (known: {known})") from None
+        raise RecipeError(
+            f"{where}: unknown merge method {name!r} ({hint}known: {known})"
+        ) from None
 
 
 def all_methods() -> list[Method]:
@@ -225,6 +245,34 @@ def _range(p: Param) -> str:
     return f"[{_fmt(p.low)}, {'inf' if p.high is None else f'{p.high:g}'}]"
 
 
+def method_json(m: Method) -> dict[str, Any]:
+    """One method's schema as plain JSON values (``merganser methods --json``)."""
+    return {
+        "name": m.name,
+        "aliases": list(m.aliases),
+        "reference": m.reference,
+        "experimental": m.experimental,
+        "base": "required" if m.needs_base else "optional" if m.optional_base else "unused",
+        "min_models": m.min_models,
+        "max_models": m.max_models,
+        "statistics": m.statistics,
+        "params": [
+            {
+                "name": p.name,
+                "scope": p.scope,
+                "type": p.kind.__name__,
+                "required": p.default is None,
+                "default": p.default,
+                "low": p.low,
+                "high": p.high,
+                "choices": list(p.choices) if p.choices else None,
+                "doc": p.doc,
+            }
+            for p in m.params
+        ],
+    }
+
+
 def markdown_table() -> str:
     """Every registered method's parameters as a Markdown table (docs/methods.md embeds it;
     a test checks the two agree).
@@ -239,7 +287,6 @@ def markdown_table() -> str:
             rows.append(f"| {name} | — | | | | |")
         for p in m.params:
             doc = p.doc.replace("|", "\\|")
-            rows.append(
-                f"| {name} | `{p.name}` | {p.scope} | `{p.default!r}` | {_range(p)} | {doc} |"
-            )
+            default = "required" if p.default is None else f"`{p.default!r}`"
+            rows.append(f"| {name} | `{p.name}` | {p.scope} | {default} | {_range(p)} | {doc} |")
     return "\n".join(rows) + "\n"
