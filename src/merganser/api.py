@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,52 @@ def merge(
         _, docs = read_yaml_documents(recipe)
         if len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0]):
             return _merge_documents(Path(recipe), docs, Path(out_dir), options)
+    if options.output == "adapter":
+        return _merge_as_adapter(recipe, Path(out_dir), options)
     return _merge_one(recipe, out_dir, options)
+
+
+def _merge_as_adapter(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str], out: Path, options: MergeOptions
+) -> Path:
+    """A merge of LoRA adapters of one base, written as a PEFT adapter: the merged model's ΔW
+    from the base, factored per module (extract.py) at ``adapter_rank``, by default the inputs'
+    ranks summed, where factoring a merge linear in ΔW is exact. Each module's error is
+    printed and recorded in the adapter's README.md.
+    """
+    from merganser.adapter import AdaptedCheckpoint
+    from merganser.extract import extract_lora
+
+    rec = _as_recipe(recipe)
+    plan = build_plan(rec, options.read_mode, options.offline)
+    try:
+        adapted = [c for c in plan.checkpoints if isinstance(c, AdaptedCheckpoint)]
+        bases = {c.path.resolve() for c in adapted}
+        others = [
+            plan.refs[i]
+            for i, c in enumerate(plan.checkpoints)
+            if not isinstance(c, AdaptedCheckpoint) and c.path.resolve() not in bases
+        ]
+        if not adapted or len(bases) != 1 or others:
+            raise RecipeError(
+                f"{rec.source_name}: --output adapter needs every input to be a LoRA adapter "
+                f"of one base{f' ({others[0]} is not)' if others else ''}"
+            )
+        base = next(iter(bases))
+        rank = options.adapter_rank or sum(c.adapter.rank for c in adapted)
+    finally:
+        plan.close()
+    guard_output(out, [base, *(c.adapter_path for c in adapted)], options.force)
+    with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=f".{out.name}.") as tmp:
+        merged = _merge_one(rec, Path(tmp) / "model", replace(options, output="model"))
+        ext = extract_lora(merged, base, out, rank=rank, force=options.force, card=rec.source_text)
+    worst = ext.report()["max_relative_error"]
+    print(
+        f"merganser: adapter: {len(ext.modules)} modules at rank {rank}, largest relative "
+        f"error {worst:.3g}",
+        file=sys.stderr,
+    )
+    return out.absolute()
 
 
 def _merge_documents(path: Path, docs: list[Any], out: Path, options: MergeOptions) -> Path:

@@ -172,7 +172,18 @@ class Checkpoint:
         ``again``: the caller will read these bytes again, so in auto mode they go through the
         page cache.
         """
-        info = self.tensors[name]
+        return self._read_stored(self.tensors[name], name, start, count, out, again)
+
+    def _read_stored(
+        self,
+        info: TensorInfo,
+        name: str,
+        start: int = 0,
+        count: int | None = None,
+        out: torch.Tensor | None = None,
+        again: bool = False,
+    ) -> torch.Tensor:
+        """Checkpoint.read of the tensor ``info`` describes, as stored in its file."""
         whole = start == 0 and (count is None or count == info.numel)
         count = info.numel - start if count is None else count
         if info.file in self._torch_state:
@@ -246,6 +257,10 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is stored in (what an output keeps by default)."""
+        return self.tensors[name].dtype
 
     # -- summaries ---------------------------------------------------------------------------
 

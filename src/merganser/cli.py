@@ -134,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument("--json", action="store_true", help="as JSON, one object per method")
 
+    x = sub.add_parser(
+        "extract-lora", help="a PEFT LoRA adapter from a full fine-tune (truncated SVD of ΔW)"
+    )
+    x.add_argument("finetune", help="the fine-tuned model folder")
+    x.add_argument("out", help="output adapter folder (written atomically)")
+    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    size = x.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="rank of every module's factors")
+    size.add_argument(
+        "--energy", type=float, help="per module, the fewest ranks keeping this share of ‖ΔW‖²"
+    )
+    x.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="factor the embeddings too (default: saved whole, as modules_to_save)",
+    )
+    x.add_argument("--force", action="store_true", help="replace an existing output folder")
+    x.add_argument("--json", action="store_true", help="the per-module report as JSON")
+
     k = sub.add_parser("kinship", help="pairwise kinship of models' task vectors")
     k.add_argument("models", nargs="+", help="two or more model folders")
     k.add_argument("--base", required=True, help="the common base model")
@@ -315,7 +334,28 @@ def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -
         print(json.dumps(previews if len(previews) > 1 else previews[0], indent=1))
     else:
         print("\n\n".join(format_preview(p) for p in previews))
-    return 1 if any(p["missing"] for p in previews) else 0
+    missing = [m for p in previews for m in p["missing"]]
+    if missing:  # the plan above, then one line that says why the merge could not run
+        raise MerganserError(f"{recipe}: {len(missing)} input(s) missing: {', '.join(missing)}")
+    return 0
+
+
+def _cmd_extract_lora(a: argparse.Namespace) -> int:
+    from merganser.extract import extract_lora
+
+    ext = extract_lora(a.finetune, a.base, a.out, a.rank, a.energy, a.embeddings, a.force)
+    report = ext.report()
+    if a.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    ranks = sorted({r for r, _ in ext.modules.values()})
+    print(
+        f"{report['output']}: {len(ext.modules)} modules at rank "
+        f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+        f"{len(ext.saved)} saved whole, largest relative error "
+        f"{report['max_relative_error']:.4g}, {report['bytes'] / 2**20:.2f} MiB"
+    )
+    return 0
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
@@ -573,6 +613,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "verify": _cmd_verify,
     "methods": _cmd_methods,
     "plan": _cmd_plan,
+    "extract-lora": _cmd_extract_lora,
     "tiny": _cmd_tiny,
     "zoo": _cmd_zoo,
     "kinship": _cmd_kinship,

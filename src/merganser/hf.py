@@ -115,3 +115,41 @@ def key_problems(
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     problems.update(f"missing:{k}" for k in want if k not in found and k not in tied)
     return problems
+
+
+def module_kinds(config: Mapping[str, Any]) -> dict[str, str] | None:
+    """Each module of the model ``config`` names, by kind: ``linear``, ``conv1d`` (GPT-2's,
+    weights stored [in, out]), ``embedding``, ``head`` (the output embedding, a Linear) or
+    ``other``; built on the meta device (no memory). None where transformers cannot build the
+    class here (as key_problems).
+    """
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or "auto_map" in config:
+        return None
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    cls = getattr(transformers, str(archs[0]), None)
+    model_type = config.get("model_type")
+    if cls is None or model_type not in transformers.CONFIG_MAPPING:
+        return None
+    cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
+    with torch.device("meta"):
+        model = cls(cfg)
+    kinds = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is head and isinstance(module, torch.nn.Linear):
+            kinds[name] = "head"
+        elif isinstance(module, torch.nn.Linear):
+            kinds[name] = "linear"
+        elif isinstance(module, Conv1D):
+            kinds[name] = "conv1d"
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif any(True for _ in module.parameters(recurse=False)):
+            kinds[name] = "other"
+    return kinds

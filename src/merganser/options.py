@@ -121,6 +121,22 @@ class MergeOptions:
             choices=READ_MODES,
         ),
     )
+    output: str = field(
+        default="model",
+        metadata=flag(
+            "model (default) or adapter: with every input a LoRA adapter of one base, write "
+            "a PEFT adapter (exact at the default rank for methods linear in ΔW)",
+            choices=("model", "adapter"),
+        ),
+    )
+    adapter_rank: int | None = field(
+        default=None,
+        metadata=flag(
+            "with --output adapter: the rank of each module (default: the inputs' ranks "
+            "summed, which is exact for linear and task_arithmetic)",
+            "positive",
+        ),
+    )
     intermediate_dir: str | None = field(
         default=None,
         metadata=flag(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from merganser import anatomy, hf, hub
+from merganser import adapter, anatomy, hf, hub
 from merganser.checkpoint import Checkpoint, ReadMode
 from merganser.dtypes import itemsize, parse_dtype
 from merganser.errors import CheckpointError, RecipeError
@@ -142,6 +142,33 @@ def locate(recipe: Recipe, ref: str, offline: bool = False) -> Path:
     return path
 
 
+def _open(recipe: Recipe, ref: str, read_mode: ReadMode, offline: bool) -> Checkpoint:
+    """The checkpoint a model reference names: a model, ``BASE+ADAPTER``, or an adapter folder
+    of the recipe's base_model (read as base + adapter, adapter.py).
+    """
+    pair = None if recipe.resolve(ref).exists() else adapter.split_ref(ref)
+    if pair is not None:
+        base_ref, path = pair[0], locate(recipe, pair[1], offline)
+    else:
+        path = locate(recipe, ref, offline)
+        if not adapter.is_adapter(path):
+            return Checkpoint(path, read_mode)
+        if not recipe.base_model or ref == recipe.base_model:
+            raise CheckpointError(
+                f"{path}: is a PEFT LoRA adapter: name its base (base_model: BASE, or model: "
+                "BASE+ADAPTER)"
+            )
+        base_ref = recipe.base_model
+    base = locate(recipe, base_ref, offline)
+    ckpt = adapter.AdaptedCheckpoint(base, path, read_mode)
+    try:
+        adapter.check_base(ckpt.adapter, base_ref, base)
+    except CheckpointError:
+        ckpt.close()
+        raise
+    return ckpt
+
+
 def build_plan(recipe: Recipe, read_mode: ReadMode = "auto", offline: bool = False) -> Plan:
     """Open every checkpoint's headers and plan each output tensor; raise on any mismatch."""
     src = recipe.source_name
@@ -157,7 +184,7 @@ def build_plan(recipe: Recipe, read_mode: ReadMode = "auto", offline: bool = Fal
         for ref in refs:
             where = "base_model" if ref == recipe.base_model else "models"
             try:
-                checkpoints.append(Checkpoint(locate(recipe, ref, offline), read_mode))
+                checkpoints.append(_open(recipe, ref, read_mode, offline))
             except CheckpointError as e:
                 if not str(e).startswith(ref) and "no such file" not in str(e):
                     raise  # a problem inside a model, already named by its path
@@ -545,7 +572,7 @@ def _add_task(
         TensorTask(
             name=out_name,
             shape=shape,
-            out_dtype=out_dtype or lead.dtype,
+            out_dtype=out_dtype or ckpts[lead_m.ckpt].stored_dtype(lead.name),
             sources=[(m.ckpt, input_name(m)) for m in g.contributors],
             base=(g.base.ckpt, input_name(g.base)) if g.base else None,
             params=params,

@@ -48,6 +48,8 @@ SUBCOMMANDS = (
     "evolve",
     "zip",
     "align",
+    "plan",
+    "extract-lora",
 )
 
 
@@ -299,6 +301,17 @@ def make_case(root: Path, r: random.Random, command: str) -> Case:
         if r.random() < 0.05:
             recipe = special(recipe, r)
         return Case(["merge", str(recipe), str(out), "--no-progress"], out, inp)
+    if command == "plan":
+        recipe = inp / "recipe.yaml"
+        write_text(recipe, dump_text(mutate_tree(_recipe_doc(ms, r), r), r))
+        if r.random() < 0.3:
+            damage_a_model()
+        return Case(["plan", str(recipe), "--json"], None, inp)
+    if command == "extract-lora":
+        damage_a_model()
+        where = out if r.random() < 0.8 else ms[0]
+        size = r.choice([["--rank", "1"], ["--energy", "0.9"], ["--rank", "0"]])
+        return Case(["extract-lora", str(ms[1]), str(where), "--base", str(ms[0]), *size], out, inp)
     if command in ("inspect", "verify"):
         m = ms[0]
         if command == "verify" or target < 0.7:
