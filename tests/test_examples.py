@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -18,6 +20,10 @@ from merganser.zoo.tasks import get_task
 from merganser.zoo.tokenizer import CharTokenizer
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# The output of every example on the tiny models, pinned (issue 28: a move of code must not
+# change one byte). After a deliberate change of results, regenerate with
+# MERGANSER_PIN_OUTPUTS=1 pytest tests/test_examples.py and say why in the commit.
+PINNED = REPO / "tests" / "data" / "example_outputs.json"
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +33,18 @@ def workdir(tmp_path_factory):
     # Calibration statistics for the data-aware examples (regmean, fisher).
     tok = CharTokenizer()
     texts = [p + a for p, a in get_task("add").examples("train", 8)]
-    for i in (1, 2):
-        folder = root / "models" / f"expert_{i}"
-        tok.save(folder)
-        opts = CalibrationOptions(fisher=True, progress=False)
-        calibrate(folder, texts, root / "models" / f"expert_{i}.stats.safetensors", opts)
+    # One intra-op thread: the statistics' float sums (and so the pinned outputs) must not
+    # depend on the thread count other tests leave torch with.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in (1, 2):
+            folder = root / "models" / f"expert_{i}"
+            tok.save(folder)
+            opts = CalibrationOptions(fisher=True, progress=False)
+            calibrate(folder, texts, root / "models" / f"expert_{i}.stats.safetensors", opts)
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
@@ -55,3 +68,23 @@ def test_example_runs(example, workdir) -> None:
     if example.stem != "slices":
         assert tensors.keys() == base.keys()
         assert any(not torch.equal(tensors[k], base[k]) for k in base), "merge changed nothing"
+
+
+def test_outputs_are_byte_identical_to_the_pinned_ones(workdir) -> None:
+    """Each example's shards hash as pinned: same bytes across refactors of the engine."""
+    digests = {}
+    for example in EXAMPLES:
+        out = workdir / "pinned" / example.stem
+        recipe = shutil.copy(example, workdir / example.name)
+        merganser.merge(recipe, out, merganser.MergeOptions(progress=False))
+        h = hashlib.sha256()
+        for f in sorted(out.glob("*.safetensors")):
+            h.update(f.read_bytes())
+        digests[example.stem] = h.hexdigest()
+    if os.environ.get("MERGANSER_PIN_OUTPUTS"):
+        PINNED.parent.mkdir(exist_ok=True)
+        PINNED.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+        pytest.skip("pinned the outputs anew")
+    pinned = json.loads(PINNED.read_text())
+    changed = sorted(k for k in digests if pinned.get(k) != digests[k])
+    assert not changed, f"outputs changed (or are new) for: {changed}"

@@ -553,16 +553,19 @@ def run(
         io = ThreadPoolExecutor(streams, thread_name_prefix="read")
 
     def work(item: WorkItem, compute: ComputeSlot) -> None:
-        if item.blocks:
-            parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
-                plan, item, options, scratch, digests, compute, io
-            )
-        else:
-            parts = [(item.start, compute_item(plan, item, options, digests, compute))]
-        for start, out in parts:
-            sink(item.task, out, start)
-            if progress is not None:
-                progress(out.numel() * out.element_size(), False)
+        try:
+            if item.blocks:
+                parts: Iterable[tuple[int, torch.Tensor]] = merge_blocks(
+                    plan, item, options, scratch, digests, compute, io
+                )
+            else:
+                parts = [(item.start, compute_item(plan, item, options, digests, compute))]
+            for start, out in parts:
+                sink(item.task, out, start)
+                if progress is not None:
+                    progress(out.numel() * out.element_size(), False)
+        except ValueError as e:  # a method refusing its inputs (TSV-M's k = 0, antipodes...)
+            raise MerganserError(f"tensor {item.task.name!r}: {e}") from None
         if progress is not None:
             progress(0, True)  # a blockwise item sends several parts; it is one piece
 
