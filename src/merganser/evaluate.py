@@ -83,6 +83,25 @@ def pad_batches(
     return out
 
 
+def _require_causal_lm(p: Path) -> None:
+    """One line unless the folder's class is a causal LM: evaluation and calibration run
+    next-token prediction (a BERT, T5 or CLIP folder would be loaded into a head it does not
+    have, and fail deep inside).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        archs = safejson.loads((p / "config.json").read_bytes()).get("architectures") or []
+    except (ValueError, AttributeError, OSError):
+        return  # the loader reports a config it cannot read
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs and not any(a in causal for a in archs):
+        raise MerganserError(
+            f"{p}: a {archs[0]}; evaluation and calibration run causal language models only "
+            "(next-token prediction)"
+        )
+
+
 def load_model(path: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
     """Load a Hugging Face causal LM folder (and its tokenizer) in float32 for evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,6 +123,7 @@ def load_model(path: str | os.PathLike[str], threads: int | None = None) -> Load
             p, "the tokenizer", lambda: AutoTokenizer.from_pretrained(p, config=multi.config)
         )
         return LoadedModel(multi, tok, p.name, multi.routes)
+    _require_causal_lm(p)
     model = hf.load(
         p, "the model", lambda: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
     ).eval()

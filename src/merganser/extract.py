@@ -74,7 +74,8 @@ def extract_lora(
             raise CheckpointError(
                 f"{finetune}: no config.json (extract-lora needs the model's class)"
             )
-        kinds = hf.module_kinds(ft.config)
+        model_cfg = ft.config
+        kinds = hf.load(Path(finetune), "its model class", lambda: hf.module_kinds(model_cfg))
         if kinds is None:
             raise CheckpointError(
                 f"{finetune}: transformers cannot build {ft.config.get('architectures')}; "

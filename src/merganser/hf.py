@@ -65,6 +65,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else "no details"
 
 
+def meta_model(config: Mapping[str, Any]) -> Any:
+    """The transformers model ``config`` names, built on the meta device (no memory, nothing
+    read); None where transformers cannot build it here (no ``architectures``, remote code,
+    an unknown class or model type). Errors of the config itself propagate.
+    """
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or "auto_map" in config:
+        return None  # remote code is never run, so its classes are never built
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, str(archs[0]), None)
+    model_type = config.get("model_type")
+    if cls is None or model_type not in transformers.CONFIG_MAPPING:
+        return None
+    cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
+    with torch.device("meta"):
+        return cls(cfg)
+
+
 def key_problems(
     shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]
 ) -> set[str] | None:
@@ -73,12 +95,7 @@ def key_problems(
     and ``shape:<key>`` entries. None where transformers cannot build the class here (no
     ``architectures``, remote code, an unknown class or model type).
     """
-    archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs or "auto_map" in config:
-        return None  # remote code is never run, so its classes are never built
     try:
-        import torch
-        import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
@@ -87,14 +104,10 @@ def key_problems(
         )
     except ImportError:
         return None
-    cls = getattr(transformers, str(archs[0]), None)
-    model_type = config.get("model_type")
-    if cls is None or model_type not in transformers.CONFIG_MAPPING:
-        return None
     try:
-        cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
-        with torch.device("meta"):
-            model = cls(cfg)
+        model = meta_model(config)
+        if model is None:
+            return None
         conversions = get_model_conversion_mapping(model)
     except Exception as e:  # a config this class cannot be built from
         return {f"build:{type(e).__name__}: {_first_line(e)}"}
@@ -123,22 +136,14 @@ def module_kinds(config: Mapping[str, Any]) -> dict[str, str] | None:
     ``other``; built on the meta device (no memory). None where transformers cannot build the
     class here (as key_problems).
     """
-    archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs or "auto_map" in config:
-        return None
     try:
         import torch
-        import transformers
         from transformers.pytorch_utils import Conv1D
     except ImportError:
         return None
-    cls = getattr(transformers, str(archs[0]), None)
-    model_type = config.get("model_type")
-    if cls is None or model_type not in transformers.CONFIG_MAPPING:
+    model = meta_model(config)
+    if model is None:
         return None
-    cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
-    with torch.device("meta"):
-        model = cls(cfg)
     kinds = {}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
