@@ -282,3 +282,36 @@ def test_tokenizer_block_and_tokenizer_source_together_are_refused(tmp_path, cap
     capsys.readouterr()
     assert main(["merge", str(recipe), str(tmp_path / "o")]) == 1
     assert "give tokenizer_source or a tokenizer: block, not both" in capsys.readouterr().err
+
+
+def test_fill_from_pieces_uses_each_models_own_rows(tmp_path, capsys) -> None:
+    """tokenizer: {fill: pieces} (tokensurgeon's idea): a model lacking "w1 w2" fills it with
+    the mean of its own rows for "w1" and "w2", not a row borrowed from another model.
+    """
+    base = _model(tmp_path / "base", WORDS, 0)
+    x_words = [*WORDS, "w1 w2"]
+    x = _model(tmp_path / "x", x_words, 1, _rows(base, WORDS))
+    from transformers import AddedToken, AutoTokenizer
+
+    # x's tokenizer: "w1 w2" as one added token (a word-level model cannot hold it otherwise).
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    write_tokenizer(x, WORDS, bos_token="<s>", eos_token="</s>")
+    tok = AutoTokenizer.from_pretrained(x)
+    tok.add_tokens([AddedToken("w1 w2", normalized=False)])
+    tok.save_pretrained(x)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(x)}],
+         "tokenizer": {"source": "union", "fill": "pieces"}},
+    )  # fmt: skip
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "o"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 missing tokens filled from their pieces" in err
+    out_vocab, t = _out_rows(tmp_path / "o")
+    b, xr = _rows(base, WORDS), _rows(x, x_words)
+    own = (b["w1"][0] + b["w2"][0]) / 2  # the base's own pieces
+    want = (own + xr["w1 w2"][0]) / 2
+    torch.testing.assert_close(t["model.embed_tokens.weight"][out_vocab["w1 w2"]], want,
+                               atol=1e-6, rtol=0)  # fmt: skip
+    assert vocab["w1"] == out_vocab["w1"]

@@ -482,7 +482,8 @@ def load_inputs(
             for out_id, (src, row, force) in v.overrides.items()
         }
         perms = [v.perms[ci] for ci in ckpts]
-        aligned = align_rows(everyone, perms, fill_from, v.rows, overrides)
+        pieces = [v.pieces.get(ci, {}) for ci in ckpts]
+        aligned = align_rows(everyone, perms, fill_from, v.rows, overrides, pieces)
         tensors, base = aligned[:n], (aligned[n] if base is not None else None)
     return tensors, base
 

@@ -671,7 +671,9 @@ def _plan_vocab(plan: Plan, offline: bool) -> VocabPlan | None:
         else:
             tokens[t] = TokenRow(model, spec.token, spec.token_id, entry.force)
     pad = block.pad_to_multiple_of if block else None
-    return plan_vocab(source, folders, [int(r) for r in rows if r], base, pad, where, tokens)
+    fill = block.fill if block else "mergekit"
+    sizes = [int(r) for r in rows if r]
+    return plan_vocab(source, folders, sizes, base, pad, where, tokens, fill)
 
 
 def _is_vocab_tensor(v: VocabPlan, name: str, infos: list[Any]) -> bool:

@@ -196,6 +196,17 @@ class TokenizerConfig(_Strict):
     source: str = "union"
     pad_to_multiple_of: int | None = None
     tokens: dict[str, TokenEntry] | None = None
+    # merganser's own: how a model's missing token is filled. mergekit: one shared row (the
+    # base's, or the mean of the models that have it); pieces: the mean of the model's own
+    # rows for the pieces its tokenizer splits the token's text into (as tokensurgeon does).
+    fill: str = "mergekit"
+
+    @field_validator("fill")
+    @classmethod
+    def _check_fill(cls, v: str) -> str:
+        if v not in ("mergekit", "pieces"):
+            raise ValueError(f"expected mergekit or pieces, got {v!r}")
+        return v
 
     @field_validator("pad_to_multiple_of")
     @classmethod

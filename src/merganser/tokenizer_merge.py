@@ -29,6 +29,8 @@ class VocabPlan:
     # The recipe's tokenizer.tokens: output id -> (checkpoint whose row fills it, or None for
     # zeros; its row; force).
     overrides: dict[int, tuple[int | None, int, bool]] = field(default_factory=dict)
+    # fill: pieces: checkpoint -> output id -> its own rows to average for a token it lacks.
+    pieces: dict[int, dict[int, list[int]]] = field(default_factory=dict)
 
 
 def read_vocab(folder: Path, rows: int) -> tuple[Any, Vocab]:
@@ -64,6 +66,7 @@ def plan_vocab(
     pad_to: int | None,
     where: str,
     tokens: dict[str, TokenRow] | None = None,
+    fill: str = "mergekit",
 ) -> VocabPlan | None:
     """The vocabulary plan for ``source`` (``union``, ``base``, or a model folder) over the
     inputs ``folders`` (with their embedding ``rows``), or None where every input has the same
@@ -103,10 +106,10 @@ def plan_vocab(
         )
         lacked = sum(1 for k in by_id if perms[i][k] < 0)
         if lacked:
-            fill = "the base's rows where it has them, else" if base is not None else ""
+            how = "the base's row where it has one, else " if base is not None else ""
             report.append(
                 f"{folders[i]} lacks {lacked} of the output's {len(by_id)} tokens; filled with "
-                f"{fill} the mean of the rows of the inputs that have each (zero where none has)"
+                f"{how}the mean of the rows of the inputs that have each (zero where none has)"
             )
     out_ids = tok.get_vocab()
     overrides = {}
@@ -122,7 +125,35 @@ def plan_vocab(
                     f"{want if spec.token_id is None else f'id {row}'}"
                 )
         overrides[out_ids[t]] = (spec.model, row, spec.force)
-    return VocabPlan(padded(n, pad_to), perms, dict(enumerate(rows)), base, tok, report, overrides)
+    pieces: dict[int, dict[int, list[int]]] = {}
+    if fill == "pieces":
+        for i, (own_tok, v) in enumerate(loaded):
+            pieces[i] = _pieces(own_tok, tok, by_id, perms[i], v.rows)
+            if pieces[i]:
+                report.append(
+                    f"{folders[i]}: {len(pieces[i])} missing tokens filled from their pieces in "
+                    "its own vocabulary"
+                )
+    return VocabPlan(
+        padded(n, pad_to), perms, dict(enumerate(rows)), base, tok, report, overrides, pieces
+    )
+
+
+def _pieces(
+    own: Any, out_tok: Any, by_id: dict[int, str], perm: torch.Tensor, rows: int
+) -> dict[int, list[int]]:
+    """For each output token a model lacks: the ids its own tokenizer splits the token's
+    text into (those with a row); a token it cannot split that way keeps the shared fill.
+    """
+    out = {}
+    for k, token in by_id.items():
+        if perm[k] >= 0:
+            continue
+        text = out_tok.convert_tokens_to_string([token])
+        ids = [i for i in own(text, add_special_tokens=False)["input_ids"] if 0 <= i < rows]
+        if ids:
+            out[k] = ids
+    return out
 
 
 def _add(tok: Any, new: list[str], sources: list[Any]) -> None:

@@ -63,6 +63,7 @@ def align_rows(
     base: int | None,
     rows: int,
     overrides: Mapping[int, tuple[int | None, int, bool]] | None = None,
+    pieces: Sequence[Mapping[int, Sequence[int]]] | None = None,
 ) -> list[torch.Tensor]:
     """Each model's matrix with its rows in the output vocabulary's order (mergekit's
     PermutedVocabulary): a model's own row where it has the token; else one shared fill row —
@@ -71,7 +72,8 @@ def align_rows(
     rows beyond it (``pad_to_multiple_of``) are each model's mean aligned row.
     ``overrides`` (the recipe's ``tokenizer.tokens``): output id -> (input whose row fills it,
     or None for zeros; that input's row; force: every model takes the fill, not only those
-    lacking the token).
+    lacking the token). ``pieces`` (per model): output id -> the model's own rows whose mean
+    fills that token for that model (it lacks the token; a forced override still wins).
     """
     n = perms[0].numel()
     width = tensors[0].shape[1:]
@@ -96,9 +98,12 @@ def align_rows(
         fill[out_id] = 0.0 if src is None else tensors[src][row].float()
         forced[out_id] = force
     out = []
-    for has, rows_of in own:
+    for j, (has, rows_of) in enumerate(own):
         keep = has & ~forced
         aligned = torch.where(keep.view(-1, *([1] * len(width))), rows_of, fill)
+        for out_id, ids in (pieces[j] if pieces else {}).items():
+            if not has[out_id] and not forced[out_id]:
+                aligned[out_id] = tensors[j].float()[list(ids)].mean(dim=0)
         if rows > n:
             pad = aligned.mean(dim=0, keepdim=True).expand(rows - n, *width)
             aligned = torch.cat([aligned, pad])
