@@ -219,7 +219,7 @@ def _merge_one(
             out.close_shards()
             _write_side_files(out, plan, config, tokenizer, side)
             if chat is not None:
-                _write_chat_template(out, chat)
+                chat_templates.write(out, chat)
             manifest = out.verify_and_index()
             inputs = {
                 ref: digests.model_digest(i) if digests else None for i, ref in enumerate(plan.refs)
@@ -428,21 +428,6 @@ def _chat_template(plan: Plan, tokenizer: Path | None) -> str | None:
     if template is None:
         plan.warnings.append(f"{where}: {how}; the output keeps the tokenizer's own")
     return template
-
-
-def _write_chat_template(out: AtomicOutput, template: str) -> None:
-    """The template in ``chat_template.jinja`` and in every copied file that carries one
-    (tokenizer_config.json, a processor's chat_template.json), so no loader sees another.
-    """
-    out.write_file("chat_template.jinja", template)
-    for name in ("tokenizer_config.json", "chat_template.json"):
-        path = out.tmp / name
-        if not path.is_file():
-            continue
-        data = safejson.loads(path.read_bytes())
-        if isinstance(data, dict) and "chat_template" in data:
-            data["chat_template"] = template
-            out.write_file(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _inputs(plan: Plan, tokenizer: Path | None) -> list[Path]:

@@ -134,3 +134,21 @@ def check_syntax(template: str, where: str) -> None:
         ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(template)
     except TemplateSyntaxError as e:
         raise RecipeError(f"{where}: invalid Jinja at line {e.lineno}: {e.message}") from None
+
+
+def write(out: Any, template: str) -> None:
+    """The template into an output being written (an AtomicOutput): ``chat_template.jinja``,
+    and every copied file that carries one (tokenizer_config.json, a processor's
+    chat_template.json), so no loader sees another.
+    """
+    import json
+
+    out.write_file("chat_template.jinja", template)
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = out.tmp / name
+        if not path.is_file():
+            continue
+        data = safejson.loads(path.read_bytes())
+        if isinstance(data, dict) and "chat_template" in data:
+            data["chat_template"] = template
+            out.write_file(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument("--json", action="store_true", help="as JSON, one object per method")
 
+    mo = sub.add_parser("moe", help="a Mixtral mixture of experts from dense models (mergekit-moe)")
+    mo.add_argument("config", help="mergekit-moe YAML")
+    mo.add_argument("out", help="output folder (written atomically)")
+    mo.add_argument("--force", action="store_true", help="replace an existing output folder")
+
     x = sub.add_parser(
         "extract-lora", help="a PEFT LoRA adapter from a full fine-tune (truncated SVD of ΔW)"
     )
@@ -337,6 +342,13 @@ def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -
     missing = [m for p in previews for m in p["missing"]]
     if missing:  # the plan above, then one line that says why the merge could not run
         raise MerganserError(f"{recipe}: {len(missing)} input(s) missing: {', '.join(missing)}")
+    return 0
+
+
+def _cmd_moe(a: argparse.Namespace) -> int:
+    from merganser.moe import build_moe
+
+    print(f"built {build_moe(a.config, a.out, a.force)}")
     return 0
 
 
@@ -614,6 +626,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": _cmd_methods,
     "plan": _cmd_plan,
     "extract-lora": _cmd_extract_lora,
+    "moe": _cmd_moe,
     "tiny": _cmd_tiny,
     "zoo": _cmd_zoo,
     "kinship": _cmd_kinship,

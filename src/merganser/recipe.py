@@ -323,8 +323,8 @@ def parse_recipe(
         raise RecipeError(f"{name}: expected a YAML mapping at the top level")
     if "experts" in data and "merge_method" not in data:
         raise RecipeError(
-            f"{name}: a mergekit-moe config (it has experts:); merganser cannot build a "
-            "mixture of experts yet, and `merge` takes merge recipes (merge_method:, models:)"
+            f"{name}: a mergekit-moe config (it has experts:): build it with `merganser moe "
+            "CONFIG OUT`; `merge` takes merge recipes (merge_method:, models:)"
         )
     for key in data:
         if key not in _TOP_KEYS:

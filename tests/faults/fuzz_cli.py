@@ -50,6 +50,7 @@ SUBCOMMANDS = (
     "align",
     "plan",
     "extract-lora",
+    "moe",
 )
 
 
@@ -307,6 +308,20 @@ def make_case(root: Path, r: random.Random, command: str) -> Case:
         if r.random() < 0.3:
             damage_a_model()
         return Case(["plan", str(recipe), "--json"], None, inp)
+    if command == "moe":
+        doc = {
+            "base_model": str(ms[0]),
+            "gate_mode": r.choice(["random", "cheap_embed", "hidden"]),
+            "experts": [
+                {"source_model": str(m), "positive_prompts": [f"p{i}"]}
+                for i, m in enumerate(ms[1:])
+            ],
+        }
+        config = inp / "moe.yaml"
+        write_text(config, dump_text(mutate_tree(doc, r), r))
+        if r.random() < 0.3:
+            damage_a_model()
+        return Case(["moe", str(config), str(out)], out, inp)
     if command == "extract-lora":
         damage_a_model()
         where = out if r.random() < 0.8 else ms[0]

@@ -1,0 +1,142 @@
+"""`merganser moe` (issue 31; spec algorithms-2.md §9): mergekit-moe's YAML, a Mixtral that
+transformers loads, routers from the prompts as mergekit computes them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import load_folder, write_tokenizer
+
+from merganser.cli import main
+from merganser.moe import cheap_embed_vector
+
+T = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", category=UserWarning)
+WORDS = ["<unk>", "<s>", "</s>", "add", "two", "numbers", "reverse", "the", "text", "please"]
+
+
+def _llama(folder: Path, seed: int, like: Path | None = None) -> Path:
+    cfg = T.LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                        num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = T.LlamaForCausalLM(cfg)
+    if like is not None:  # an expert: the base with its own MLPs
+        base = T.LlamaForCausalLM.from_pretrained(like)
+        state = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
+        model.load_state_dict(state, strict=False)
+    model.save_pretrained(folder)
+    write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+    return folder
+
+
+def _config(tmp_path: Path, experts: list[Path], base: Path, **extra) -> Path:
+    prompts = [["add two numbers"], ["reverse the text"], ["please add"]]
+    cfg = {"base_model": str(base), "gate_mode": "cheap_embed", "experts_per_token": 2,
+           "experts": [{"source_model": str(e), "positive_prompts": prompts[i]}
+                       for i, e in enumerate(experts)], **extra}  # fmt: skip
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode", ["cheap_embed", "hidden", "hidden_avg", "random", "uniform_random"]
+)
+def test_moe_loads_as_mixtral_with_the_experts_mlps(tmp_path, capsys, mode) -> None:
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    cfg = _config(tmp_path, experts, base, gate_mode=mode)
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    model, info = T.MixtralForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_local_experts == 3 and model.config.num_experts_per_tok == 2
+    out = load_folder(tmp_path / "out")
+    for e, folder in enumerate(experts):
+        src = load_folder(folder)
+        for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            got = out[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"]
+            assert torch.equal(got, src[f"model.layers.1.mlp.{proj}.weight"])
+    b = load_folder(base)
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"],
+                       b["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    gate = out["model.layers.0.block_sparse_moe.gate.weight"]
+    assert gate.shape == (3, 16) and torch.isfinite(gate).all()
+    if mode not in ("random", "uniform_random"):  # unit rows, as mergekit normalises them
+        torch.testing.assert_close(gate.norm(dim=1), torch.ones(3))
+    ids = torch.tensor([[1, 3, 4, 5]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_moe_of_copies_of_the_base_is_the_base(tmp_path, capsys) -> None:
+    """Every expert the base's own MLP: whatever the routing, the output is the base's."""
+    base = _llama(tmp_path / "base", 0)
+    copies = []
+    for i in range(2):
+        folder = tmp_path / f"copy{i}"
+        T.LlamaForCausalLM.from_pretrained(base).save_pretrained(folder)
+        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+        copies.append(folder)
+    cfg = _config(tmp_path, copies, base, gate_mode="hidden")
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    want = T.LlamaForCausalLM.from_pretrained(base)(ids).logits
+    got = T.MixtralForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_cheap_embed_spec_9_3_worked_example() -> None:
+    e = torch.tensor([[0.0, 0, 0], [0.1, 0.1, 0.1], [1, 0, 0], [0, 2, 0], [0, 0, 3]])
+    pos = cheap_embed_vector(e, torch.tensor([[1, 2, 3], [1, 1, 2]]),
+                             torch.tensor([[1.0, 1, 1], [0, 1, 1]]))  # fmt: skip
+    neg = cheap_embed_vector(e, torch.tensor([[1, 4]]), torch.tensor([[1.0, 1]]))
+    torch.testing.assert_close(pos, torch.tensor([0.70565, 0.70565, 0.06415]), atol=1e-5, rtol=0)
+    row = pos - neg
+    row = row / row.norm()
+    torch.testing.assert_close(row, torch.tensor([0.50463, 0.50463, -0.700498]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"experts_per_token": 4}, "experts_per_token: 4 with 3 experts"),
+        ({"gate_mode": "softmax"}, "gate_mode: expected one of"),
+        ({"shared_experts": [{"source_model": "x"}]}, "shared_experts (Qwen2-MoE)"),
+        ({"architecture": "qwen"}, "Mixtral only"),
+    ],
+)
+def test_bad_moe_configs_are_one_line(tmp_path, capsys, extra, message) -> None:
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    cfg = _config(tmp_path, experts, base, **extra)
+    capsys.readouterr()
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_prompts_or_same_model_are_refused(tmp_path, capsys) -> None:
+    base = _llama(tmp_path / "base", 0)
+    e = _llama(tmp_path / "e", 1, like=base)
+    cfg = {"base_model": str(base), "gate_mode": "cheap_embed",
+           "experts": [{"source_model": str(e), "positive_prompts": ["add"]},
+                       {"source_model": str(e), "positive_prompts": ["reverse"]}]}  # fmt: skip
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["moe", str(path), str(tmp_path / "out")]) == 1
+    assert "every expert is the same model" in capsys.readouterr().err
+    merge_cfg = json.loads(json.dumps(cfg))
+    merge_cfg["experts"][1]["source_model"] = str(base)
+    merge_cfg["experts"][1]["positive_prompts"] = ["add"]
+    path.write_text(yaml.safe_dump(merge_cfg))
+    assert main(["moe", str(path), str(tmp_path / "out")]) == 1
+    assert "same prompts" in capsys.readouterr().err
