@@ -145,3 +145,17 @@ def test_a_command_line_merge_with_a_bad_recipe_still_reports_it(tmp_path) -> No
     assert r.returncode == 1
     assert "missing.yaml" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_prefetch_skips_a_path_with_a_nul(tmp_path) -> None:
+    """A recipe path holding a NUL made the prefetch thread print a traceback (os.open raises
+    ValueError, not OSError); the merge itself reports such a path in one line.
+    """
+    from merganser.pagecache import _Stream
+
+    good = tmp_path / "w.bin"
+    good.write_bytes(b"x" * 10)
+    s = _Stream([Path(str(tmp_path) + "/bad\0name"), good], 1 << 20)
+    buf = memoryview(bytearray(1 << 16))
+    while s.next_piece(buf) is not None:
+        pass

@@ -176,8 +176,8 @@ class _Stream:
                     # Non-blocking: opening a FIFO for reading would wait for a writer forever.
                     self.fd = os.open(self.files.pop(0), os.O_RDONLY | os.O_NONBLOCK)
                     st = os.fstat(self.fd)
-                except OSError:
-                    continue  # the merge itself reports missing or unreadable files
+                except (OSError, ValueError):  # ValueError: a NUL in the path
+                    continue  # the merge itself reports missing, unreadable or bad paths
                 if not stat.S_ISREG(st.st_mode):
                     self.close()  # a FIFO, device or folder: the merge itself refuses it
                     continue
