@@ -185,3 +185,7 @@ def test_demo_end_to_end_reduced(reduced_zoo) -> None:
     for family in res["chosen_on_dev"]:
         assert (reduced_zoo / "merged" / family.replace(" ", "_") / "model.safetensors").is_file()
     assert set(EXPERT_TASKS) >= set(res["tasks"])
+    # The experts side by side as a Mixtral, routed from their tasks' prompts (issue 31).
+    moes = [r for r in rows if r.startswith("MoE of the")]
+    assert len(moes) == 2 and all("top-2" in r and 0 <= rows[r]["average"] <= 1 for r in moes)
+    assert (reduced_zoo / "merged" / "moe_ta" / "config.json").is_file()

@@ -132,6 +132,12 @@ def run_demo(
             f"  {family}: best on dev {label} ({100 * dev_score:.1f}%)", file=sys.stderr, flush=True
         )
     shutil.rmtree(scratch, ignore_errors=True)
+    # The experts side by side instead of averaged: a Mixtral whose shared (non-MLP) weights
+    # are the base's, as mergekit-moe builds it, and one over the task-arithmetic merge.
+    for shared, name in ((paths["base"], "moe"), (out / "merged" / "task_arithmetic", "moe_ta")):
+        row, moe = _moe_row(out, Path(shared), paths, tasks, name)
+        table[row] = {t: s.accuracy for t, s in evaluate(load_model(moe), [test]).items()}
+        print(f"  {row}", file=sys.stderr, flush=True)
 
     columns = [*tasks, "average"]
     for row in table.values():
@@ -165,6 +171,40 @@ def run_demo(
         f" ({results['seconds']:.0f} s)"
     )
     return results
+
+
+def _moe_row(
+    out: Path, shared: Path, paths: dict[str, Path], tasks: list[str], name: str
+) -> tuple[str, Path]:
+    """The experts' MLPs as a Mixtral (top-2 routing from each task's training prompts through
+    ``shared``, mergekit-moe's ``hidden`` mode) over ``shared``'s other weights; the row label
+    and the model's folder. The label says what it costs in parameters.
+    """
+    import yaml
+
+    from merganser.checkpoint import Checkpoint
+    from merganser.moe import build_moe
+    from merganser.zoo.tasks import get_task
+
+    config = {
+        "base_model": str(shared),
+        "gate_mode": "hidden",
+        "experts_per_token": 2,
+        "experts": [
+            {
+                "source_model": str(paths[t]),
+                "positive_prompts": [p for p, _ in get_task(t).examples("train", 16)],
+            }
+            for t in tasks
+        ],
+    }
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    moe = build_moe(path, out / "merged" / name, force=True)
+    with Checkpoint(moe) as m, Checkpoint(paths["base"]) as b:
+        ratio = sum(i.numel for i in m.tensors.values()) / sum(i.numel for i in b.tensors.values())
+    over = "the base" if shared == paths["base"] else "the task-arithmetic merge"
+    return f"MoE of the {len(tasks)} experts over {over} (top-2, {ratio:.1f}x parameters)", moe
 
 
 def _check_predictions(
