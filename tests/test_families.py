@@ -253,7 +253,8 @@ def test_anatomy_reads_experts_and_tied_embeddings(family_root) -> None:
     from merganser.summary import summarize
 
     mixtral = summarize(_family(family_root, "mixtral")[0])
-    assert mixtral["experts"] == {"layout": "per_expert", "experts": 4}
+    want = {"layout": "per_expert", "experts": 4, "per_token": 2, "shared": 0}
+    assert mixtral["experts"] == want  # experts per token from the config (issue 31)
     assert not mixtral["tied_embeddings"]
     gpt2 = summarize(_family(family_root, "gpt2")[0])
     assert gpt2["experts"] is None and gpt2["tied_embeddings"]

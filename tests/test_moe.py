@@ -140,3 +140,39 @@ def test_same_prompts_or_same_model_are_refused(tmp_path, capsys) -> None:
     path.write_text(yaml.safe_dump(merge_cfg))
     assert main(["moe", str(path), str(tmp_path / "out")]) == 1
     assert "same prompts" in capsys.readouterr().err
+
+
+def test_a_prompt_routes_to_the_expert_it_named(tmp_path, capsys) -> None:
+    """Each expert a copy of the base with its own MLPs; with gate_mode hidden, each expert's
+    positive prompt sends its last token to that expert first (layer 0's router).
+    """
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    cfg = _config(tmp_path, experts, base, gate_mode="hidden")
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    model = T.MixtralForCausalLM.from_pretrained(tmp_path / "out")
+    tok = T.AutoTokenizer.from_pretrained(tmp_path / "out")
+    prompts = ["add two numbers", "reverse the text", "please add"]
+    for k, prompt in enumerate(prompts):
+        ids = tok("<s>" + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():  # the model's own routing, at the prompt's last token
+            logits = model(ids, output_router_logits=True).router_logits
+        first = [int(layer.reshape(ids.shape[1], -1)[-1].argmax()) for layer in logits]
+        assert first[0] == k, (prompt, first)
+
+
+def test_experts_of_another_shape_are_refused(tmp_path, capsys) -> None:
+    base = _llama(tmp_path / "base", 0)
+    shape = {"vocab_size": len(WORDS), "hidden_size": 16, "intermediate_size": 48,
+             "num_attention_heads": 2, "num_key_value_heads": 1,
+             "num_hidden_layers": 2}  # fmt: skip
+    cfg_t = T.LlamaConfig(**shape)
+    cfg_t.architectures = ["LlamaForCausalLM"]
+    T.LlamaForCausalLM(cfg_t).save_pretrained(tmp_path / "wide")
+    experts = [_llama(tmp_path / "e0", 1, like=base), tmp_path / "wide"]
+    cfg = _config(tmp_path, experts, base)
+    capsys.readouterr()
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "of another shape than the base's" in err
+    assert not (tmp_path / "out").exists()

@@ -45,11 +45,24 @@ def summarize(path: str | Path) -> dict[str, Any]:
             # What merging reads off the names and config (anatomy.py), shown so a user can
             # see what was inferred for a family transformers does not know.
             "stacks": anatomy.describe(ckpt.tensors, cfg),
-            "experts": anatomy.experts(ckpt.tensors),
+            "experts": _experts(ckpt.tensors, cfg),
             "tied_embeddings": anatomy.tied_embeddings(ckpt.tensors, cfg),
             "weights": anatomy.weight_format(ckpt.tensors, cfg, side_files) or "plain",
             "groups": [{"pattern": k, "count": n, "shape": shapes[k]} for k, n in groups.items()],
         }
+
+
+def _experts(tensors: Any, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The MoE layout the names show, with the config's experts per token and shared experts
+    (Mixtral's num_experts_per_tok; Qwen-MoE's shared_expert_intermediate_size; DeepSeek's
+    n_shared_experts).
+    """
+    found = anatomy.experts(tensors)
+    if found is None:
+        return None
+    per = cfg.get("num_experts_per_tok")
+    shared = cfg.get("n_shared_experts") or (1 if cfg.get("shared_expert_intermediate_size") else 0)
+    return {**found, "per_token": per if isinstance(per, int) else None, "shared": shared}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -71,7 +84,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["experts"]:
         e = s["experts"]
         count = f"{e['experts']} experts, " if e["experts"] else ""
-        lines.append(f"experts:      {count}{e['layout'].replace('_', ' ')} tensors")
+        per = f"{e['per_token']} per token, " if e.get("per_token") else ""
+        shared = f"{e['shared']} shared, " if e.get("shared") else ""
+        lines.append(f"experts:      {count}{per}{shared}{e['layout'].replace('_', ' ')} tensors")
     if s["tied_embeddings"]:
         lines.append("embeddings:   tied (the head shares the input embedding)")
     lines.append("tensors:")
