@@ -247,3 +247,30 @@ def test_merged_adapters_written_as_an_adapter(tmp_path, capsys) -> None:
     assert (
         rc == 1 and "needs every input to be a LoRA adapter of one base" in capsys.readouterr().err
     )
+
+
+def test_plan_finds_base_plus_adapter_inputs(tmp_path, capsys) -> None:
+    """`merganser plan` reported BASE+ADAPTER references as missing inputs."""
+    base = _llama(tmp_path / "base")
+    ad = _adapter(base, tmp_path / "ad")
+    one = {"merge_method": "linear", "models": [{"model": f"{base}+{ad}"}]}
+    recipe = write_recipe(tmp_path / "r.yaml", one)
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["missing"] == [] and plan["inputs"][0]["status"] == "found"
+    assert plan["output_tensors"] > 0
+    # A missing adapter is listed as missing.
+    missing = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'no'}"}]}
+    gone = write_recipe(tmp_path / "g.yaml", missing)
+    assert main(["plan", str(gone), "--json"]) == 1
+
+
+def test_the_card_names_base_and_adapter(tmp_path) -> None:
+    """The card named a BASE+ADAPTER input by the adapter's folder alone."""
+    base = _llama(tmp_path / "base")
+    ad = _adapter(base, tmp_path / "ad")
+    out = merganser.merge({"merge_method": "linear", "models": [{"model": f"{base}+{ad}"}]},
+                          tmp_path / "o", merganser.MergeOptions(progress=False))  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert '- "base+ad"' in card and str(tmp_path) not in card

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 
 from merganser import __version__
+from merganser.adapter import split_ref
 from merganser.plan import Plan
 
 
 def display_name(ref: str) -> str:
     """How the card names an input: a hub id as given, a local folder by its name (a Hugging
-    Face cache snapshot by its repository, ``org/name``), never by its absolute path.
+    Face cache snapshot by its repository, ``org/name``), never by its absolute path; a
+    ``BASE+ADAPTER`` reference by both names.
     """
+    pair = split_ref(ref)
+    return "+".join(_one_name(r) for r in pair) if pair else _one_name(ref)
+
+
+def _one_name(ref: str) -> str:
     parts = [p for p in ref.replace("\\", "/").split("/") if p not in ("", ".")]
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merganser import engine, hub, multi
+from merganser import adapter, engine, hub, multi
 from merganser.errors import MerganserError, size_text
 from merganser.options import MergeOptions
 from merganser.plan import build_plan, locate
@@ -25,12 +25,17 @@ def preview(
     inputs, missing, waiting = [], [], []
     for ref in rec.model_paths():
         entry: dict[str, Any] = {"ref": ref}
-        try:
-            path = locate(rec, ref, offline=True)
-        except MerganserError:
-            path = None
-        if path is not None and path.exists():
-            entry.update(status="found", path=str(path))
+        pair = None if rec.resolve(ref).exists() else adapter.split_ref(ref)
+        parts = list(pair) if pair else [ref]  # BASE+ADAPTER: both must be there
+        paths = []
+        for part in parts:
+            try:
+                paths.append(locate(rec, part, offline=True))
+            except MerganserError:
+                paths.append(None)
+        path = paths[0] if all(p is not None and p.exists() for p in paths) else None
+        if path is not None:
+            entry.update(status="found", path="+".join(str(p) for p in paths))
         elif pending and ref in pending:
             entry["status"] = f"made by {pending[ref]}"
             waiting.append(ref)
