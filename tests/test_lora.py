@@ -274,3 +274,22 @@ def test_the_card_names_base_and_adapter(tmp_path) -> None:
                           tmp_path / "o", merganser.MergeOptions(progress=False))  # fmt: skip
     card = (out / "README.md").read_text()
     assert '- "base+ad"' in card and str(tmp_path) not in card
+
+
+def test_output_adapter_applies_to_the_final_merge_of_a_multi_document_recipe(tmp_path) -> None:
+    """--output adapter was ignored for multi-document recipes (the final merge wrote a model)."""
+    import yaml
+
+    base = _llama(tmp_path / "base")
+    ads = [_adapter(base, tmp_path / f"ad{i}", seed=i + 1) for i in range(2)]
+    docs = [
+        {"name": "one", "merge_method": "task_arithmetic", "base_model": str(base),
+         "models": [{"model": str(ads[0])}]},
+        {"merge_method": "task_arithmetic", "base_model": str(base),
+         "models": [{"model": str(ads[1])}]},
+    ]  # fmt: skip
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    out = merganser.merge(path, tmp_path / "out", merganser.MergeOptions(output="adapter"))
+    assert (out / "adapter_config.json").is_file()
+    assert (tmp_path / "out.intermediate" / "one" / "model.safetensors").is_file()

@@ -143,7 +143,10 @@ def _merge_documents(path: Path, docs: list[Any], out: Path, options: MergeOptio
             print(f"merganser: {s.label}: reusing {target}", file=sys.stderr)
             continue
         print(f"merganser: {s.label}: merging into {target}", file=sys.stderr)
-        _merge_one(rec, target, options)
+        if final and options.output == "adapter":
+            _merge_as_adapter(rec, target, options)
+        else:  # intermediates are models, whatever the final output is
+            _merge_one(rec, target, replace(options, output="model"))
     return out
 
 
