@@ -225,7 +225,8 @@ def test_merged_adapters_written_as_an_adapter(tmp_path, capsys) -> None:
     capsys.readouterr()
     rc = main(["merge", str(recipe), str(tmp_path / "ad_out"), "--output", "adapter",
                "--no-progress"])  # fmt: skip
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0 and "at rank 4" in err, err
     cfg = json.loads((tmp_path / "ad_out" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
@@ -293,3 +294,22 @@ def test_output_adapter_applies_to_the_final_merge_of_a_multi_document_recipe(tm
     out = merganser.merge(path, tmp_path / "out", merganser.MergeOptions(output="adapter"))
     assert (out / "adapter_config.json").is_file()
     assert (tmp_path / "out.intermediate" / "one" / "model.safetensors").is_file()
+
+
+def test_merge_json_reports_an_adapter_output(tmp_path, capsys) -> None:
+    """merge --json read the model manifest, which an adapter output does not have."""
+    base = _llama(tmp_path / "base")
+    ad = _adapter(base, tmp_path / "ad")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(ad)}],
+        },
+    )
+    capsys.readouterr()
+    rc = main(["merge", str(recipe), str(tmp_path / "o"), "--output", "adapter", "--json",
+               "--no-progress"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["kind"] == "adapter" and report["bytes"] > 0

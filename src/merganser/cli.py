@@ -311,21 +311,20 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     if a.json:
         from merganser.writer import MANIFEST_NAME
 
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        shards = manifest["shards"]
-        print(
-            json.dumps(
-                {
-                    "output": str(out),
-                    "method": manifest["method"],
-                    "recipe_sha256": manifest["recipe_sha256"],
-                    "shards": len(shards),
-                    "bytes": sum(v["bytes"] for v in shards.values()),
-                    "seconds": round(time.monotonic() - started, 3),
-                },
-                indent=1,
+        result: dict[str, Any] = {"output": str(out), "kind": opts.output}
+        if opts.output == "model":
+            manifest = json.loads((out / MANIFEST_NAME).read_text())
+            shards = manifest["shards"]
+            result.update(
+                method=manifest["method"],
+                recipe_sha256=manifest["recipe_sha256"],
+                shards=len(shards),
+                bytes=sum(v["bytes"] for v in shards.values()),
             )
-        )
+        else:  # a PEFT adapter: its files, no merganser manifest
+            result["bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        result["seconds"] = round(time.monotonic() - started, 3)
+        print(json.dumps(result, indent=1))
     else:
         print(f"merged into {out}")
     return 0
