@@ -72,7 +72,7 @@ def merge(
     options = options or MergeOptions()
     if isinstance(recipe, (str, os.PathLike)):
         _, docs = read_yaml_documents(recipe)
-        if len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0]):
+        if multi.is_multi(docs):
             return _merge_documents(Path(recipe), docs, Path(out_dir), options)
     if options.output == "adapter":
         return _merge_as_adapter(recipe, Path(out_dir), options)
@@ -127,23 +127,14 @@ def _merge_documents(path: Path, docs: list[Any], out: Path, options: MergeOptio
     come first; named merges go to the intermediate directory (one already there from the
     same document is reused, so a run that stopped resumes), the final one to ``out``.
     """
-    steps = multi.plan_steps(docs, str(path))
-    inter = Path(options.intermediate_dir or out.parent / f"{out.name}.intermediate")
-    folders = {s.name: inter / s.name for s in steps if s.name}
-    for s in steps:
-        final = s is steps[-1]
-        target = out if final else folders[s.name]  # type: ignore[index]
-        rec = parse_recipe(
-            multi.patched(s.data, folders),
-            name=f"{path}: {s.label}",
-            source_dir=path.parent.resolve(),
-            file=path,
-        )
-        if not final and _same_recipe(target, rec):
-            print(f"merganser: {s.label}: reusing {target}", file=sys.stderr)
+    inter = multi.intermediate_dir(out, options.intermediate_dir)
+    for step, rec, folder in multi.recipes(path, docs, inter):
+        if folder is not None and _same_recipe(folder, rec):
+            print(f"merganser: {step.label}: reusing {folder}", file=sys.stderr)
             continue
-        print(f"merganser: {s.label}: merging into {target}", file=sys.stderr)
-        if final and options.output == "adapter":
+        target = folder or out
+        print(f"merganser: {step.label}: merging into {target}", file=sys.stderr)
+        if folder is None and options.output == "adapter":
             _merge_as_adapter(rec, target, options)
         else:  # intermediates are models, whatever the final output is
             _merge_one(rec, target, replace(options, output="model"))

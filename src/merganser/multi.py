@@ -2,7 +2,7 @@
 each with a ``name`` that later documents use in place of a model path.
 
 This module only plans: the order of the merges, where each goes, and each document with the
-names it uses replaced by folders. api.merge runs the steps.
+names it uses replaced by folders. api.merge runs the steps; preview.py shows them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merganser.errors import RecipeError
+from merganser.recipe import Recipe, parse_recipe
 
 # A name becomes a folder under the intermediate directory.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -127,3 +128,33 @@ def patched(data: dict[str, Any], folders: dict[str, Path]) -> dict[str, Any]:
         return value
 
     return walk(data)
+
+
+def is_multi(docs: list[Any]) -> bool:
+    """Whether a recipe file's documents are a multi-document recipe (several, or one named)."""
+    return len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0])
+
+
+def intermediate_dir(out: Path | None, chosen: str | None) -> Path:
+    """Where named merges go: ``chosen``, else ``OUT.intermediate`` beside the output."""
+    if chosen:
+        return Path(chosen)
+    return out.parent / f"{out.name}.intermediate" if out else Path("OUT.intermediate")
+
+
+def recipes(path: Path, docs: list[Any], inter: Path) -> list[tuple[Step, Recipe, Path | None]]:
+    """Each merge in the order it runs: its step, its recipe (merge names replaced by their
+    folders under ``inter``), and its folder there (None for the final merge).
+    """
+    steps = plan_steps(docs, str(path))
+    folders = {s.name: inter / s.name for s in steps if s.name}
+    out = []
+    for s in steps:
+        rec = parse_recipe(
+            patched(s.data, folders),
+            name=f"{path}: {s.label}",
+            source_dir=path.parent.resolve(),
+            file=path,
+        )
+        out.append((s, rec, None if s is steps[-1] else folders[s.name]))  # type: ignore[index]
+    return out

@@ -11,7 +11,7 @@ from merganser import adapter, engine, hub, multi
 from merganser.errors import MerganserError, size_text
 from merganser.options import MergeOptions
 from merganser.plan import build_plan, locate
-from merganser.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
+from merganser.recipe import Recipe, load_recipe, read_yaml_documents
 
 
 def preview(
@@ -124,20 +124,8 @@ def preview_file(
     """
     path = Path(path)
     _, docs = read_yaml_documents(path)
-    if len(docs) == 1 and not (isinstance(docs[0], dict) and "name" in docs[0]):
+    if not multi.is_multi(docs):
         return [preview(load_recipe(path), options)]
-    steps = multi.plan_steps(docs, str(path))
-    default = out.parent / f"{out.name}.intermediate" if out else Path("OUT.intermediate")
-    out_dir = Path(options.intermediate_dir) if options.intermediate_dir else default
-    folders = {s.name: out_dir / s.name for s in steps if s.name}
-    makers = {str(folders[s.name]): s.label for s in steps if s.name}
-    return [
-        preview(
-            parse_recipe(
-                multi.patched(s.data, folders), f"{path}: {s.label}", path.parent.resolve(), path
-            ),
-            options,
-            makers,
-        )
-        for s in steps
-    ]
+    made = multi.recipes(path, docs, multi.intermediate_dir(out, options.intermediate_dir))
+    makers = {str(folder): step.label for step, _, folder in made if folder is not None}
+    return [preview(rec, options, makers) for _, rec, _ in made]
