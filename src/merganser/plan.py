@@ -142,13 +142,21 @@ def locate(recipe: Recipe, ref: str, offline: bool = False) -> Path:
     return path
 
 
+def reference_parts(recipe: Recipe, ref: str) -> list[str]:
+    """A model reference as the references it is made of: ``BASE+ADAPTER`` as its two (unless
+    a local path is literally named so), anything else as itself.
+    """
+    pair = None if recipe.resolve(ref).exists() else adapter.split_ref(ref)
+    return list(pair) if pair else [ref]
+
+
 def _open(recipe: Recipe, ref: str, read_mode: ReadMode, offline: bool) -> Checkpoint:
     """The checkpoint a model reference names: a model, ``BASE+ADAPTER``, or an adapter folder
     of the recipe's base_model (read as base + adapter, adapter.py).
     """
-    pair = None if recipe.resolve(ref).exists() else adapter.split_ref(ref)
-    if pair is not None:
-        base_ref, path = pair[0], locate(recipe, pair[1], offline)
+    parts = reference_parts(recipe, ref)
+    if len(parts) == 2:
+        base_ref, path = parts[0], locate(recipe, parts[1], offline)
     else:
         path = locate(recipe, ref, offline)
         if not adapter.is_adapter(path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merganser import adapter, engine, hub, multi
+from merganser import engine, hub, multi
 from merganser.errors import MerganserError, size_text
 from merganser.options import MergeOptions
-from merganser.plan import build_plan, locate
+from merganser.plan import build_plan, locate, reference_parts
 from merganser.recipe import Recipe, load_recipe, read_yaml_documents
 
 
@@ -25,10 +25,8 @@ def preview(
     inputs, missing, waiting = [], [], []
     for ref in rec.model_paths():
         entry: dict[str, Any] = {"ref": ref}
-        pair = None if rec.resolve(ref).exists() else adapter.split_ref(ref)
-        parts = list(pair) if pair else [ref]  # BASE+ADAPTER: both must be there
         paths = []
-        for part in parts:
+        for part in reference_parts(rec, ref):  # BASE+ADAPTER: both must be there
             try:
                 paths.append(locate(rec, part, offline=True))
             except MerganserError:
