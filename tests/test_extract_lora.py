@@ -8,16 +8,16 @@ import json
 import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers as T
 from conftest import load_folder
 
 import merganser
 from merganser.cli import main
 from merganser.extract import extract_lora
 
-peft = pytest.importorskip("peft")
-T = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 

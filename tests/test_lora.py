@@ -9,16 +9,16 @@ import json
 import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers as T
 from conftest import load_folder, write_recipe
 
 import merganser
 from merganser import lora
 from merganser.cli import main
 
-peft = pytest.importorskip("peft")
-T = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 import yaml
 from conftest import load_folder, write_tokenizer
 
 from merganser.cli import main
 from merganser.moe import cheap_embed_vector
 
-T = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=UserWarning)
 WORDS = ["<unk>", "<s>", "</s>", "add", "two", "numbers", "reverse", "the", "text", "please"]
 
