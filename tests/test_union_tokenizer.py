@@ -315,3 +315,33 @@ def test_fill_from_pieces_uses_each_models_own_rows(tmp_path, capsys) -> None:
     torch.testing.assert_close(t["model.embed_tokens.weight"][out_vocab["w1 w2"]], want,
                                atol=1e-6, rtol=0)  # fmt: skip
     assert vocab["w1"] == out_vocab["w1"]
+
+
+def test_t5_shared_embedding_is_realigned_and_positions_are_not(tmp_path, capsys) -> None:
+    """T5's token embedding is `shared.weight`, a name the vocabulary rule did not know: with
+    vocabularies in another order its rows were averaged id by id, token against another
+    token. A position table with as many rows as the vocabulary must not be moved.
+    """
+    g = torch.Generator().manual_seed(0)
+    shuffled = WORDS[:3] + WORDS[3:][::-1]
+    folders = []
+    for name, words in (("base", WORDS), ("other", shuffled)):
+        t = {"shared.weight": torch.randn(len(words), D, generator=g),
+             "encoder.position_embeddings.weight": torch.randn(len(words), D, generator=g)}  # fmt: skip
+        folders.append(write_model(tmp_path / name, t, {"vocab_size": len(words)}))
+        write_tokenizer(folders[-1], words, bos_token="<s>", eos_token="</s>")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "linear", "tokenizer_source": "base",
+         "models": [{"model": str(f)} for f in folders]},
+    )  # fmt: skip
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "o"), "--no-progress"]) == 0
+    out = load_folder(tmp_path / "o")
+    b, o = (load_folder(f) for f in folders)
+    row = {w: i for i, w in enumerate(shuffled)}
+    for i, w in enumerate(WORDS):
+        want = (b["shared.weight"][i] + o["shared.weight"][row[w]]) / 2
+        torch.testing.assert_close(out["shared.weight"][i], want, atol=1e-6, rtol=0)
+    pos = "encoder.position_embeddings.weight"
+    torch.testing.assert_close(out[pos], (b[pos] + o[pos]) / 2, atol=1e-6, rtol=0)

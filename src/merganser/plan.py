@@ -684,12 +684,20 @@ def _plan_vocab(plan: Plan, offline: bool) -> VocabPlan | None:
     return plan_vocab(source, folders, sizes, base, pad, where, tokens, fill)
 
 
+# Tables whose rows are positions or segment types, not tokens, whatever their row count.
+_NOT_VOCAB_RE = re.compile(r"position|wpe|token_type")
+
+
 def _is_vocab_tensor(v: VocabPlan, name: str, infos: list[Any]) -> bool:
-    """Whether a tensor's rows are the vocabulary: a vocabulary tensor name whose inputs each
-    have that input's embedding row count.
+    """Whether a tensor's rows are the vocabulary: a token embedding or head name (T5's
+    ``shared`` included), not a position table, whose inputs each have that input's
+    embedding row count.
     """
-    return bool(_VOCAB_RE.search(name)) and all(
-        len(i.shape) >= 1 and i.shape[0] == v.in_rows[m.ckpt] for m, i in infos
+    named = bool(_VOCAB_RE.search(name) or _EMBEDDING_RE.search(name))
+    return (
+        named
+        and not _NOT_VOCAB_RE.search(name)
+        and all(len(i.shape) >= 1 and i.shape[0] == v.in_rows[m.ckpt] for m, i in infos)
     )
 
 
