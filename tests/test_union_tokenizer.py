@@ -326,8 +326,9 @@ def test_t5_shared_embedding_is_realigned_and_positions_are_not(tmp_path, capsys
     shuffled = WORDS[:3] + WORDS[3:][::-1]
     folders = []
     for name, words in (("base", WORDS), ("other", shuffled)):
-        t = {"shared.weight": torch.randn(len(words), D, generator=g),
-             "encoder.position_embeddings.weight": torch.randn(len(words), D, generator=g)}  # fmt: skip
+        rows = len(words)
+        t = {"shared.weight": torch.randn(rows, D, generator=g),
+             "encoder.position_embeddings.weight": torch.randn(rows, D, generator=g)}  # fmt: skip
         folders.append(write_model(tmp_path / name, t, {"vocab_size": len(words)}))
         write_tokenizer(folders[-1], words, bos_token="<s>", eos_token="</s>")
     recipe = write_recipe(
