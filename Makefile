@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -q
 FUZZ_CASES ?= 2000
 FUZZ_SEED ?= 0
 
-.PHONY: setup demo test fuzz lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
+.PHONY: setup demo test fuzz docs lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(STAMP)
 
 fuzz: $(STAMP)
 	cd tests/faults && ../../$(PY) fuzz_cli.py $(FUZZ_CASES) $(FUZZ_SEED)
+
+# The generated parts of docs/ (the method table), from the registry.
+docs: $(STAMP)
+	$(PY) scripts/regen_docs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

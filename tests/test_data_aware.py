@@ -296,3 +296,18 @@ def test_adamerging_learns_coefficients_on_the_zoo(zoo: Path, tmp_path: Path) ->
         assert all(0.0 <= x <= 1.0 for x in (l1, l2))
         want = base[k] + l1 * (experts[0][k] - base[k]) + l2 * (experts[1][k] - base[k])
         assert torch.allclose(got[k], want, atol=1e-5), k
+
+
+def test_fisher_normalize_on_single_tensors_uses_their_fisher_norms() -> None:
+    """merge_tensors on single tensors with normalize: true weights each model by 1/‖Fᵢ‖; it
+    found no ``fisher.`` keys in ``{"": F}`` and returned the first model unchanged.
+    """
+    from merganser import merge_tensors
+
+    t = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])]
+    f = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0])]  # norms 5 and √2
+    got = merge_tensors("fisher", t, statistics=[{"": x} for x in f], normalize=True)
+    lam = [0.5 / 5.0, 0.5 / 2**0.5]
+    want = (lam[0] * f[0] * t[0] + lam[1] * f[1] * t[1]) / (lam[0] * f[0] + lam[1] * f[1])
+    assert torch.allclose(got, want)
+    assert not torch.allclose(got, t[0])

@@ -197,3 +197,19 @@ def test_streaming_topk_keeps_exactly_the_entries_topk_mask_keeps(
     assert int(keep.sum()) == int(density * n)
     if miss and 0 < int(density * n) < n:
         assert passes == 3
+
+
+def test_every_paper_convention_is_a_valid_value_that_differs_from_the_default() -> None:
+    """A parameter's ``paper`` value is the paper's behaviour one parameter away: it must be
+    accepted by the parameter's own check and differ from mergekit's default.
+    """
+    from merganser.methods import all_methods
+
+    seen = []
+    for m in all_methods():
+        for p in m.params:
+            if p.paper is not None:
+                assert p.check(p.paper, f"{m.name}.{p.name}") == p.paper
+                assert p.paper != p.default, (m.name, p.name)
+                seen.append((m.name, p.name))
+    assert ("ties", "scope") in seen and ("dare_ties", "rescale") in seen

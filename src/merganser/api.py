@@ -18,6 +18,7 @@ from merganser.device import check_device
 from merganser.dtypes import dtype_name
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
 from merganser.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
+from merganser.methods.registry import WholeModelStats
 from merganser.options import (
     CPU_THREADS_CAP,
     MergeOptions,
@@ -28,7 +29,6 @@ from merganser.plan import Plan, build_plan
 from merganser.progress import Progress
 from merganser.provenance import ALGORITHM, InputDigests
 from merganser.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
-from merganser.stats import WholeModelStats
 from merganser.tensors import merge_tensors
 from merganser.writer import (
     MANIFEST_NAME,

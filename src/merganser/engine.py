@@ -34,10 +34,10 @@ from merganser.dtypes import dtype_name, itemsize
 from merganser.errors import MerganserError, size_text
 from merganser.formats import dequantize_fp8_block
 from merganser.methods.blockwise import BlockMerge, Load
+from merganser.methods.registry import WholeModelStats
 from merganser.plan import Plan, TensorTask
 from merganser.provenance import BLOCK as DIGEST_BLOCK
 from merganser.provenance import InputDigests
-from merganser.stats import WholeModelStats
 from merganser.vocab import align_rows
 
 # (task, result or a flat chunk of it, its first element). The sink must be done with the tensor

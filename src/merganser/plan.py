@@ -571,11 +571,9 @@ def _add_task(
     stats = None
     if plan.stats_files:
         stats = [_stat_ref(plan, m.ckpt, input_name(m), shape) for m in g.contributors]
-        if method.statistics == "fisher":
-            params["fisher_norms"] = [
-                float(ckpts[plan.stats_files[m.ckpt]].metadata.get("fisher_norm", "nan"))
-                for m in g.contributors
-            ]
+        if method.statistics_params is not None:
+            meta = [ckpts[plan.stats_files[m.ckpt]].metadata for m in g.contributors]
+            params.update(method.statistics_params(meta))
     plan.tasks.append(
         TensorTask(
             name=out_name,

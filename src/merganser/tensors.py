@@ -77,13 +77,9 @@ def merge_tensors(
             stats.observe(p, k, *inputs(k), kwargs)  # type: ignore[union-attr]
         stats.end_pass(p)  # type: ignore[union-attr]
 
-    norms: list[float] = []
-    if m.statistics == "fisher":
-        norms = [
-            sum(float(v.double().square().sum()) for n, v in s.items() if n.startswith("fisher"))
-            ** 0.5
-            for s in statistics  # type: ignore[union-attr]
-        ]
+    whole: dict[str, Any] = {}  # arguments from each model's whole statistics
+    if m.statistics_params is not None and m.statistics_metadata is not None:
+        whole = m.statistics_params([m.statistics_metadata(s) for s in statistics])  # type: ignore[union-attr]
 
     out: dict[str, torch.Tensor] = {}
     for k, first in dicts[0].items():
@@ -95,8 +91,7 @@ def merge_tensors(
         if m.statistics:
             name = f"{m.statistics}.{k}" if k else ""
             extra["stats"] = [s.get(name) for s in statistics]  # type: ignore[union-attr]
-        if norms:
-            extra["fisher_norms"] = norms
+        extra.update(whole)
         if stats is not None:
             extra.update(stats.params_for(k))
         ts, b = inputs(k)

@@ -161,7 +161,7 @@ class DareBlocks(BlockMerge):
 
 @register(
     "dare_linear",
-    params=(WEIGHT, DENSITY, LAMBDA, normalize(False), rescale("l1")),
+    params=(WEIGHT, DENSITY, LAMBDA, normalize(False), rescale("l1", paper="inverse")),
     needs_base=True,
     stochastic=True,
     workspace=1.5,
@@ -193,7 +193,13 @@ def dare_linear(
 
 @register(
     "dare_ties",
-    params=(WEIGHT, DENSITY, LAMBDA, normalize(False), rescale("l1")),
+    params=(
+        WEIGHT,
+        DENSITY,
+        LAMBDA,
+        normalize(False, paper=True),
+        rescale("l1", paper="inverse"),
+    ),
     needs_base=True,
     stochastic=True,
     workspace=1.5,

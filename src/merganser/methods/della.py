@@ -47,7 +47,7 @@ PARAMS = (WEIGHT, DENSITY, EPSILON, LAMBDA)
 
 @register(
     "della",
-    params=(*PARAMS, normalize(True), rescale("l1")),
+    params=(*PARAMS, normalize(True), rescale("l1", paper="inverse")),
     needs_base=True,
     stochastic=True,
     workspace=3.0,
@@ -81,7 +81,7 @@ def della(
 
 @register(
     "della_linear",
-    params=(*PARAMS, normalize(False), rescale("l1")),
+    params=(*PARAMS, normalize(False), rescale("l1", paper="inverse")),
     needs_base=True,
     stochastic=True,
     workspace=3.0,

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from merganser.methods.registry import Param, register
+
+
+def _norm_metadata(stats: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """A Fisher file's whole-model L2 norm, as `merganser calibrate` records it."""
+    sq = sum(
+        float(v.double().square().sum())
+        for n, v in stats.items()
+        if n == "" or n.startswith("fisher.")  # "": a single tensor's own Fisher
+    )
+    return {"fisher_norm": repr(math.sqrt(sq))}
+
+
+def _norms(metadata: list[Mapping[str, str]]) -> dict[str, Any]:
+    return {"fisher_norms": [float(m.get("fisher_norm", "nan")) for m in metadata]}
 
 
 @register(
@@ -29,6 +47,8 @@ from merganser.methods.registry import Param, register
         ),
     ),
     statistics="fisher",
+    statistics_params=_norms,
+    statistics_metadata=_norm_metadata,
     elementwise=True,
     validate=lambda p: "weights sum to zero" if sum(p["weight"]) == 0 else None,
     reference="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022, "

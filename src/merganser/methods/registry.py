@@ -5,11 +5,14 @@ from __future__ import annotations
 import difflib
 import keyword
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from merganser.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
 
 Scope = Literal["model", "global"]
 FLOAT32_MAX = 3.4028234663852886e38
@@ -29,6 +32,9 @@ class Param:
     doc: str = ""
     # mergekit spells some choices as booleans (``rescale: true``): (value for false, for true).
     bool_map: tuple[str, str] | None = None
+    # The paper's (or its official code's) value where it differs from the default, which is
+    # mergekit's for every method mergekit has: the paper's behaviour is one parameter away.
+    paper: Any = None
 
     @property
     def arg(self) -> str:
@@ -83,6 +89,28 @@ def _fmt(x: float | None) -> str:
     return "-inf" if x is None else f"{x:g}"
 
 
+class WholeModelStats(Protocol):
+    """Whole-model statistics gathered in streaming passes before the merge pass (a method's
+    ``stats``): the engine feeds each tensor's float32 inputs once per pass, never holding more
+    than the tensors in flight; ``params_for`` then gives each tensor's extra arguments.
+    """
+
+    passes: int
+
+    def observe(
+        self,
+        pass_index: int,
+        name: str,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: dict[str, Any],
+    ) -> None: ...
+
+    def end_pass(self, pass_index: int) -> None: ...
+
+    def params_for(self, name: str) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered merge method.
@@ -93,11 +121,11 @@ class Method:
 
     name: str
     fn: Callable[..., Any]
-    params: tuple[Param, ...]
-    needs_base: bool
-    # Elementwise methods may be fed any slice of a tensor, which bounds memory for huge tensors.
-    elementwise: bool
     reference: str
+    params: tuple[Param, ...] = ()
+    needs_base: bool = False
+    # Elementwise methods may be fed any slice of a tensor, which bounds memory for huge tensors.
+    elementwise: bool = False
     min_models: int = 1
     max_models: int | None = None
     # Extra float32 working copies of the inputs the method allocates, for the memory budget.
@@ -111,12 +139,17 @@ class Method:
     # Per-tensor check of evaluated parameters; returns an error message or None.
     validate: Callable[[dict[str, Any]], str | None] | None = None
     # Factory for whole-model statistics gathered in extra passes before merging (or None).
-    stats: Callable[[dict[str, Any]], Any] | None = None
+    stats: Callable[[dict[str, Any]], WholeModelStats | None] | None = None
     # Parameters mergekit accepts for this method but that have no effect on it.
     ignored: frozenset[str] = frozenset()
     # Calibration statistics each model must bring ("gram" or "fisher", from `merganser
     # calibrate`); fn then takes ``stats``: one tensor (or None) per model for this tensor.
     statistics: str | None = None
+    # Arguments ``fn`` takes from each model's statistics-file metadata (one mapping per model),
+    # and the metadata a statistics file carries, computed from its tensors where the statistics
+    # are in memory rather than a `merganser calibrate` file.
+    statistics_params: Callable[[list[Mapping[str, str]]], dict[str, Any]] | None = None
+    statistics_metadata: Callable[[Mapping[str, torch.Tensor]], dict[str, str]] | None = None
     # ``blockwise(params, numel)``: a BlockMerge that computes fn's result block by block (after
     # statistic passes over the blocks), or None where the whole tensor is needed at once.
     blockwise: Callable[[dict[str, Any], int], Any] | None = None
@@ -165,50 +198,14 @@ IGNORED_PARAMS = frozenset({"int8_mask"})
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(
-    name: str,
-    *,
-    params: tuple[Param, ...] = (),
-    needs_base: bool = False,
-    elementwise: bool = False,
-    reference: str,
-    min_models: int = 1,
-    max_models: int | None = None,
-    workspace: float = 1.0,
-    experimental: bool = False,
-    aliases: tuple[str, ...] = (),
-    optional_base: bool = False,
-    stochastic: bool = False,
-    validate: Callable[[dict[str, Any]], str | None] | None = None,
-    stats: Callable[[dict[str, Any]], Any] | None = None,
-    ignored: frozenset[str] = frozenset(),
-    statistics: str | None = None,
-    blockwise: Callable[[dict[str, Any], int], Any] | None = None,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register a tensor function as merge method ``name``."""
+def register(name: str, **fields: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a tensor function as merge method ``name``; ``fields`` are
+    ``Method``'s (its one list of what a method may declare).
+    """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        m = Method(
-            name,
-            fn,
-            params,
-            needs_base,
-            elementwise,
-            reference,
-            min_models,
-            max_models,
-            workspace,
-            experimental,
-            aliases,
-            optional_base,
-            stochastic,
-            validate,
-            stats,
-            ignored,
-            statistics,
-            blockwise,
-        )
-        for key in (name, *aliases):
+        m = Method(name=name, fn=fn, **fields)
+        for key in (name, *m.aliases):
             if key in _REGISTRY:
                 raise ValueError(f"merge method {key!r} registered twice")
             _REGISTRY[key] = m
@@ -266,6 +263,7 @@ def method_json(m: Method) -> dict[str, Any]:
                 "low": p.low,
                 "high": p.high,
                 "choices": list(p.choices) if p.choices else None,
+                "paper": p.paper,
                 "doc": p.doc,
             }
             for p in m.params
@@ -288,5 +286,7 @@ def markdown_table() -> str:
         for p in m.params:
             doc = p.doc.replace("|", "\\|")
             default = "required" if p.default is None else f"`{p.default!r}`"
+            if p.paper is not None:
+                default += f" (paper: `{p.paper!r}`)"
             rows.append(f"| {name} | `{p.name}` | {p.scope} | {default} | {_range(p)} | {doc} |")
     return "\n".join(rows) + "\n"

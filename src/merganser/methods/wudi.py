@@ -44,6 +44,7 @@ def _loss(m: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -> to
             "mean",
             kind=str,
             choices=("mean", "base"),
+            paper="base",
             doc="tensors other than 2-D: the mean task vector (FusionBench) or the base (official)",
         ),
     ),
