@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from merganser.api import MergeOptions, merge
-from merganser.calibrate import CalibrationOptions, calibrate
-from merganser.evaluate import evaluate, load_model, zoo_evaluator
+from merganser.evaluation.calibrate import CalibrationOptions, calibrate
+from merganser.evaluation.evaluate import evaluate, load_model, zoo_evaluator
+from merganser.evaluation.zoo import ZooSpec, build_zoo
+from merganser.evaluation.zoo.tasks import get_task
 from merganser.search.config import parse_search
 from merganser.search.run import run_search
-from merganser.zoo import ZooSpec, build_zoo
-from merganser.zoo.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 

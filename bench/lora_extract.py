@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import merganser
-from merganser.extract import extract_lora
+from merganser.pipeline.extract import extract_lora
 
 
 def score(model: Path, task: str) -> float:

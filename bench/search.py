@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from merganser.api import merge_tensors
+from merganser.evaluation.zoo import ZooSpec, build_zoo
 from merganser.search.config import parse_search
 from merganser.search.run import load_state, run_search
 from merganser.search.workers import EvalSpec, LocalPool, fitness_fn, pack
-from merganser.zoo import ZooSpec, build_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)

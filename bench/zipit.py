@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from merganser.evaluate import evaluate, zoo_evaluator
-from merganser.zipper import ZipOptions, zip_models
-from merganser.zoo import ZooSpec, build_zoo
-from merganser.zoo.tasks import get_task
+from merganser.evaluation.evaluate import evaluate, zoo_evaluator
+from merganser.evaluation.zoo import ZooSpec, build_zoo
+from merganser.evaluation.zoo.tasks import get_task
+from merganser.zipping.zipper import ZipOptions, zip_models
 
 REPO = Path(__file__).resolve().parents[1]
 SLACK = 1.0  # points: 2 of 400 test answers, below the split's sampling noise

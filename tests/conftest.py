@@ -103,7 +103,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def evict_or_skip(path: Path) -> None:
     """Drop ``path`` from the page cache, or skip where that cannot be done or seen."""
-    from merganser import pagecache
+    from merganser.storage import pagecache
 
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -129,7 +129,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """base + 2 experts, float32, written with transformers (real Llama folders)."""
-    from merganser.tiny import build_family
+    from merganser.evaluation.tiny import build_family
 
     root = tmp_path_factory.mktemp("family")
     return build_family(root, experts=2, seed=1, dtype=torch.float32)
@@ -138,7 +138,7 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="session")
 def reduced_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A reduced zoo (seed 0) laid out as the demo expects: ROOT/zoo/seed0."""
-    from merganser.zoo import ZooSpec, build_zoo
+    from merganser.evaluation.zoo import ZooSpec, build_zoo
 
     root = tmp_path_factory.mktemp("demo")
     build_zoo(root / "zoo" / "seed0", ZooSpec.reduced(0), verbose=False)

@@ -9,7 +9,7 @@ import pytest
 
 CHURN = """
 import ctypes, resource, sys
-from merganser.allocator import tune_malloc
+from merganser.pipeline.allocator import tune_malloc
 if sys.argv[1] == "1" and not tune_malloc():
     sys.exit(3)  # not glibc's malloc
 libc = ctypes.CDLL(None)

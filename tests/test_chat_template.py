@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO, write_model, write_recipe, write_tokenizer
 
-from merganser import chat_templates
 from merganser.cli import main
+from merganser.model import chat_templates
 
 WORDS = ["<unk>", "<s>", "</s>", "hi", "there"]
 A = "{% for m in messages %}A:{{ m['content'] }}{% endfor %}"

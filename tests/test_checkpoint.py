@@ -11,8 +11,8 @@ import torch
 from conftest import load_folder, write_model
 
 import merganser
-from merganser.checkpoint import Checkpoint
 from merganser.errors import CheckpointError
+from merganser.storage.checkpoint import Checkpoint
 
 T = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

@@ -126,7 +126,8 @@ def test_the_console_script_prefetches_until_the_merge_is_written(tmp_path) -> N
     recipe.write_text(json.dumps({"merge_method": "linear", "models": [{"model": str(m)}]}))
     out = tmp_path / "out"
     setup = (
-        "import os\nfrom merganser import pagecache\nseen = []\nstop = pagecache.Prefetch.stop\n"
+        "import os\nfrom merganser.storage import pagecache\nseen = []\n"
+        "stop = pagecache.Prefetch.stop\n"
         "pagecache.Prefetch.stop = lambda self: "
         f"(seen.append(os.path.exists({str(out)!r})), stop(self))[1]\n"
     )

@@ -60,7 +60,7 @@ def test_cuda_matches_cpu(tmp_path, method) -> None:
 
 
 def test_cuda_calibration_matches_cpu(reduced_zoo) -> None:
-    from merganser.calibrate import CalibrationOptions, calibrate
+    from merganser.evaluation.calibrate import CalibrationOptions, calibrate
 
     model = reduced_zoo / "zoo" / "seed0" / "expert_add"
     texts = ["REV:abc=cba", "ADD:1+2=3", "REV:abcdh=hdcba", "ADD:9+9=18"]

@@ -11,7 +11,7 @@ import yaml
 from conftest import load_folder, run_cli
 
 from merganser.api import merge_tensors
-from merganser.calibrate import CalibrationOptions, calibrate
+from merganser.evaluation.calibrate import CalibrationOptions, calibrate
 from merganser.methods.fisher import fisher
 from merganser.methods.regmean import regmean
 
@@ -133,7 +133,7 @@ def test_grams_mask_padding(zoo: Path) -> None:
 
 
 def test_gram_is_the_mean_outer_product_of_layer_inputs(zoo: Path) -> None:
-    from merganser.evaluate import load_model
+    from merganser.evaluation.evaluate import load_model
 
     lm = load_model(zoo / "expert_add")
     stats, meta = calibrate(lm, TEXTS[:2], options=CalibrationOptions(batch=2))
@@ -150,7 +150,7 @@ def test_gram_is_the_mean_outer_product_of_layer_inputs(zoo: Path) -> None:
 
 
 def test_empirical_fisher_matches_per_example_gradients(zoo: Path) -> None:
-    from merganser.evaluate import load_model
+    from merganser.evaluation.evaluate import load_model
 
     lm = load_model(zoo / "expert_add")
     opts = CalibrationOptions(grams=False, fisher=True, fisher_labels="empirical", batch=2)
@@ -235,8 +235,8 @@ def test_statistics_errors_are_one_line(zoo: Path, tmp_path: Path) -> None:
 
 
 def test_read_texts(tmp_path: Path) -> None:
-    from merganser.calibrate import read_texts
     from merganser.errors import MerganserError
+    from merganser.evaluation.calibrate import read_texts
 
     (tmp_path / "d.jsonl").write_text('{"text": "abc"}\n\n{"prompt": "A:", "answer": "b"}\n')
     assert read_texts(tmp_path / "d.jsonl") == ["abc", "A:b"]

@@ -28,7 +28,7 @@ def test_device_errors_are_one_line_and_write_nothing(tmp_path, device, message)
 
 @NO_CUDA
 def test_calibrate_without_cuda_is_one_line(tmp_path) -> None:
-    from merganser.calibrate import CalibrationOptions, calibrate
+    from merganser.evaluation.calibrate import CalibrationOptions, calibrate
 
     out = tmp_path / "stats.safetensors"
     with pytest.raises(merganser.MerganserError, match="CUDA is not available"):

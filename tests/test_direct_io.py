@@ -14,8 +14,9 @@ import torch
 from conftest import evict_or_skip, load_folder, random_models, write_model
 
 import merganser
-from merganser import direct_io, engine, pagecache
-from merganser.checkpoint import Checkpoint
+from merganser.pipeline import engine
+from merganser.storage import direct_io, pagecache
+from merganser.storage.checkpoint import Checkpoint
 
 
 def _direct_fd(path: Path) -> int:
@@ -182,8 +183,8 @@ def test_an_unknown_read_mode_or_a_negative_read_ahead_is_refused(tmp_path) -> N
 
 
 def test_the_cli_offers_exactly_the_read_modes() -> None:
-    from merganser.checkpoint import READ_MODES
     from merganser.cli import build_parser
+    from merganser.storage.checkpoint import READ_MODES
 
     merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
     read = next(a for a in merge._actions if "--read" in a.option_strings)

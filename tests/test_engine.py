@@ -9,11 +9,11 @@ import torch
 from conftest import load_folder, ties_recipe, tree_digest, write_model
 
 import merganser
-from merganser.engine import EngineOptions, work_items
 from merganser.errors import MerganserError
-from merganser.naming import depth
-from merganser.plan import build_plan
-from merganser.recipe import Gradient, parse_recipe
+from merganser.model.naming import depth
+from merganser.pipeline.engine import EngineOptions, work_items
+from merganser.pipeline.plan import build_plan
+from merganser.pipeline.recipe import Gradient, parse_recipe
 
 
 def _family(tmp_path, layers: int = 3):
@@ -83,8 +83,8 @@ def test_chunks_split_no_input_digest_block_where_the_budget_allows(tmp_path) ->
     from its read buffer (bf16: 2M entries a block); a budget too small for one block still
     works, with chunks of whole compute blocks.
     """
-    from merganser.engine import BLOCK
-    from merganser.provenance import BLOCK as DIGEST_BLOCK
+    from merganser.pipeline.engine import BLOCK
+    from merganser.storage.provenance import BLOCK as DIGEST_BLOCK
 
     w = torch.zeros(4096, 3000, dtype=torch.bfloat16)  # 12.3M entries: several digest blocks
     paths = [write_model(tmp_path / f"m{i}", {"w": w + i}) for i in range(2)]
@@ -129,7 +129,7 @@ def _ties_plan(tmp_path, big: int):
 
 
 def test_a_tensor_too_large_for_the_gpu_budget_is_merged_on_the_cpu_in_blocks(tmp_path) -> None:
-    from merganser.engine import bytes_per_element
+    from merganser.pipeline.engine import bytes_per_element
 
     plan = _ties_plan(tmp_path, big=2048)
     try:
@@ -169,7 +169,7 @@ def test_gpu_items_in_flight_hold_the_gpu_budget() -> None:
     import threading
     import time
 
-    from merganser import engine
+    from merganser.pipeline import engine
 
     lock = threading.Lock()
     on_gpu: list[int] = []  # costs of the GPU items in flight
@@ -216,7 +216,7 @@ def test_a_gpu_budget_must_be_positive(tmp_path) -> None:
 def test_running_out_of_gpu_memory_is_a_one_line_error_naming_the_tensor() -> None:
     from types import SimpleNamespace
 
-    from merganser import engine
+    from merganser.pipeline import engine
 
     def fn(item, compute) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -347,7 +347,7 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
     plan = build_plan(parse_recipe(recipe))
     try:
         task = next(t for t in plan.tasks if t.name == "w")
-        from merganser.engine import blockwise
+        from merganser.pipeline.engine import blockwise
 
         assert blockwise(plan, task, opts.engine_options().device)
         tensors = [m["w"].float() for m in models]
@@ -381,7 +381,7 @@ def test_shards_staged_out_of_order_are_written_and_hashed_exactly(
 
     from blake3 import blake3
 
-    import merganser.writer as writer
+    import merganser.storage.writer as writer
 
     paths = _family(tmp_path, layers=6)
     opts = merganser.MergeOptions(threads=3, memory_budget=4096, out_shard_size=20_000)
@@ -430,8 +430,8 @@ def test_a_failing_tensor_does_not_strand_writers_waiting_for_staging(tmp_path, 
     import threading
     import time
 
-    import merganser.engine as engine
-    import merganser.writer as writer
+    import merganser.pipeline.engine as engine
+    import merganser.storage.writer as writer
 
     g = torch.Generator().manual_seed(0)
     m = write_model(tmp_path / "m", {f"t{i}": torch.randn(256, 256, generator=g) for i in range(8)})
@@ -468,8 +468,8 @@ def test_a_block_merge_reads_a_tensor_it_can_hold_once(tmp_path, monkeypatch) ->
     ``max_item_bytes``) its inputs are read once and held; beyond, they are read once per pass.
     The result is the same either way, and reaches the sink in pieces of at most OUT_PIECE.
     """
-    from merganser import engine
-    from merganser.checkpoint import Checkpoint
+    from merganser.pipeline import engine
+    from merganser.storage.checkpoint import Checkpoint
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(700, 1100, generator=g)
@@ -521,8 +521,8 @@ def test_progress_counts_each_piece_once(tmp_path) -> None:
     """A blockwise TIES item sends one part per block; the bar counted each part as a piece
     and overran its total ("129/75 pieces").
     """
-    from merganser.engine import run, work_items
-    from merganser.progress import Progress
+    from merganser.pipeline.engine import run, work_items
+    from merganser.pipeline.progress import Progress
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(700, 1100, generator=g)

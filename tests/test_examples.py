@@ -12,12 +12,12 @@ import torch
 from conftest import REPO, load_folder
 
 import merganser
-from merganser.calibrate import CalibrationOptions, calibrate
+from merganser.evaluation.calibrate import CalibrationOptions, calibrate
+from merganser.evaluation.tiny import build_family
+from merganser.evaluation.zoo.tasks import get_task
+from merganser.evaluation.zoo.tokenizer import CharTokenizer
 from merganser.methods import all_methods
-from merganser.recipe import load_recipe
-from merganser.tiny import build_family
-from merganser.zoo.tasks import get_task
-from merganser.zoo.tokenizer import CharTokenizer
+from merganser.pipeline.recipe import load_recipe
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 # The output of every example on the tiny models, pinned (issue 28: a move of code must not

@@ -16,7 +16,7 @@ from conftest import load_folder
 
 import merganser
 from merganser.cli import main
-from merganser.extract import extract_lora
+from merganser.pipeline.extract import extract_lora
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -15,8 +15,8 @@ import torch
 from conftest import write_recipe
 from families import FAMILIES, LAYERS, build_family, inputs, load
 
-from merganser import anatomy
 from merganser.cli import main
+from merganser.model import anatomy
 
 RECIPES = ("linear", "ties", "slerp", "task_arithmetic", "slices")
 # Slicing one stack of several needs mergekit's per-module slices (modules:): refused for now.
@@ -250,7 +250,7 @@ def test_modules_that_do_not_fit_the_model_are_refused(
 
 
 def test_anatomy_reads_experts_and_tied_embeddings(family_root) -> None:
-    from merganser.summary import summarize
+    from merganser.analysis.summary import summarize
 
     mixtral = summarize(_family(family_root, "mixtral")[0])
     want = {"layout": "per_expert", "experts": 4, "per_token": 2, "shared": 0}

@@ -11,13 +11,13 @@ import torch
 from conftest import load_folder, write_model
 
 import merganser
-from merganser.engine import block_merge, blockwise, fusable
 from merganser.errors import MerganserError
 from merganser.methods import dare, fused, sparsify
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
-from merganser.plan import build_plan
-from merganser.recipe import parse_recipe
+from merganser.pipeline.engine import block_merge, blockwise, fusable
+from merganser.pipeline.plan import build_plan
+from merganser.pipeline.recipe import parse_recipe
 
 CASES = [
     ("ties", {"density": 0.5}),

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import load_folder, write_model, write_recipe
 
-from merganser import hub
 from merganser.cli import main
+from merganser.storage import hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_model
 
-from merganser.kinship import kinship_matrix, vector_kinship
+from merganser.analysis.kinship import kinship_matrix, vector_kinship
 from merganser.search import greedy_soup
 
 

@@ -91,3 +91,46 @@ def test_nothing_below_the_facade_imports_it() -> None:
 def test_the_walk_sees_function_level_imports() -> None:
     """The check is real: cli imports the façade inside its command functions."""
     assert FACADE in import_graph()["merganser.cli"]
+
+
+# The packages from the bottom up: a module may import its own package and those below it, so
+# data flows one way (recipe -> plan -> engine -> method -> writer) and each package can be read
+# knowing only what is under it. Equal ranks do not import each other.
+LAYERS: dict[str, int] = {
+    "merganser": 0,  # the package root: the version and lazy attributes only
+    "errors": 0,
+    "storage": 1,
+    "model": 2,
+    "methods": 3,
+    "pipeline": 4,
+    "evaluation": 5,
+    "zipping": 6,
+    "analysis": 6,
+    "search": 7,
+    "api": 8,
+    "cli": 9,
+    "demo": 9,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_package_imports_only_its_own_and_those_below() -> None:
+    graph = import_graph()
+    assert {_package(m) for m in graph} == set(LAYERS), "a new package needs its place in LAYERS"
+    upward = sorted(
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if _package(d) != _package(m) and LAYERS[_package(d)] >= LAYERS[_package(m)]
+    )
+    assert not upward, upward
+
+
+def test_top_level_modules_are_only_the_thin_layer() -> None:
+    """Everything else lives in a package named for its concern."""
+    top = sorted(p.stem for p in PKG.glob("*.py"))
+    assert top == ["__init__", "api", "cli", "demo", "errors"], top

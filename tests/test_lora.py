@@ -16,8 +16,8 @@ import transformers as T
 from conftest import load_folder, write_recipe
 
 import merganser
-from merganser import lora
 from merganser.cli import main
+from merganser.model import lora
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

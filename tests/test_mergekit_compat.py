@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, load_folder
 
 import merganser
-from merganser.tiny import build_family
+from merganser.evaluation.tiny import build_family
 
 
 def _mergekit_python() -> str | None:

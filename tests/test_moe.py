@@ -15,7 +15,7 @@ import yaml
 from conftest import load_folder, write_tokenizer
 
 from merganser.cli import main
-from merganser.moe import cheap_embed_vector
+from merganser.pipeline.moe import cheap_embed_vector
 
 warnings.filterwarnings("ignore", category=UserWarning)
 WORDS = ["<unk>", "<s>", "</s>", "add", "two", "numbers", "reverse", "the", "text", "please"]

@@ -12,7 +12,7 @@ import yaml
 from conftest import load_folder, write_model
 
 from merganser.cli import main
-from merganser.writer import MANIFEST_NAME
+from merganser.storage.writer import MANIFEST_NAME
 
 STAGE1 = {"name": "soup", "merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
 FINAL = {

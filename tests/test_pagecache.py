@@ -9,7 +9,8 @@ from pathlib import Path
 
 from conftest import evict_or_skip, run_cli, write_recipe
 
-from merganser import cli, pagecache
+from merganser import cli
+from merganser.storage import pagecache
 
 PIECE = 64 << 10
 
@@ -151,7 +152,7 @@ def test_prefetch_skips_a_path_with_a_nul(tmp_path) -> None:
     """A recipe path holding a NUL made the prefetch thread print a traceback (os.open raises
     ValueError, not OSError); the merge itself reports such a path in one line.
     """
-    from merganser.pagecache import _Stream
+    from merganser.storage.pagecache import _Stream
 
     good = tmp_path / "w.bin"
     good.write_bytes(b"x" * 10)

@@ -211,7 +211,7 @@ def test_bad_tokenizer_source_fails_before_any_tensor_is_read(
     models, tmp_path, monkeypatch, source
 ) -> None:
     import merganser
-    from merganser.checkpoint import Checkpoint
+    from merganser.storage.checkpoint import Checkpoint
 
     monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("tensor data was read"))
     recipe = _ta(models, tokenizer_source=source)

@@ -225,7 +225,7 @@ def test_evolve_cli_processes_match_in_process(reduced_zoo: Path, tmp_path: Path
     assert (tmp_path / "one/search.png").stat().st_size > 0
     assert "generation 3/3: best dev" in one.stderr
     # The saved best model is loadable and scores what the search measured on test.
-    from merganser.evaluate import evaluate, zoo_evaluator
+    from merganser.evaluation.evaluate import evaluate, zoo_evaluator
 
     scores = evaluate(tmp_path / "one/best", [zoo_evaluator(["reverse", "add"], "test", 24)])
     assert sum(s.accuracy for s in scores.values()) / 2 == pytest.approx(r1["best"]["test"])

@@ -386,7 +386,7 @@ def test_meta_check_reports_only_what_the_merge_introduced(tmp_path) -> None:
     """A checkpoint transformers loads with warnings (an extra buffer) still merges; a tensor
     the merge drops is named as missing.
     """
-    from merganser import hf
+    from merganser.model import hf
 
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,

@@ -9,7 +9,7 @@ import torch
 from conftest import load_folder, write_model
 
 import merganser
-from merganser.tiny import build_family
+from merganser.evaluation.tiny import build_family
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from conftest import load_folder, write_model, write_recipe, write_tokenizer
 
 from merganser.cli import main
-from merganser.vocab import Vocab, align_rows, permutation, union_tokens
+from merganser.model.vocab import Vocab, align_rows, permutation, union_tokens
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(13)]  # 16 shared tokens
 D = 8

@@ -15,9 +15,9 @@ from blake3 import blake3
 from conftest import ties_recipe
 
 import merganser
-import merganser.writer as writer
-from merganser.safetensors_header import read_header
-from merganser.writer import AtomicOutput, layout
+import merganser.storage.writer as writer
+from merganser.storage.safetensors_header import read_header
+from merganser.storage.writer import AtomicOutput, layout
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -11,7 +11,7 @@ from conftest import load_folder, run_cli
 from safetensors.torch import load_file
 
 from merganser.errors import MerganserError
-from merganser.matching import (
+from merganser.zipping.matching import (
     Axis,
     apply_perms,
     permute_match,
@@ -94,8 +94,8 @@ def test_weight_matching_spec_example() -> None:
 def _llama(folder: Path, seed: int, kv_heads: int = 4, **kw: object) -> Path:
     from transformers import LlamaForCausalLM
 
-    from merganser.tiny import tiny_llama_config
-    from merganser.zoo.tokenizer import CharTokenizer
+    from merganser.evaluation.tiny import tiny_llama_config
+    from merganser.evaluation.zoo.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
     shape = {"hidden_size": 32, "layers": 2, "intermediate": 48, "heads": 4, **kw}
@@ -148,7 +148,7 @@ def _permute_by_hand(src: Path, dst: Path, seed: int, kv_heads: int = 4) -> None
 
 
 def _logits(path: Path, task: str | None = None) -> torch.Tensor:
-    from merganser.evaluate import load_model
+    from merganser.evaluation.evaluate import load_model
 
     lm = load_model(path)
     lm = lm.for_task(task) if task else lm
@@ -179,7 +179,7 @@ def test_hand_permuted_copy_computes_the_same_function(pair: tuple[Path, Path, P
 def test_align_recovers_a_permuted_copy_exactly(
     pair: tuple[Path, Path, Path], tmp_path: Path, match: str
 ) -> None:
-    from merganser.zipper import align_models
+    from merganser.zipping.zipper import align_models
 
     a, a_perm, _ = pair
     align_models(a, a_perm, tmp_path / "out", TEXTS, match)
@@ -193,7 +193,7 @@ def test_align_recovers_a_permuted_copy_exactly(
 def test_align_of_another_init_keeps_its_function(
     pair: tuple[Path, Path, Path], tmp_path: Path, match: str
 ) -> None:
-    from merganser.zipper import align_models
+    from merganser.zipping.zipper import align_models
 
     a, _, b = pair
     r = align_models(a, b, tmp_path / "out", TEXTS, match)
@@ -202,7 +202,7 @@ def test_align_of_another_init_keeps_its_function(
 
 
 def test_weight_matching_with_grouped_query_attention(tmp_path: Path) -> None:
-    from merganser.zipper import align_models
+    from merganser.zipping.zipper import align_models
 
     a = _llama(tmp_path / "a", 0, kv_heads=2)
     _permute_by_hand(a, tmp_path / "a_perm", 3, kv_heads=2)
@@ -216,7 +216,7 @@ def test_weight_matching_with_grouped_query_attention(tmp_path: Path) -> None:
 def test_zip_of_a_model_and_its_permuted_copy_is_the_model(
     pair: tuple[Path, Path, Path], tmp_path: Path, match: str
 ) -> None:
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, a_perm, _ = pair
     zip_models([a, a_perm], TEXTS, tmp_path / "out", ZipOptions(matcher=match))
@@ -230,7 +230,7 @@ def test_zip_of_three_models_with_two_copies(
     pair: tuple[Path, Path, Path], tmp_path: Path, match: str
 ) -> None:
     """n = 3 (r = 2/3): a model, its permuted copy and itself again zip back to the model."""
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, a_perm, _ = pair
     # α = 1 keeps a pair's correlation with the third copy at 1; the default 0.3 would let
@@ -246,7 +246,7 @@ def test_partial_zip_heads_reproduce_each_model(
 ) -> None:
     """Zipping A with its permuted copy loses nothing, so every head is exactly model A;
     the multi-head folder loads, routes tasks to heads, and stores only one trunk."""
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, a_perm, _ = pair
     out = tmp_path / "mh"
@@ -277,7 +277,7 @@ def test_partial_zip_of_different_models_is_evaluable_per_task(
     assert r.returncode == 1
     assert "no head for task 'sort' (heads: reverse, add)" in r.stderr
     # k = 0: the heads differ from their models only through the zipped embeddings
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     zip_models([a, b], TEXTS, tmp_path / "k0", ZipOptions(layers=0, heads=("a", "b")))
     tensors = load_file(str(tmp_path / "k0" / "model.safetensors"))
@@ -306,8 +306,8 @@ def test_zip_cli_full_merge_is_a_plain_llama(pair: tuple[Path, Path, Path], tmp_
 
 def test_features_mask_padding(pair: tuple[Path, Path, Path]) -> None:
     """Batched features (padding masked) equal those of one sequence at a time."""
-    from merganser.evaluate import load_model
-    from merganser.features import collect_features
+    from merganser.evaluation.evaluate import load_model
+    from merganser.zipping.features import collect_features
 
     a, _, b = pair
     models = [load_model(a), load_model(b)]
@@ -329,7 +329,7 @@ def test_features_mask_padding(pair: tuple[Path, Path, Path]) -> None:
 def test_zip_errors_are_one_line_and_write_nothing(
     pair: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, _, b = pair
     wide = _llama(tmp_path / "wide", 2, intermediate=64)
@@ -361,7 +361,7 @@ def test_zip_errors_are_one_line_and_write_nothing(
 
 
 def test_lstsq_weights_solves_the_ridge_problem() -> None:
-    from merganser.refit import lstsq_weights
+    from merganser.zipping.refit import lstsq_weights
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(200, 7, generator=gen, dtype=torch.float64)
@@ -386,7 +386,7 @@ def test_refit_zip_of_a_model_and_its_permuted_copy_is_the_model(
 ) -> None:
     """Every target is the model's own feature, and the ridge pulls towards the zip (already the
     model), so the refit gives the model back, even where the data leaves the fit open."""
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, a_perm, _ = pair
     heads = None if layers is None else ("x", "y")
@@ -403,7 +403,7 @@ def _mse(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_refit_brings_zips_of_different_models_closer_to_them(
     pair: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, _, b = pair
     err = {}
@@ -427,7 +427,7 @@ def test_refit_brings_zips_of_different_models_closer_to_them(
 
 
 def test_refit_errors(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     a, _, b = pair
     out = tmp_path / "out"
@@ -443,9 +443,9 @@ def test_refit_handles_biases(tmp_path: Path) -> None:
     and refit (matching by identity) comes back unchanged, biases included."""
     from transformers import LlamaForCausalLM
 
-    from merganser.tiny import tiny_llama_config
-    from merganser.zipper import ZipOptions, zip_models
-    from merganser.zoo.tokenizer import CharTokenizer
+    from merganser.evaluation.tiny import tiny_llama_config
+    from merganser.evaluation.zoo.tokenizer import CharTokenizer
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     tok = CharTokenizer()
     cfg = tiny_llama_config(vocab_size=len(tok), hidden_size=32, intermediate=48, kv_heads=4)

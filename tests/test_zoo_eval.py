@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from merganser.errors import MerganserError
-from merganser.evaluate import LoadedModel, jsonl_evaluator, score_pairs, zoo_evaluator
-from merganser.zoo import EXPERT_TASKS, ZooSpec, build_zoo, get_task
-from merganser.zoo.tokenizer import EOS, CharTokenizer
+from merganser.evaluation.evaluate import LoadedModel, jsonl_evaluator, score_pairs, zoo_evaluator
+from merganser.evaluation.zoo import EXPERT_TASKS, ZooSpec, build_zoo, get_task
+from merganser.evaluation.zoo.tokenizer import EOS, CharTokenizer
 
 
 def test_reduced_zoo_is_real_hf_models_with_a_real_tokenizer(reduced_zoo) -> None:
@@ -27,7 +27,7 @@ def test_reduced_zoo_is_real_hf_models_with_a_real_tokenizer(reduced_zoo) -> Non
 
 
 def test_zoo_build_is_cached(reduced_zoo, monkeypatch) -> None:
-    import merganser.zoo.build as build
+    import merganser.evaluation.zoo.build as build
 
     monkeypatch.setattr(build, "train", lambda *a, **k: pytest.fail("retrained a cached zoo"))
     paths = build_zoo(reduced_zoo / "zoo" / "seed0", ZooSpec.reduced(0), verbose=False)
@@ -55,7 +55,7 @@ def test_zoo_build_is_deterministic(tmp_path) -> None:
 
 
 def test_experts_have_learned_their_tasks_beyond_the_base(reduced_zoo) -> None:
-    from merganser.evaluate import evaluate, load_model
+    from merganser.evaluation.evaluate import evaluate, load_model
 
     root = reduced_zoo / "zoo" / "seed0"
     ev = zoo_evaluator(["add"], "dev", 60)

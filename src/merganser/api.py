@@ -12,25 +12,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from merganser import anatomy, chat_templates, engine, hf, multi, safejson
-from merganser.card import model_card
-from merganser.device import check_device
-from merganser.dtypes import dtype_name
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
-from merganser.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
 from merganser.methods.registry import WholeModelStats
-from merganser.options import (
+from merganser.model import anatomy, chat_templates, hf
+from merganser.model.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
+from merganser.pipeline import engine, multi
+from merganser.pipeline.card import model_card
+from merganser.pipeline.device import check_device
+from merganser.pipeline.options import (
     CPU_THREADS_CAP,
     MergeOptions,
     default_memory_budget,
     default_threads,
 )
-from merganser.plan import Plan, build_plan
-from merganser.progress import Progress
-from merganser.provenance import ALGORITHM, InputDigests
-from merganser.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
-from merganser.tensors import merge_tensors
-from merganser.writer import (
+from merganser.pipeline.plan import Plan, build_plan
+from merganser.pipeline.progress import Progress
+from merganser.pipeline.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
+from merganser.pipeline.tensors import merge_tensors
+from merganser.storage import safejson
+from merganser.storage.dtypes import dtype_name
+from merganser.storage.provenance import ALGORITHM, InputDigests
+from merganser.storage.writer import (
     MANIFEST_NAME,
     RECIPE_NAME,
     SHARD_DIGEST,
@@ -87,8 +89,8 @@ def _merge_as_adapter(
     ranks summed, where factoring a merge linear in ΔW is exact. Each module's error is
     printed and recorded in the adapter's README.md.
     """
-    from merganser.adapter import AdaptedCheckpoint
-    from merganser.extract import extract_lora
+    from merganser.model.adapter import AdaptedCheckpoint
+    from merganser.pipeline.extract import extract_lora
 
     rec = _as_recipe(recipe)
     plan = build_plan(rec, options.read_mode, options.offline)

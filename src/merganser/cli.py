@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merganser import __version__
-from merganser.allocator import tune_malloc
 from merganser.errors import MerganserError
+from merganser.pipeline.allocator import tune_malloc
 
 if TYPE_CHECKING:
-    from merganser.pagecache import Prefetch
+    from merganser.storage.pagecache import Prefetch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -77,7 +77,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """`merganser merge`'s flags, one per field of MergeOptions (options.py): its name, help,
     default and parser come from the field, so the CLI and the API cannot drift apart.
     """
-    from merganser.options import option_fields
+    from merganser.pipeline.options import option_fields
 
     for f in option_fields():
         meta, dest = f.metadata, f.name
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_merge(a: argparse.Namespace) -> int:
     from merganser.api import merge
-    from merganser.options import MergeOptions, option_fields
+    from merganser.pipeline.options import MergeOptions, option_fields
 
     opts = MergeOptions(**{f.name: getattr(a, f.name) for f in option_fields()})
     if a.dry_run:
@@ -309,7 +309,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     started = time.monotonic()
     out = merge(a.recipe, a.out, opts)
     if a.json:
-        from merganser.writer import MANIFEST_NAME
+        from merganser.storage.writer import MANIFEST_NAME
 
         result: dict[str, Any] = {"output": str(out), "kind": opts.output}
         if opts.output == "model":
@@ -331,7 +331,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
 
 def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -> int:
-    from merganser.preview import format_preview, preview_file
+    from merganser.pipeline.preview import format_preview, preview_file
 
     previews = preview_file(recipe, opts, out)
     if as_json:
@@ -345,14 +345,14 @@ def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -
 
 
 def _cmd_moe(a: argparse.Namespace) -> int:
-    from merganser.moe import build_moe
+    from merganser.pipeline.moe import build_moe
 
     print(f"built {build_moe(a.config, a.out, a.force)}")
     return 0
 
 
 def _cmd_extract_lora(a: argparse.Namespace) -> int:
-    from merganser.extract import extract_lora
+    from merganser.pipeline.extract import extract_lora
 
     ext = extract_lora(a.finetune, a.base, a.out, a.rank, a.energy, a.embeddings, a.force)
     report = ext.report()
@@ -370,13 +370,13 @@ def _cmd_extract_lora(a: argparse.Namespace) -> int:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
-    from merganser.options import MergeOptions
+    from merganser.pipeline.options import MergeOptions
 
     return _show_plan(a.recipe, MergeOptions(), a.json)
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from merganser.summary import format_summary, summarize
+    from merganser.analysis.summary import format_summary, summarize
 
     s = summarize(a.path)
     print(json.dumps(s, indent=2) if a.json else format_summary(s))
@@ -384,7 +384,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from merganser.verify import verify_output
+    from merganser.analysis.verify import verify_output
 
     r = verify_output(a.path)
     scope = "every file" if r["files_checked"] else "shards only: an older manifest"
@@ -411,7 +411,7 @@ def _cmd_methods(a: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(a: argparse.Namespace) -> int:
-    from merganser.zoo import ZooSpec, build_zoo
+    from merganser.evaluation.zoo import ZooSpec, build_zoo
 
     spec = ZooSpec.reduced(a.seed) if a.reduced else ZooSpec(seed=a.seed)
     for name, path in build_zoo(a.dir, spec, threads=a.threads).items():
@@ -422,15 +422,15 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     import importlib
 
-    from merganser.evaluate import (
+    from merganser.evaluation.evaluate import (
         evaluate,
         jsonl_evaluator,
         load_model,
         scores_to_json,
         zoo_evaluator,
     )
-    from merganser.report import format_table
-    from merganser.zoo import ALL_TASKS, EXPERT_TASKS
+    from merganser.evaluation.report import format_table
+    from merganser.evaluation.zoo import ALL_TASKS, EXPERT_TASKS
 
     evaluators = [jsonl_evaluator(p) for p in a.jsonl]
     for spec in a.evaluator:
@@ -468,8 +468,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _cmd_kinship(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from merganser.kinship import METRICS, format_matrix, heatmap, kinship_matrix
-    from merganser.writer import guard_output
+    from merganser.analysis.kinship import METRICS, format_matrix, heatmap, kinship_matrix
+    from merganser.storage.writer import guard_output
 
     if a.heatmap:  # checked before the work, not after it
         guard_output(a.heatmap, [*a.models, a.base], a.force, kind="file")
@@ -487,10 +487,10 @@ def _cmd_kinship(a: argparse.Namespace) -> int:
 
 def _texts(a: argparse.Namespace) -> list[str] | None:
     """Texts from --tasks (zoo train split, interleaved, at most --examples) or --data."""
-    from merganser.calibrate import read_texts
+    from merganser.evaluation.calibrate import read_texts
 
     if a.tasks:
-        from merganser.zoo.tasks import get_task
+        from merganser.evaluation.zoo.tasks import get_task
 
         texts = [
             p + ans
@@ -506,7 +506,7 @@ def _texts(a: argparse.Namespace) -> list[str] | None:
 def _cmd_zip(a: argparse.Namespace) -> int:
     import torch
 
-    from merganser.zipper import ZipOptions, zip_models
+    from merganser.zipping.zipper import ZipOptions, zip_models
 
     if len(a.models) < 3:
         raise MerganserError("zip: give two or more model folders and then the output folder")
@@ -529,7 +529,7 @@ def _cmd_zip(a: argparse.Namespace) -> int:
 def _cmd_align(a: argparse.Namespace) -> int:
     import torch
 
-    from merganser.zipper import ZipOptions, align_models
+    from merganser.zipping.zipper import ZipOptions, align_models
 
     torch.set_num_threads(a.threads)
     r = align_models(
@@ -546,8 +546,8 @@ def _cmd_align(a: argparse.Namespace) -> int:
 def _cmd_calibrate(a: argparse.Namespace) -> int:
     import torch
 
-    from merganser.calibrate import CalibrationOptions, calibrate
-    from merganser.writer import guard_output
+    from merganser.evaluation.calibrate import CalibrationOptions, calibrate
+    from merganser.storage.writer import guard_output
 
     torch.set_num_threads(a.threads)
     if a.data:  # the data file is an input too (calibrate checks the model itself)
@@ -578,7 +578,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 def _cmd_evolve(a: argparse.Namespace) -> int:
     from merganser.search.config import load_search
     from merganser.search.run import run_search
-    from merganser.writer import guard_output
+    from merganser.storage.writer import guard_output
 
     cfg = load_search(a.search)
     guard_output(a.out, [a.search], force=True)  # the search file itself is an input too
@@ -603,7 +603,7 @@ def _cmd_evolve(a: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(a: argparse.Namespace) -> int:
-    from merganser.tiny import build_family
+    from merganser.evaluation.tiny import build_family
 
     for p in build_family(a.out, experts=a.experts, seed=a.seed):
         print(p)
@@ -741,8 +741,8 @@ def _prefetch(a: argparse.Namespace) -> Prefetch | None:
     """
     if a.command != "merge" or a.read_mode == "direct":
         return None
-    from merganser import pagecache
-    from merganser.recipe import load_recipe
+    from merganser.pipeline.recipe import load_recipe
+    from merganser.storage import pagecache
 
     try:
         recipe = load_recipe(a.recipe)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from merganser.api import MergeOptions, merge
-from merganser.evaluate import Score, evaluate, load_model, zoo_evaluator
-from merganser.report import bar_chart, format_table, write_csv, write_json
-from merganser.zoo import ZooSpec, build_zoo
+from merganser.evaluation.evaluate import Score, evaluate, load_model, zoo_evaluator
+from merganser.evaluation.report import bar_chart, format_table, write_csv, write_json
+from merganser.evaluation.zoo import ZooSpec, build_zoo
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6)
 TIES_DENSITIES = (0.2, 0.3, 0.5)
@@ -182,9 +182,9 @@ def _moe_row(
     """
     import yaml
 
-    from merganser.checkpoint import Checkpoint
-    from merganser.moe import build_moe
-    from merganser.zoo.tasks import get_task
+    from merganser.evaluation.zoo.tasks import get_task
+    from merganser.pipeline.moe import build_moe
+    from merganser.storage.checkpoint import Checkpoint
 
     config = {
         "base_model": str(shared),

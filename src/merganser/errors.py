@@ -1,5 +1,10 @@
 """User-facing errors: each one is a single line naming the file or key and what was expected."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class MerganserError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
@@ -23,3 +28,9 @@ def size_text(n: float) -> str:
                 f"{n / scale:.2f} {unit}" if unit in ("GiB", "TiB") else f"{n / scale:.1f} {unit}"
             )
     return f"{int(n)} B"
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or nothing."""
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -15,7 +15,7 @@ import torch
 from conftest import write_model, write_recipe
 
 import merganser
-import merganser.writer
+import merganser.storage.writer
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_write_failing_midway(tmp_path, recipe, monkeypatch) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(merganser.writer.os, "pwrite", flaky)
+    monkeypatch.setattr(merganser.storage.writer.os, "pwrite", flaky)
     with pytest.raises(merganser.MerganserError, match="No space left on device"):
         merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(out_shard_size=2_000_000))
     assert calls["n"] >= 4
@@ -78,13 +78,15 @@ def test_write_failing_midway(tmp_path, recipe, monkeypatch) -> None:
 def test_too_little_space_is_reported_before_any_work(tmp_path, recipe, monkeypatch) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(merganser.api.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
-    read = merganser.checkpoint.Checkpoint.read
+    read = merganser.storage.checkpoint.Checkpoint.read
     monkeypatch.setattr(
-        merganser.checkpoint.Checkpoint, "read", lambda *a, **k: pytest.fail("tensor data was read")
+        merganser.storage.checkpoint.Checkpoint,
+        "read",
+        lambda *a, **k: pytest.fail("tensor data was read"),
     )
     with pytest.raises(merganser.MerganserError, match="not enough disk space"):
         merganser.merge(recipe, tmp_path / "out")
-    monkeypatch.setattr(merganser.checkpoint.Checkpoint, "read", read)
+    monkeypatch.setattr(merganser.storage.checkpoint.Checkpoint, "read", read)
     assert _leftovers(tmp_path) == []
 
 

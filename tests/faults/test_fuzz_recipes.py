@@ -12,9 +12,9 @@ from conftest import write_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from merganser.analysis.verify import verify_output
 from merganser.cli import main
 from merganser.methods import all_methods
-from merganser.verify import verify_output
 
 EXAMPLES = 300
 STATS = {"tried": 0, "merged": 0, "rejected": 0}

@@ -126,7 +126,7 @@ def test_folder_or_device_in_place_of_weights(tmp_path, capsys, kind) -> None:
 
 
 def test_too_many_models_are_refused_before_any_work(tmp_path, capsys) -> None:
-    from merganser.recipe import MAX_MODELS
+    from merganser.pipeline.recipe import MAX_MODELS
 
     m = _models(tmp_path, 1)[0]
     refs = [{"model": f"{m}/../{m.name}" + "/." * i} for i in range(MAX_MODELS + 1)]
@@ -255,7 +255,7 @@ def _edit_json(path, fn):
     ["config", "recipe", "card", "extra-shard", "extra-file", "missing-file", "index"],
 )
 def test_verify_checks_every_file(merged, capsys, damage) -> None:
-    from merganser.verify import verify_output
+    from merganser.analysis.verify import verify_output
 
     assert verify_output(merged)["files_checked"]
     if damage == "config":
@@ -280,8 +280,8 @@ def test_verify_checks_every_file(merged, capsys, damage) -> None:
 
 def test_verify_rederives_the_recipe_hash(merged) -> None:
     """The recipe edited and its digest in the manifest updated: the recipe hash still differs."""
-    from merganser.verify import verify_output
-    from merganser.writer import file_digest
+    from merganser.analysis.verify import verify_output
+    from merganser.storage.writer import file_digest
 
     recipe = merged / "merganser_recipe.yaml"
     recipe.write_text(recipe.read_text() + "# edited\n")
@@ -297,7 +297,7 @@ def test_verify_rederives_the_recipe_hash(merged) -> None:
 
 
 def _journal(tmp_path, scores=None):
-    from merganser.evaluate import Score
+    from merganser.evaluation.evaluate import Score
     from merganser.search.journal import Journal
 
     j = Journal(tmp_path, "cfg", resume=False)
@@ -371,7 +371,7 @@ def test_json_nesting_bomb_in_a_safetensors_header(tmp_path, capsys) -> None:
 
 
 def test_json_nesting_bomb_in_calibration_data(tmp_path) -> None:
-    from merganser.calibrate import read_texts
+    from merganser.evaluation.calibrate import read_texts
 
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
@@ -390,7 +390,7 @@ def test_zip_and_align_without_tokenizer_files(tiny_family, tmp_path, capsys) ->
 
 
 def test_malicious_bin_is_refused_by_eval_and_calibrate_in_one_line(tiny_family, tmp_path, capsys):
-    from merganser.zoo.tokenizer import CharTokenizer
+    from merganser.evaluation.zoo.tokenizer import CharTokenizer
 
     sys.path.insert(0, os.path.dirname(__file__))
     from test_hostile_inputs import _Evil
@@ -476,7 +476,7 @@ def test_a_yaml_key_repeated_with_the_same_value_is_read_once(tmp_path) -> None:
     """A published model card (Stellar-Odyssey-12b) gives merge_method twice, both the same:
     mergekit runs it, and so does merganser; different values stay an error (above).
     """
-    from merganser.recipe import load_recipe
+    from merganser.pipeline.recipe import load_recipe
 
     ms = _models(tmp_path, 1)
     p = tmp_path / "r.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from conftest import tree_digest, write_model, write_recipe
 
-from merganser.verify import verify_output
+from merganser.analysis.verify import verify_output
 
 TRIALS = 24
 

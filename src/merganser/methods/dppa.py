@@ -19,7 +19,7 @@ from merganser.methods.params import LAMBDA, WEIGHT, normalize
 from merganser.methods.registry import Param, register
 from merganser.methods.sparsify import topk_mask
 from merganser.methods.task_vectors import generalized_task_arithmetic
-from merganser.naming import is_layer_linear, layer_index
+from merganser.model.naming import is_layer_linear, layer_index
 
 MIN_DENSITY = 1e-3
 

@@ -17,9 +17,9 @@ import torch
 
 from merganser.errors import MerganserError
 from merganser.methods import get_method
-from merganser.naming import layer_index
+from merganser.model.naming import layer_index
+from merganser.pipeline.tensors import merge_tensors
 from merganser.search.common import Scorer, SearchResult, StateDict
-from merganser.tensors import merge_tensors
 
 DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.05, 1.0)}
 

@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merganser.errors import RecipeError
-from merganser.recipe import format_error, read_yaml
-from merganser.zoo.tasks import ALL_TASKS
+from merganser.evaluation.zoo.tasks import ALL_TASKS
+from merganser.pipeline.recipe import format_error, read_yaml
 
 STRATEGIES = ("evolver", "cmaes", "greedy_soup", "kinship_greedy", "adamerging")
 

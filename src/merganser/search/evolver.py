@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 
 from merganser.errors import MerganserError
+from merganser.pipeline.tensors import merge_tensors
 from merganser.search.common import Flat, Scorer, SearchResult, StateDict
-from merganser.tensors import merge_tensors
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from merganser import safejson
 from merganser.errors import MerganserError
-from merganser.evaluate import Score
+from merganser.evaluation.evaluate import Score
 from merganser.search.workers import Packed
+from merganser.storage import safejson
 
 JOURNAL_NAME = "evaluations.jsonl"
 

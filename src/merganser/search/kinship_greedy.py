@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from merganser.kinship import state_kinship
-from merganser.naming import depth, layer_index
-from merganser.recipe import ParamValue, evaluate, parse_value
+from merganser.analysis.kinship import state_kinship
+from merganser.model.naming import depth, layer_index
+from merganser.pipeline.recipe import ParamValue, evaluate, parse_value
+from merganser.pipeline.tensors import merge_tensors
 from merganser.search.common import Scorer, SearchResult, StateDict
-from merganser.tensors import merge_tensors
 
 # The released Model Kinship children: mergekit SLERP with this layer schedule (spec §11.2).
 KINSHIP_SLERP_T: list[dict[str, Any]] = [

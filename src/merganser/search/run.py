@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from merganser.checkpoint import Checkpoint, check_same_tensors
 from merganser.errors import MerganserError
-from merganser.evaluate import Score
-from merganser.hf import TOKENIZER_FILES
+from merganser.evaluation.evaluate import Score
+from merganser.model.hf import TOKENIZER_FILES
 from merganser.search.adamerging import AdaMergingConfig, adamerging
 from merganser.search.cmaes import CMAConfig, cma_search
 from merganser.search.common import SearchResult, StateDict
@@ -33,7 +32,8 @@ from merganser.search.journal import JOURNAL_NAME, Journal, candidate_key
 from merganser.search.kinship_greedy import greedy_merge_search, slerp_merger
 from merganser.search.soup import greedy_soup
 from merganser.search.workers import EvalSpec, Pool, check_spec, fitness_fn, make_pool, pack
-from merganser.writer import guard_output, publish
+from merganser.storage.checkpoint import Checkpoint, check_same_tensors
+from merganser.storage.writer import guard_output, publish
 
 RESULTS_NAME = "search.json"
 PLOT_NAME = "search.png"
@@ -183,7 +183,7 @@ def _unlabelled_prompts(
     """A model skeleton and, per task, the dev split's prompts (answers unused) in batches."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from merganser.evaluate import LoadedModel, pad_batches, read_jsonl
+    from merganser.evaluation.evaluate import LoadedModel, pad_batches, read_jsonl
 
     skeleton = cfg.resolve(cfg.base_model or cfg.models[0])
     model = AutoModelForCausalLM.from_config(
@@ -192,7 +192,7 @@ def _unlabelled_prompts(
     tok = AutoTokenizer.from_pretrained(skeleton)
     by_task: dict[str, list[str]] = {}
     if cfg.evaluator.tasks:
-        from merganser.zoo.tasks import get_task
+        from merganser.evaluation.zoo.tasks import get_task
 
         for t in cfg.evaluator.tasks:
             by_task[t] = [p for p, _ in get_task(t).examples("dev", cfg.evaluator.n)]

@@ -16,9 +16,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from merganser import hf
 from merganser.errors import MerganserError
-from merganser.evaluate import Evaluator, LoadedModel, Score, jsonl_evaluator, zoo_evaluator
+from merganser.evaluation.evaluate import (
+    Evaluator,
+    LoadedModel,
+    Score,
+    jsonl_evaluator,
+    zoo_evaluator,
+)
+from merganser.model import hf
 
 StateDict = Mapping[str, torch.Tensor]
 Packed = dict[str, np.ndarray]

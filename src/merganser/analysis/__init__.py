@@ -1,0 +1,1 @@
+"""Looking at models without merging them: inspect, kinship, verify."""

@@ -1,0 +1,189 @@
+"""Least-squares refit of a zipped model's linear layers (PLeaS: Nasery, Hayase, Koh, Oh,
+CVPR 2025, arXiv 2407.02447).
+
+A zipped layer Σᵢ Mₚ,ᵢ Wᵢ U_q,ᵢ is only as good as the matching. Between models from
+different initialisations the features correlate weakly, the errors compound block after
+block, and the zipped model may answer nothing. The refit keeps the matching's merge as the
+*target*: the layer should output Σᵢ Mₚ,ᵢ Wᵢ xᵢ, the merged features of each model's own
+output on its own input xᵢ. It then solves for the weights that produce the target from the
+merged model's own input z, which already carries the error of every layer below:
+
+    W = (T Zᵀ + λ W₀) (Z Zᵀ + λ I)⁻¹,   λ = ridge · mean(diag Z Zᵀ)
+
+The ridge pulls towards the zipped weights W₀, not towards zero: directions the data never
+excites (tokens absent from it, say) keep the zip's weights instead of losing them.
+
+Layers are solved in forward order, block by block. q/k/v share an input, as do gate/up. The
+unmerge at the end of a partial zip's trunk is fitted the same way: model i's residual state
+from the merged one. Memory is one batch of activations plus in² moments per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from merganser.evaluation.evaluate import pad_batches
+from merganser.zipping.align import Alignment, roles
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+_GROUPS = (  # linears of one block that share their input, in forward order
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def lstsq_weights(
+    zz: torch.Tensor, tz: torch.Tensor, ridge: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W minimising Σ‖W z − t‖² + λ‖W − W₀‖² from the moments Σ z zᵀ and Σ t zᵀ (PLeaS's
+    layer-wise least squares, with a ridge towards the prior W₀, zero if not given)."""
+    lam = ridge * float(torch.diagonal(zz).mean().clamp_min(1e-12))
+    eye = torch.eye(zz.shape[0], dtype=zz.dtype, device=zz.device)
+    rhs = tz if prior is None else tz + lam * prior
+    return torch.linalg.solve(zz + lam * eye, rhs.T).T
+
+
+def _module(model: Any, name: str) -> Any:
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _run(
+    models: Sequence[Any], modules: Sequence[str], batches: Batches, inputs: bool = True
+) -> Iterator[list[torch.Tensor]]:
+    """Per batch, each model's input (or output) of its module ``modules[i]`` at real tokens."""
+    store: list[Any] = [None] * len(models)
+    handles = []
+    for i, (m, name) in enumerate(zip(models, modules, strict=True)):
+        mod = _module(m, name)
+        if inputs:
+            handles.append(
+                mod.register_forward_pre_hook(lambda _m, a, i=i: store.__setitem__(i, a[0]))
+            )
+        else:
+            handles.append(
+                mod.register_forward_hook(
+                    lambda _m, _a, out, i=i: store.__setitem__(
+                        i, out[0] if isinstance(out, tuple) else out
+                    )
+                )
+            )
+    try:
+        for ids, mask in batches:
+            keep = mask.bool()
+            for m in models:
+                with torch.no_grad():
+                    m(input_ids=ids, attention_mask=mask, use_cache=False)
+            yield [s[keep].double() for s in store]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _with_bias(z: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([z, torch.ones_like(z[:, :1])], 1) if bias else z
+
+
+def _refit_group(
+    sources: Sequence[Any], merged: Any, alignment: Alignment, names: Sequence[str],
+    batches: Batches, ridge: float,
+) -> None:  # fmt: skip
+    """Solve the linears ``names`` (one shared input) of ``merged`` in place."""
+    layers = [_module(merged, n) for n in names]
+    bias = [lin.bias is not None for lin in layers]
+    zz: dict[bool, torch.Tensor] = {}
+    tz: list[torch.Tensor | None] = [None] * len(names)
+    points = [roles(f"{n}.weight")[0] for n in names]
+    for xs in _run([*sources, merged], [names[0]] * (len(sources) + 1), batches):
+        z = xs[-1]
+        for b in set(bias):
+            za = _with_bias(z, b)
+            zz[b] = za.T @ za if b not in zz else zz[b].addmm_(za.T, za)
+        for j, name in enumerate(names):
+            t = torch.zeros(z.shape[0], layers[j].out_features, dtype=torch.float64)
+            for i, (src, x) in enumerate(zip(sources, xs[:-1], strict=True)):
+                lin = _module(src, name)
+                y = torch.nn.functional.linear(
+                    x, lin.weight.double(), None if lin.bias is None else lin.bias.double()
+                )
+                point = points[j]
+                t += y @ alignment.m(point, i).T if point else y / len(sources)
+            g = t.T @ _with_bias(z, bias[j])
+            tz[j] = g if tz[j] is None else tz[j].add_(g)
+    for j, lin in enumerate(layers):
+        acc = tz[j]
+        assert acc is not None
+        prior = lin.weight.detach().double()
+        if bias[j]:
+            prior = torch.cat([prior, lin.bias.detach().double()[:, None]], 1)
+        w = lstsq_weights(zz[bias[j]], acc, ridge, prior)
+        with torch.no_grad():
+            if bias[j]:
+                lin.weight.copy_(w[:, :-1])
+                lin.bias.copy_(w[:, -1])
+            else:
+                lin.weight.copy_(w)
+
+
+def refit_layers(
+    sources: Sequence[Any],
+    merged: Any,
+    alignment: Alignment,
+    seqs: Sequence[Sequence[int]],
+    pad: int,
+    blocks: int,
+    lm_head: bool,
+    ridge: float = 1e-4,
+    batch: int = 16,
+) -> None:
+    """Refit, in place and in forward order, the linears of ``merged``'s first ``blocks``
+    blocks (and its lm_head, to the models' mean logits) on the token sequences ``seqs``."""
+    batches = pad_batches(seqs, pad, batch)
+    todo = [[f"model.layers.{b}.{n}" for n in g] for b in range(blocks) for g in _GROUPS]
+    if lm_head:
+        todo.append(["lm_head"])
+    for names in todo:
+        _refit_group(sources, merged, alignment, names, batches, ridge)
+
+
+def _state_module(state: int) -> str:
+    """The module whose output is residual state ``state`` (0: the embeddings)."""
+    return "model.embed_tokens" if state == 0 else f"model.layers.{state - 1}"
+
+
+def fit_unmerges(
+    sources: Sequence[Any],
+    merged: Any,
+    seqs: Sequence[Sequence[int]],
+    pad: int,
+    state: int,
+    priors: Sequence[torch.Tensor],
+    ridge: float = 1e-4,
+    batch: int = 16,
+) -> list[torch.Tensor]:
+    """Per model i, the d × d map Uᵢ that best gives its residual state ``state`` from the
+    merged model's, xᵢ ≈ Uᵢ z, with the ridge towards the matching's Uᵢ (``priors``): the
+    heads' entry into their own basis in a partial zip."""
+    name = _state_module(state)
+    zz: torch.Tensor | None = None
+    xz: list[torch.Tensor | None] = [None] * len(sources)
+    for xs in _run(
+        [*sources, merged], [name] * (len(sources) + 1), pad_batches(seqs, pad, batch), inputs=False
+    ):
+        z = xs[-1]
+        zz = z.T @ z if zz is None else zz.addmm_(z.T, z)
+        for i, x in enumerate(xs[:-1]):
+            xz[i] = x.T @ z if xz[i] is None else xz[i].addmm_(x.T, z)
+    assert zz is not None
+    return [
+        lstsq_weights(zz, g, ridge, u.double())
+        for g, u in zip(xz, priors, strict=True)
+        if g is not None
+    ]
