@@ -27,9 +27,19 @@ STOCHASTIC = {
     "breadcrumbs",
     "breadcrumbs_ties",
 }
-# Configs mergekit 0.1.5 itself cannot run (none so far); each must fail there.
-MERGEKIT_CANNOT: dict[str, str] = {}
-_REF = re.compile(r"^(\s*-?\s*(?:model|base_model|tokenizer_source):\s*)(\S.*?)(\s+#.*)?$")
+# Configs mergekit 0.1.5 itself cannot run; each must fail there (and runs here).
+MERGEKIT_CANNOT: dict[str, str] = {
+    # One slice whose four sources are four layer ranges of one model (an 8-layer model from a
+    # 32-layer one, each layer a weighted mix of four): 0.1.5 refuses the same model twice in
+    # a slice; the card was made with an older mergekit. test_one_model_four_ranges checks
+    # ours against the formula.
+    "14_hx_mistral_linear_slices": "Duplicate merge inputs",
+}
+# A model reference on a line: mergekit's fields, and a tokenizer block's ``source``.
+_REF = re.compile(r"^(\s*-?\s*(?:model|base_model|tokenizer_source|source):\s*)(\S.*?)(\s+#.*)?$")
+# Folders of a multi-document recipe's named merges (run with --intermediate-dir ./intermediates,
+# as the Velvet-Orchid card did): references to them stay as published.
+INTERMEDIATES = "intermediates"
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
@@ -39,25 +49,36 @@ def _header(path: Path, key: str, default: str) -> str:
     return m.group(1) if m else default
 
 
-def _refs(data: dict) -> list[str]:
-    """Every model reference of a recipe (mergekit's fields)."""
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _refs(docs: list[dict]) -> list[str]:
+    """Every model reference of a recipe's documents (mergekit's fields and a tokenizer block's
+    source), a ``BASE+ADAPTER`` reference as its two parts; merge names and intermediate
+    folders are not models to build.
+    """
+    names = {d["name"] for d in docs if "name" in d}
     out: list[str] = []
 
-    def walk(v):
+    def walk(v, parent=""):
         if isinstance(v, dict):
             for k, x in v.items():
                 named = k in ("model", "base_model") or (
-                    k == "tokenizer_source" and x not in ("base", "union")
+                    k in ("tokenizer_source", "source")
+                    and (k == "tokenizer_source" or parent == "tokenizer")
+                    and x not in ("base", "union")
                 )
                 if named and isinstance(x, str):
-                    out.append(x)
+                    if x not in names and INTERMEDIATES not in x:
+                        out.extend(x.split("+"))
                 else:
-                    walk(x)
+                    walk(x, k)
         elif isinstance(v, list):
             for x in v:
-                walk(x)
+                walk(x, parent)
 
-    walk(data)
+    walk(docs)
     return list(dict.fromkeys(out))
 
 
@@ -81,10 +102,13 @@ def _config(family: str, layers: int):
     return cfg, getattr(T, arch)
 
 
-def _models(root: Path, family: str, layers: int, refs: list[str]) -> dict[str, Path]:
+def _models(root: Path, family: str, layers: int, refs: list[str], adapters: set[str]) -> dict:
     """A tiny random model per reference: the first is a base, the others small changes of it
-    (fine-tunes of one base, as the recipes assume), each with a tokenizer and template.
+    (fine-tunes of one base, as the recipes assume), each with a tokenizer and template; a
+    reference used as an adapter (``BASE+ADAPTER``) is a PEFT LoRA adapter instead.
     """
+    import peft
+
     cfg, cls = _config(family, layers)
     torch.manual_seed(0)
     model = cls(cfg).eval()
@@ -97,8 +121,17 @@ def _models(root: Path, family: str, layers: int, refs: list[str]) -> dict[str, 
                 if v.is_floating_point():
                     v.copy_(state[k] + (0.02 * i) * torch.randn(v.shape, generator=g))
         folder = root / f"m{i}"
-        model.save_pretrained(folder)
-        write_tokenizer(folder, WORDS, chat_template=TEMPLATE, bos_token="<s>", eos_token="</s>")
+        if ref in adapters:
+            lc = peft.LoraConfig(
+                r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            )
+            torch.manual_seed(i)
+            peft.get_peft_model(cls(cfg).eval(), lc).save_pretrained(folder)
+        else:
+            model.save_pretrained(folder)
+            write_tokenizer(
+                folder, WORDS, chat_template=TEMPLATE, bos_token="<s>", eos_token="</s>"
+            )
         out[ref] = folder
     return out
 
@@ -110,12 +143,20 @@ def _rewrite(text: str, local: dict[str, Path], float32: bool) -> str:
     lines = []
     for line in text.splitlines():
         m = _REF.match(line)
-        if m and m.group(2) in local:
-            line = f"{m.group(1)}{local[m.group(2)]}{m.group(3) or ''}"
+        parts = m.group(2).split("+") if m else []
+        if m and parts and all(p in local for p in parts):
+            ref = "+".join(str(local[p]) for p in parts)
+            line = f"{m.group(1)}{ref}{m.group(3) or ''}"
         if float32:
             line = re.sub(r"^(\s*(?:out_)?dtype:\s*)\S+", r"\g<1>float32", line)
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _options(recipe: Path) -> merganser.MergeOptions:
+    # Named merges go where the published recipes refer to them: ./intermediates beside it.
+    inter = str(recipe.parent / INTERMEDIATES)
+    return merganser.MergeOptions(progress=False, intermediate_dir=inter)
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +166,24 @@ def corpus(tmp_path_factory):
     for path in CORPUS:
         name = path.stem
         text = path.read_text()
-        data = yaml.safe_load(text)
+        docs = _docs(path)
+        refs = _refs(docs)
+        adapters = {r.split("+")[1] for r in re.findall(r"(?<=model: )\S+\+\S+", text)}
         layers = int(_header(path, "layers", "4"))
-        local = _models(
-            root / name / "models", _header(path, "family", "llama"), layers, _refs(data)
-        )
-        for kind, f32 in (("published", False), ("float32", True)):
-            (root / name / f"{kind}.yaml").write_text(_rewrite(text, local, f32))
-        cases[name] = (root / name, data)
+        family = _header(path, "family", "llama")
+        local = _models(root / name / "models", family, layers, refs, adapters)
+        # Each run in a folder of its own: ./intermediates is relative to the recipe (and to
+        # mergekit's working directory).
+        for kind, f32 in (("published", False), ("float32", True), ("mergekit", True)):
+            (root / name / kind).mkdir()
+            (root / name / kind / "recipe.yaml").write_text(_rewrite(text, local, f32))
+        cases[name] = (root / name, docs)
     from test_mergekit_compat import MK_PYTHON
 
     if MK_PYTHON is not None:
         args = ["--keep-going"]
         for folder, _ in cases.values():
-            args += [str(folder / "float32.yaml"), str(folder / "mk")]
+            args += [str(folder / "mergekit" / "recipe.yaml"), str(folder / "mk")]
         r = subprocess.run(
             [MK_PYTHON, str(REPO / "tests/compat/mergekit_driver.py"), *args],
             capture_output=True, text=True, timeout=1200,
@@ -149,26 +194,38 @@ def corpus(tmp_path_factory):
 
 def test_the_corpus_is_real_and_varied() -> None:
     """Each config names its source; together they cover the features the issue lists."""
-    assert len(CORPUS) >= 13
+    assert len(CORPUS) >= 25
     texts = [p.read_text() for p in CORPUS]
     assert all(re.search(r"^# source: https?://", t, flags=re.M) for t in texts)
     joined = "\n".join(texts)
-    features = ["slices:", "chat_template:", "tokenizer_source:", "int8_mask", "filter:"]
-    features += [f"merge_method: {m}" for m in ("passthrough", "slerp", "arcee_fusion", "della",
-                                                  "dare_ties", "ties", "linear")]  # fmt: skip
+    features = [
+        "slices:",
+        "chat_template:",
+        "tokenizer_source:",
+        "int8_mask",
+        "filter:",
+        "modules:",
+        "\n---\n",
+        "tokenizer:\n",
+        "normalize: 1.0",
+        "+",
+        "out_dtype:",
+    ]
+    methods = ["passthrough", "slerp", "arcee_fusion", "della", "dare_ties", "ties", "linear",
+               "sce", "nuslerp", "karcher", "model_stock", "della_linear"]  # fmt: skip
+    features += [f"merge_method: {m}" for m in methods]
     for feature in features:
         assert feature in joined, feature
 
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_published_recipe_runs_unchanged(corpus, path) -> None:
-    folder, data = corpus[path.stem]
-    out = merganser.merge(
-        folder / "published.yaml", folder / "ours", merganser.MergeOptions(progress=False)
-    )
+    folder, docs = corpus[path.stem]
+    recipe = folder / "published" / "recipe.yaml"
+    out = merganser.merge(recipe, folder / "ours", _options(recipe))
     tensors = load_folder(out)
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors.values())
-    if data.get("chat_template") == "auto":
+    if docs[-1].get("chat_template") == "auto":
         assert (out / "chat_template.jinja").read_text() == TEMPLATE
 
 
@@ -178,18 +235,39 @@ def test_published_recipe_matches_mergekit_in_float32(corpus, path) -> None:
 
     if MK_PYTHON is None:
         pytest.skip("mergekit 0.1.5 is not installed: run `make mergekit-venv`")
-    folder, data = corpus[path.stem]
+    folder, docs = corpus[path.stem]
     error = folder / "mk.error"
     if path.stem in MERGEKIT_CANNOT:
         assert error.is_file(), f"mergekit now runs {path.stem}"
+        assert MERGEKIT_CANNOT[path.stem] in error.read_text()
         return
     assert not error.is_file(), error.read_text() if error.is_file() else ""
-    ours = load_folder(merganser.merge(folder / "float32.yaml", folder / "ours32",
-                                       merganser.MergeOptions(progress=False)))  # fmt: skip
+    recipe = folder / "float32" / "recipe.yaml"
+    ours = load_folder(merganser.merge(recipe, folder / "ours32", _options(recipe)))
     theirs = load_folder(folder / "mk")
     assert set(ours) == set(theirs)
-    if data["merge_method"] in STOCHASTIC:
+    if any(d["merge_method"] in STOCHASTIC for d in docs):
         assert all(ours[k].shape == theirs[k].shape for k in ours)
         return
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
     assert worst <= 1e-6, worst
+
+
+def test_one_model_four_ranges_is_the_weighted_mix_of_its_layers(corpus) -> None:
+    """The HX-Mistral card (which mergekit 0.1.5 refuses): output layer i is the linear mix,
+    weights normalised, of input layers i, 8+i, 16+i and 24+i.
+    """
+    folder, _ = corpus["14_hx_mistral_linear_slices"]
+    recipe = folder / "float32" / "recipe.yaml"
+    ours = load_folder(merganser.merge(recipe, folder / "mix32", _options(recipe)))
+    src = load_folder(folder / "models" / "m0")
+    w = [0.33, 0.33, 0.25, 0.09]
+    layers = {int(k.split(".")[2]) for k in ours if k.startswith("model.layers.")}
+    assert layers == set(range(8))
+    for i in range(8):
+        for k in [k for k in src if k.startswith("model.layers.0.")]:
+            rest = k[len("model.layers.0.") :]
+            parts = [src[f"model.layers.{8 * j + i}.{rest}"].float() for j in range(4)]
+            want = sum(wj * p for wj, p in zip(w, parts, strict=True)) / sum(w)
+            got = ours[f"model.layers.{i}.{rest}"].float()
+            assert torch.allclose(got, want, atol=1e-6), (i, rest)

@@ -269,3 +269,21 @@ def test_a_global_parameter_set_per_model_warns_and_is_not_used(models, tmp_path
     assert torch.equal(load_folder(tmp_path / "o")["w"], load_folder(tmp_path / "p")["w"])
     strict = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "o2"), "--strict")
     assert strict.returncode == 1 and "(--strict)" in strict.stderr
+
+
+def test_numbers_that_yaml_reads_as_strings_are_numbers(models, tmp_path) -> None:
+    """YAML 1.1 reads ``1e-10`` (no dot) as a string; mergekit (pydantic) takes it as a number,
+    and a published card (Vortex5/Velvet-Orchid-12B: ``tol: 1e-10``) relies on it. It was
+    refused ("expected a number"). A word is still refused.
+    """
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {models['base']}\n"
+        f"models:\n  - model: {models['a']}\n    parameters:\n      weight: 5e-1\n"
+    )
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out), "--no-progress"]) == 0
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert torch.equal(load_folder(out)["w"], w + 0.5)
+    recipe.write_text(recipe.read_text().replace("5e-1", "half"))
+    assert main(["merge", str(recipe), str(tmp_path / "o2"), "--no-progress"]) == 1

@@ -55,6 +55,8 @@ class Param:
                 opts = " or ".join(self.choices or ())
                 raise RecipeError(f"{where}: expected {opts or 'a string'}, got {value!r}")
             return value
+        if isinstance(value, str):
+            value = _number(value)  # YAML 1.1 reads 1e-10 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
@@ -83,6 +85,20 @@ def as_bool(value: Any) -> bool | None:
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
     return None
+
+
+def _number(text: str) -> int | float | str:
+    """A number written as a string, as mergekit (pydantic) reads one: ``"1e-10"`` is 1e-10,
+    ``"3"`` is 3; anything else stays the string (and is refused).
+    """
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _fmt(x: float | None) -> str:
