@@ -108,13 +108,15 @@ def test_cheap_embed_spec_9_3_worked_example() -> None:
     [
         ({"experts_per_token": 4}, "experts_per_token: 4 with 3 experts"),
         ({"gate_mode": "softmax"}, "gate_mode: expected one of"),
-        ({"shared_experts": [{"source_model": "x"}]}, "shared_experts (Qwen2-MoE)"),
-        ({"architecture": "qwen"}, "Mixtral only"),
+        ({"shared_experts": [{"source_model": "@e0"}]}, "deepseek-ai's remote code"),
+        ({"architecture": "qwen"}, "no MoE architecture fits these models (Qwen MoE: exactly"),
+        ({"architecture": "falcon"}, "names none of Mixtral"),
     ],
 )
 def test_bad_moe_configs_are_one_line(tmp_path, capsys, extra, message) -> None:
     base = _llama(tmp_path / "base", 0)
     experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    extra = yaml.safe_load(yaml.safe_dump(extra).replace("'@e0'", str(experts[0])))
     cfg = _config(tmp_path, experts, base, **extra)
     capsys.readouterr()
     assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
@@ -175,4 +177,118 @@ def test_experts_of_another_shape_are_refused(tmp_path, capsys) -> None:
     assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "of another shape than the base's" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _qwen3(folder: Path, seed: int, like: Path | None = None) -> Path:
+    cfg = T.Qwen3Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                        num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                        head_dim=8, tie_word_embeddings=False, bos_token_id=1,
+                        eos_token_id=2)  # fmt: skip
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = T.Qwen3ForCausalLM(cfg)
+    if like is not None:
+        base = T.Qwen3ForCausalLM.from_pretrained(like)
+        state = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
+        model.load_state_dict(state, strict=False)
+    model.save_pretrained(folder)
+    write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+    return folder
+
+
+def test_qwen3_experts_make_a_qwen3_moe_whose_copies_of_the_base_are_the_base(tmp_path) -> None:
+    """Qwen3 models can only become Qwen3 MoE (as mergekit-moe chooses); it loads with no
+    missing keys, each expert is its source's MLP, and a mixture of copies of the base
+    computes the base's logits (top-k weights renormalised: norm_topk_prob).
+    """
+    base = _qwen3(tmp_path / "base", 0)
+    experts = [_qwen3(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    cfg = _config(tmp_path, experts, base, gate_mode="hidden")
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0
+    model, info = T.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_experts == 3 and model.config.norm_topk_prob
+    out = load_folder(tmp_path / "out")
+    for e, folder in enumerate(experts):
+        src = load_folder(folder)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            got = out[f"model.layers.1.mlp.experts.{e}.{proj}.weight"]
+            assert torch.equal(got, src[f"model.layers.1.mlp.{proj}.weight"])
+    copies = []
+    for i in range(2):
+        folder = tmp_path / f"copy{i}"
+        T.Qwen3ForCausalLM.from_pretrained(base).save_pretrained(folder)
+        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+        copies.append(folder)
+    cfg = _config(tmp_path, copies, base, gate_mode="hidden")
+    assert main(["moe", str(cfg), str(tmp_path / "same")]) == 0
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    want = T.Qwen3ForCausalLM.from_pretrained(base)(ids).logits
+    got = T.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "same")(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_shared_expert_makes_a_qwen2_moe(tmp_path) -> None:
+    """One shared expert with prompts: Qwen MoE (Qwen2-MoE), as mergekit-moe writes it: the
+    routed experts, the shared expert's MLP and its sigmoid gate (its prompt vector), and zero
+    attention biases where the Llama inputs have none. transformers loads it with no missing
+    or unexpected keys.
+    """
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(3)]
+    shared = _llama(tmp_path / "shared", 9, like=base)
+    extra = {"shared_experts": [{"source_model": str(shared), "positive_prompts": ["the"]}]}
+    cfg = _config(tmp_path, experts, base, **extra)
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0
+    model, info = T.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_experts == 3
+    out = load_folder(tmp_path / "out")
+    src = load_folder(shared)
+    assert torch.equal(out["model.layers.0.mlp.shared_expert.up_proj.weight"],
+                       src["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    assert out["model.layers.0.mlp.gate.weight"].shape == (3, 16)
+    gate = out["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert gate.shape == (1, 16)
+    torch.testing.assert_close(gate.norm(), torch.tensor(1.0))
+    assert not out["model.layers.0.self_attn.k_proj.bias"].any()
+    assert torch.isfinite(model(torch.tensor([[1, 3, 4, 5]])).logits).all()
+
+
+def test_merge_base_merges_the_non_mlp_tensors_with_a_registered_method(tmp_path) -> None:
+    """``merge_base`` (merganser's key): the base and the experts merged by the streaming
+    engine give the MoE's attention, norms, embeddings and head; the experts' MLPs are still
+    their own. No temporary folder is left beside the output.
+    """
+    base = _llama(tmp_path / "base", 0)
+    experts = []
+    for i in range(2):  # experts whose attention differs from the base's too
+        folder = _llama(tmp_path / f"e{i}", i + 1)
+        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+        experts.append(folder)
+    cfg = _config(tmp_path, experts, base, merge_base={"merge_method": "linear"})
+    out = tmp_path / "moe_out"
+    assert main(["moe", str(cfg), str(out)]) == 0
+    got = load_folder(out)
+    srcs = [load_folder(p) for p in (base, *experts)]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
+                 "model.layers.1.input_layernorm.weight"):  # fmt: skip
+        want = sum(s[name].float() for s in srcs) / 3
+        torch.testing.assert_close(got[name].float(), want, rtol=0, atol=1e-6)
+    assert torch.equal(got["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+                       srcs[2]["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    T.MixtralForCausalLM.from_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_merge_base_names_its_own_models_is_one_line(tmp_path, capsys) -> None:
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(2)]
+    bad = {"merge_method": "linear", "models": [{"model": str(base)}]}
+    cfg = _config(tmp_path, experts, base, merge_base=bad)
+    capsys.readouterr()
+    assert main(["moe", str(cfg), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "merge_base: give merge_method" in err, err
     assert not (tmp_path / "out").exists()

@@ -19,6 +19,8 @@ from merganser.model.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
 from merganser.pipeline import engine, multi
 from merganser.pipeline.card import model_card
 from merganser.pipeline.device import check_device
+from merganser.pipeline.moe import base_recipe, build_moe
+from merganser.pipeline.moe import load_config as load_moe_config
 from merganser.pipeline.options import (
     CPU_THREADS_CAP,
     MergeOptions,
@@ -79,6 +81,32 @@ def merge(
     if options.output == "adapter":
         return _merge_as_adapter(recipe, Path(out_dir), options)
     return _merge_one(recipe, out_dir, options)
+
+
+def moe(
+    config: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    force: bool = False,
+    allow_all_same: bool = False,
+    options: MergeOptions | None = None,
+) -> Path:
+    """`merganser moe`: a mixture of experts from mergekit-moe's YAML. With ``merge_base``, the
+    base and the experts are first merged by the streaming engine into a temporary folder
+    beside ``out``, whose non-MLP tensors (and hidden states, for the routers) the MoE takes.
+    """
+    cfg = load_moe_config(config, allow_all_same)
+    if cfg.merge_base is None:
+        return build_moe(config, out, force, allow_all_same)
+    target = Path(out).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.merge-base-", dir=target.parent))
+    try:
+        recipe = parse_recipe(base_recipe(cfg, config), name=f"{config}: merge_base")
+        opts = replace(options or MergeOptions(), output="model")
+        _merge_one(recipe, tmp / "base", opts)
+        return build_moe(config, out, force, allow_all_same, base=tmp / "base")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _merge_as_adapter(

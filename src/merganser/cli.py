@@ -134,10 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument("--json", action="store_true", help="as JSON, one object per method")
 
-    mo = sub.add_parser("moe", help="a Mixtral mixture of experts from dense models (mergekit-moe)")
+    mo = sub.add_parser(
+        "moe", help="a mixture of experts (Mixtral, Qwen MoE, Qwen3 MoE) from dense models"
+    )
     mo.add_argument("config", help="mergekit-moe YAML")
     mo.add_argument("out", help="output folder (written atomically)")
     mo.add_argument("--force", action="store_true", help="replace an existing output folder")
+    mo.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        dest="allow_all_same",
+        action="store_true",
+        help="allow every expert to be the same model (mergekit-moe's flag)",
+    )
 
     x = sub.add_parser(
         "extract-lora", help="a PEFT LoRA adapter from a full fine-tune (truncated SVD of ΔW)"
@@ -345,9 +353,10 @@ def _show_plan(recipe: str, opts: Any, as_json: bool, out: Path | None = None) -
 
 
 def _cmd_moe(a: argparse.Namespace) -> int:
-    from merganser.pipeline.moe import build_moe
+    from merganser.api import MergeOptions, moe
 
-    print(f"built {build_moe(a.config, a.out, a.force)}")
+    opts = MergeOptions(progress=False)
+    print(f"built {moe(a.config, a.out, a.force, a.allow_all_same, opts)}")
     return 0
 
 
