@@ -3,6 +3,8 @@
 Generates the checkpoints locally (once, cached under bench_out/), then runs `merganser merge`
 in a child process per recipe and reports the child's peak resident set size from
 getrusage, next to the same merge of checkpoints a quarter the size, as ratios in one run.
+`merganser report` and `merganser kinship` of the same inputs are measured the same way:
+both stream, so their peak RSS should not grow with the model either.
 
     python bench/peak_rss.py [--scale 1.0] [--threads N]
 """
@@ -116,6 +118,28 @@ def main() -> int:
                 f"{fam:<16}{mname:<17}{size / 1e9:>9.2f}{dt:>8.1f}{rss / 2**30:>12.3f}"
                 f"{rss / size:>10.3f}"
             )
+    analyses = {}
+    for fam, root in families.items():
+        size = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+        experts = [str(root / m) for m in ("e1", "e2", "e3")]
+        recipe = ROOT / f"{fam[1:5].strip()}-report.yaml"
+        recipe.write_text(json.dumps({
+            "merge_method": "ties", "base_model": str(root / "base"),
+            "models": [{"model": e, "parameters": {"density": 0.5}} for e in experts],
+        }))  # fmt: skip
+        for tool, cmd in (
+            ("report", ["report", str(recipe), "--json"]),
+            ("kinship", ["kinship", *experts, "--base", str(root / "base"), "--json"]),
+        ):
+            dt, rss = measure([sys.executable, "-m", "merganser.cli", *cmd])
+            analyses[(fam, tool)] = rss
+            print(
+                f"{fam:<16}{tool:<17}{size / 1e9:>9.2f}{dt:>8.1f}{rss / 2**30:>12.3f}"
+                f"{rss / size:>10.3f}"
+            )
+    for tool in ("report", "kinship"):
+        ratio = analyses[("~1 GB/model", tool)] / analyses[("~0.25 GB/model", tool)]
+        print(f"peak RSS of {tool}, 1 GB vs 0.25 GB checkpoints: {ratio:.2f}x")
     big = [v for (f, _), v in results.items() if f.startswith("~1")]
     small = [v for (f, _), v in results.items() if not f.startswith("~1")]
     print(

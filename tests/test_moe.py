@@ -292,3 +292,26 @@ def test_merge_base_names_its_own_models_is_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "merge_base: give merge_method" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_base_carries_a_tokenizer_source(tmp_path) -> None:
+    """A tokenizer other than the base's goes through merge_base (the merge pipeline aligns
+    the embeddings); at the top level it is one line pointing there.
+    """
+    base = _llama(tmp_path / "base", 0)
+    experts = [_llama(tmp_path / f"e{i}", i + 1, like=base) for i in range(2)]
+    other = tmp_path / "e1"
+    write_tokenizer(other, [*WORDS[:-1], "extra"], bos_token="<s>", eos_token="</s>")
+    merge = {"merge_method": "linear", "tokenizer_source": "union"}
+    cfg = _config(tmp_path, experts, base, merge_base=merge)
+    out = tmp_path / "moe_out"
+    assert main(["moe", str(cfg), str(out)]) == 0
+    got = load_folder(out)
+    assert got["model.embed_tokens.weight"].shape[0] == len(WORDS) + 1
+    model = T.MixtralForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == len(WORDS) + 1
+    tok = T.AutoTokenizer.from_pretrained(out)
+    assert "extra" in tok.get_vocab()
+    cfg = _config(tmp_path, experts, base, tokenizer_source="union")
+    assert main(["moe", str(cfg), str(tmp_path / "bad")]) == 1
+    assert not (tmp_path / "bad").exists()

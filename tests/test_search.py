@@ -337,7 +337,7 @@ def test_search_on_a_real_local_ray_cluster(reduced_zoo: Path, tmp_path: Path) -
     [
         ({"strategy": "annealing"}, "strategy: input should be"),
         ({"evolver": {"f": 0}}, "evolver.f: input should be greater than 0"),
-        ({"evaluator": {"n": 10}}, "evaluator: give zoo tasks, or both dev and test"),
+        ({"evaluator": {"n": 10}}, "evaluator: give zoo tasks, both dev and test JSONL files"),
         ({"models": ["nope_a", "nope_b"]}, "nope_a: model not found"),
         ({"colour": 1}, "colour: unknown key"),
     ],

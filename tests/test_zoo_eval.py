@@ -189,3 +189,7 @@ def test_demo_end_to_end_reduced(reduced_zoo) -> None:
     moes = [r for r in rows if r.startswith("MoE of the")]
     assert len(moes) == 2 and all("top-2" in r and 0 <= rows[r]["average"] <= 1 for r in moes)
     assert (reduced_zoo / "merged" / "moe_ta" / "config.json").is_file()
+    # The report page of the best merge (chosen on dev), with the test table (issue 32).
+    page = (reduced_zoo / "report_seed0.html").read_text()
+    best = max(res["chosen_on_dev"], key=lambda f: res["chosen_on_dev"][f]["dev_average"])
+    assert res["chosen_on_dev"][best]["row"] in page and "<table id='evaluation'>" in page

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from merganser.analysis.report import report as make_report
+from merganser.analysis.report import write_html
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
 from merganser.methods.registry import WholeModelStats
 from merganser.model import anatomy, chat_templates, hf
@@ -80,7 +82,12 @@ def merge(
             return _merge_documents(Path(recipe), docs, Path(out_dir), options)
     if options.output == "adapter":
         return _merge_as_adapter(recipe, Path(out_dir), options)
-    return _merge_one(recipe, out_dir, options)
+    out = _merge_one(recipe, out_dir, options)
+    if options.report:
+        page = out.with_name(f"{out.name}.report.html")
+        write_html(make_report(_as_recipe(recipe), out, options.offline), page, force=True)
+        print(f"merganser: report: {page}", file=sys.stderr)
+    return out
 
 
 def moe(

@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
 
+    rp = sub.add_parser(
+        "report",
+        help="an HTML page (and --json) of a merge's inputs and what the merge did to them",
+    )
+    rp.add_argument("source", help="a recipe, or a merged folder (its recipe and its output)")
+    rp.add_argument("-o", "--out", help="the HTML page to write (default: print nothing)")
+    rp.add_argument("--output", help="with a recipe: its merged folder (distances moved)")
+    rp.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
+    rp.add_argument("--tasks", help="evaluate the output and inputs on these zoo tasks")
+    rp.add_argument("--jsonl", action="append", default=[], help="... or on this JSONL data")
+    rp.add_argument("--n", type=_positive_int, default=200, help="examples per zoo task")
+    rp.add_argument("--split", default="test", choices=["dev", "test"])
+    rp.add_argument("--offline", action="store_true", help="never download a hub id")
+    rp.add_argument("--force", action="store_true", help="replace an existing page")
+
     v = sub.add_parser("verify", help="re-check a merged folder against its manifest")
     v.add_argument("path")
 
@@ -296,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a Python callable 'module:function' taking a LoadedModel",
     )
+    e.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="lm-evaluation-harness tasks, comma-separated (pip install 'merganser[lm-eval]')",
+    )
+    e.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAML")
+    e.add_argument("--limit", type=_positive_int, help="with --lm-eval: examples per task")
+    e.add_argument("--num-fewshot", type=int, help="with --lm-eval: few-shot examples")
+    e.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:N]")
     e.add_argument("--split", default="test", choices=["dev", "test"])
     e.add_argument("--n", type=_positive_int, default=200, help="examples per zoo task")
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -428,6 +452,31 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(a: argparse.Namespace) -> int:
+    from merganser.analysis.report import report, with_evaluation, write_html
+
+    if not (a.out or a.json):
+        raise MerganserError("report: give -o PAGE.html, --json, or both")
+    r = report(a.source, a.output, a.offline)
+    if a.tasks or a.jsonl:
+        from merganser.evaluation.evaluate import evaluate, jsonl_evaluator, zoo_evaluator
+
+        evaluators = [jsonl_evaluator(p) for p in a.jsonl]
+        if a.tasks:
+            tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+            evaluators.append(zoo_evaluator(tasks, a.split, a.n))
+        models = [x["ref"] for x in r["inputs"]] + ([r["output"]] if r["output"] else [])
+        scores = {m: evaluate(m, evaluators) for m in models}
+        columns = list(next(iter(scores.values())))
+        table = {m: {t: s[t].accuracy for t in columns} for m, s in scores.items()}
+        r = with_evaluation(r, table, columns)
+    if a.out:
+        print(f"wrote {write_html(r, a.out, a.force)}", file=sys.stderr)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    return 0
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     import importlib
 
@@ -448,13 +497,25 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             evaluators.append(getattr(importlib.import_module(mod), fn))
         except (ImportError, AttributeError) as e:
             raise MerganserError(f"--evaluator {spec}: cannot import ({e})") from None
+    if a.lm_eval:
+        from merganser.evaluation.lm_eval import lm_eval_evaluator
+
+        names = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
+        evaluators.append(lm_eval_evaluator(names, a.limit, a.num_fewshot, a.lm_eval_include))
+    elif a.limit is not None or a.num_fewshot is not None or a.lm_eval_include:
+        raise MerganserError("--limit, --num-fewshot and --lm-eval-include go with --lm-eval")
     if a.tasks or not evaluators:
         names = {"experts": list(EXPERT_TASKS), "all": list(ALL_TASKS), None: list(EXPERT_TASKS)}
         tasks = names.get(a.tasks) or [t.strip() for t in a.tasks.split(",") if t.strip()]
         evaluators.append(zoo_evaluator(tasks, a.split, a.n))
+    from merganser.pipeline.device import check_device
+
+    check_device(a.device)
     results = {}
     for m in a.models:
-        results[m] = evaluate(load_model(m), evaluators)
+        lm = load_model(m)
+        lm.model.to(a.device)
+        results[m] = evaluate(lm, evaluators)
     if a.json:
         print(json.dumps({m: scores_to_json(s) for m, s in results.items()}, indent=2))
         return 0
@@ -635,6 +696,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": _cmd_plan,
     "extract-lora": _cmd_extract_lora,
     "moe": _cmd_moe,
+    "report": _cmd_report,
     "tiny": _cmd_tiny,
     "zoo": _cmd_zoo,
     "kinship": _cmd_kinship,

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from merganser.analysis.report import report, with_evaluation, write_html
 from merganser.api import MergeOptions, merge
 from merganser.evaluation.evaluate import Score, evaluate, load_model, zoo_evaluator
 from merganser.evaluation.report import bar_chart, format_table, write_csv, write_json
@@ -153,6 +154,12 @@ def run_demo(
         "predictions": [{"claim": c, "holds": ok, "detail": d} for c, ok, d in checks],
         "seconds": time.perf_counter() - t_start,
     }
+    # The report page of the best weight merge (chosen on dev), with the test table.
+    best = max(chosen, key=lambda f: chosen[f]["dev_average"])
+    rows = ["base", *(f"expert: {t}" for t in tasks), chosen[best]["row"]]
+    page = report(out / "merged" / best.replace(" ", "_"))
+    page = with_evaluation(page, {r: table[r] for r in rows}, columns)
+    write_html(page, out / f"report_seed{seed}.html", force=True)
     write_csv(table, columns, out / f"results_seed{seed}.csv")
     write_json(results, out / f"results_seed{seed}.json")
     bar_chart(
@@ -167,7 +174,8 @@ def run_demo(
     for claim, ok, detail in checks:
         print(f"  [{'holds' if ok else 'FAILS'}] {claim}: {detail}")
     print(
-        f"\nwritten: {out}/results_seed{seed}.csv, .json, .png; merged models under {out}/merged"
+        f"\nwritten: {out}/results_seed{seed}.csv, .json, .png, {out}/report_seed{seed}.html "
+        f"(the best merge); merged models under {out}/merged"
         f" ({results['seconds']:.0f} s)"
     )
     return results

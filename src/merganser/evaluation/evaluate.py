@@ -145,7 +145,7 @@ def score_pairs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 
     for _, idx in sorted(by_len.items()):
         for k in range(0, len(idx), batch):
             chunk = idx[k : k + batch]
-            ids = torch.tensor([prompts[i] for i in chunk])
+            ids = torch.tensor([prompts[i] for i in chunk], device=_device(lm))
             max_new = max(len(answers[i]) for i in chunk) + 1
             out = _greedy(lm, ids, max_new)
             for row, i in zip(out, chunk, strict=True):
@@ -161,8 +161,9 @@ def score_pairs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 
                 x[r, : len(s)] = torch.tensor(s)
                 m[r, : len(s)] = 1
                 y[r, len(prompts[i]) : len(s)] = torch.tensor(s[len(prompts[i]) :])
-            logits = lm.model(input_ids=x, attention_mask=m).logits[:, :-1]
-            tgt = y[:, 1:]
+            dev = _device(lm)
+            logits = lm.model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits[:, :-1]
+            tgt = y[:, 1:].to(dev)
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
                 tgt.reshape(-1),
@@ -172,6 +173,10 @@ def score_pairs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 
             total_loss += float(nll)
             total_tokens += int((tgt != -100).sum())
     return Score(correct / max(1, len(pairs)), total_loss / max(1, total_tokens), len(pairs))
+
+
+def _device(lm: LoadedModel) -> torch.device:
+    return next(lm.model.parameters()).device
 
 
 def _greedy(lm: LoadedModel, ids: torch.Tensor, max_new: int) -> list[list[int]]:

@@ -91,7 +91,10 @@ def load_config(path: str | os.PathLike[str], allow_all_same: bool = False) -> M
             f"{where}: architecture: {cfg.architecture!r} names none of {', '.join(ARCHITECTURES)}"
         )
     if cfg.tokenizer_source not in (None, "base", cfg.base_model):
-        raise RecipeError(f"{where}: tokenizer_source: only the base model's tokenizer")
+        raise RecipeError(
+            f"{where}: tokenizer_source: the MoE takes its embeddings and tokenizer from the "
+            "base; for another tokenizer, give tokenizer_source inside merge_base"
+        )
     if not 0 <= cfg.random_seed <= MAX_SEED:
         raise RecipeError(f"{where}: random_seed: expected 0 to {MAX_SEED}")
     shared = cfg.shared_experts or []

@@ -151,6 +151,13 @@ class MergeOptions:
             "(HF_HUB_OFFLINE=1 does the same)"
         ),
     )
+    report: bool = field(
+        default=False,
+        metadata=flag(
+            "also write OUT.report.html beside the output: the inputs' task vectors, their "
+            "conflicts and how far the merge moved from each (merganser report)"
+        ),
+    )
     # Warnings (a parameter a method ignores, a filter that matches no tensor) become errors.
     strict: bool = field(
         default=False,

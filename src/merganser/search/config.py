@@ -21,11 +21,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LmEvalSection(_Strict):
+    """lm-evaluation-harness tasks: ``dev`` ones select, ``test`` ones report."""
+
+    dev: list[str]
+    test: list[str]
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    include_path: str | None = None  # a folder of local task YAML files
+
+
 class EvaluatorSection(_Strict):
     tasks: list[str] = Field(default_factory=list)  # zoo tasks
     n: int = Field(100, ge=1, le=100_000)  # examples per task and split
     dev: str | None = None  # JSONL files of {"prompt", "answer"[, "task"]}
     test: str | None = None
+    lm_eval: LmEvalSection | None = None
 
 
 class MergerSection(_Strict):
@@ -122,8 +133,10 @@ def parse_search(data: Any, name: str = "<search>", source_dir: Path | None = No
     except ValidationError as e:
         raise RecipeError(f"{name}: {format_error(e.errors()[0])}") from None
     ev = cfg.evaluator
-    if not ev.tasks and not (ev.dev and ev.test):
-        raise RecipeError(f"{name}: evaluator: give zoo tasks, or both dev and test JSONL files")
+    if not ev.tasks and not (ev.dev and ev.test) and ev.lm_eval is None:
+        raise RecipeError(
+            f"{name}: evaluator: give zoo tasks, both dev and test JSONL files, or lm_eval"
+        )
     for i, t in enumerate(ev.tasks):
         if t not in ALL_TASKS:
             raise RecipeError(

@@ -199,6 +199,10 @@ def _unlabelled_prompts(
     if cfg.evaluator.dev:
         for _, obj in read_jsonl(cfg.resolve(cfg.evaluator.dev)):
             by_task.setdefault(str(obj.get("task", "dev")), []).append(str(obj.get("prompt", "")))
+    if not by_task:  # lm-eval tasks alone bring no unlabelled prompts to minimise entropy on
+        raise MerganserError(
+            "adamerging: needs unlabelled prompts: evaluator tasks (zoo) or a dev JSONL file"
+        )
     lm = LoadedModel(model, tok)
     pad = tok.pad_token_id or 0
     return model, [
@@ -260,7 +264,15 @@ def run_search(
         base, _ = load_state(base_ref)
         check_same_tensors(refs[0], models[0], base_ref, base)
 
-    spec = EvalSpec(str(skeleton), tuple(cfg.evaluator.tasks), cfg.evaluator.n, jsonl)
+    lm = cfg.evaluator.lm_eval
+    lm_eval = () if lm is None else tuple(
+        (split, tuple(tasks), lm.limit, lm.num_fewshot,
+         None if lm.include_path is None else str(cfg.resolve(lm.include_path)))
+        for split, tasks in (("dev", lm.dev), ("test", lm.test))
+    )  # fmt: skip
+    spec = EvalSpec(
+        str(skeleton), tuple(cfg.evaluator.tasks), cfg.evaluator.n, jsonl, lm_eval=lm_eval
+    )
     check_spec(spec)
     if force:
         for name in OUTPUTS:

@@ -40,6 +40,8 @@ class EvalSpec:
     n: int = 100  # zoo examples per task and split
     jsonl: tuple[tuple[str, str], ...] = ()  # (split, path) pairs for users' data
     threads: int = 1
+    # lm-evaluation-harness: (split, tasks, limit, num_fewshot, include_path) per split
+    lm_eval: tuple[tuple[str, tuple[str, ...], int | None, int | None, str | None], ...] = ()
 
     def evaluators(self) -> dict[str, Evaluator]:
         evs: dict[str, list[Evaluator]] = {s: [] for s in SPLITS}
@@ -48,8 +50,14 @@ class EvalSpec:
                 evs[s].append(zoo_evaluator(self.tasks, s, self.n))
         for split, path in self.jsonl:
             evs[split].append(jsonl_evaluator(path))
+        for split, tasks, limit, fewshot, include in self.lm_eval:
+            from merganser.evaluation.lm_eval import lm_eval_evaluator
+
+            evs[split].append(lm_eval_evaluator(tasks, limit, fewshot, include))
         if not all(evs.values()):
-            raise MerganserError("evaluator: needs zoo tasks or a JSONL file for both dev and test")
+            raise MerganserError(
+                "evaluator: needs zoo tasks, a JSONL file or lm_eval tasks for both dev and test"
+            )
 
         def run(evaluators: list[Evaluator]) -> Evaluator:
             return lambda lm: {t: s for ev in evaluators for t, s in ev(lm).items()}
