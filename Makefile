@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -q
 FUZZ_CASES ?= 2000
 FUZZ_SEED ?= 0
 
-.PHONY: setup demo test fuzz docs lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit clean mergekit-venv
+.PHONY: setup demo test fuzz docs lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale clean mergekit-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,7 +72,11 @@ bench-data-aware: $(STAMP)
 bench-zipit: $(STAMP)
 	$(PY) bench/zipit.py
 
-bench: bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit
+# Base + {2, 3, 5, 8} experts at 1B shape: CPU s per GB, wall and peak RSS; mergekit at 8.
+bench-scale: $(STAMP) mergekit-venv
+	$(PY) bench/scale.py --mergekit
+
+bench: bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

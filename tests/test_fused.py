@@ -15,6 +15,7 @@ from merganser.errors import MerganserError
 from merganser.methods import dare, fused, sparsify
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
+from merganser.methods.task_vectors import ordered_sum
 from merganser.pipeline.engine import block_merge, blockwise, fusable
 from merganser.pipeline.plan import build_plan
 from merganser.pipeline.recipe import parse_recipe
@@ -185,31 +186,57 @@ def test_fused_dare_with_a_keep_probability_next_to_one(tmp_path) -> None:
     assert torch.equal(runs[0]["w"].view(torch.int16), runs[1]["w"].view(torch.int16))
 
 
-def test_torch_sums_up_to_four_stacked_models_in_order() -> None:
-    """The kernels' elected sums add the models one by one from +0, as torch does for up to
-    fused.MAX_ELECTED of them (a torch upgrade that changed this would show here first).
+def test_ordered_sum_is_torchs_sum_up_to_four_models() -> None:
+    """The defined summation (models one by one from +0, task_vectors.ordered_sum) is what
+    torch's sum(dim=0) does for up to four rows, so merges of up to four models kept their
+    bytes when it replaced sum(dim=0); from five rows torch reorders (a torch upgrade that
+    changed either would show here first).
     """
     g = torch.Generator().manual_seed(0)
-    for n in range(1, fused.MAX_ELECTED + 1):
+    differs = False
+    for n in range(1, 9):
         st = torch.randn(n, 300_007, generator=g) * torch.logspace(-3, 3, n).view(-1, 1)
         seq = torch.zeros(st.shape[1])
         for row in st:
             seq = seq + row
-        assert torch.equal(st.sum(dim=0), seq), n
+        assert torch.equal(ordered_sum(st), seq), n
+        if n <= 4:
+            assert torch.equal(st.sum(dim=0), seq), n
+        else:
+            differs |= not torch.equal(st.sum(dim=0), seq)
+    assert differs  # torch reorders from five rows: why ordered_sum exists
 
 
-def test_five_elected_models_stay_on_the_torch_path(tmp_path) -> None:
-    base, experts = _family(tmp_path, rows=300, cols=1000)
-    more = [write_model(tmp_path / f"x{i}", load_folder(experts[i % 3])) for i in range(2)]
-    for method, fusing in (("ties", False), ("dare_ties", False), ("dare_linear", True)):
-        recipe = _recipe(method, {"density": 0.5}, base, [*experts, *more])
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+def test_elected_merges_are_fused_and_bit_identical_for_any_number_of_models(tmp_path, n) -> None:
+    """TIES and DARE-TIES stay on the fused kernels for 2 to 16 models (they left them from
+    five on) and give the torch path's bits, the defined order of the sums shared by both.
+    """
+    base, experts = _family(tmp_path, rows=300, cols=1031)
+    more = [
+        write_model(tmp_path / f"x{i}", {k: (v.float() * (1 + 0.01 * i)).to(torch.bfloat16)
+                                         for k, v in load_folder(experts[i % 3]).items()})
+        for i in range(max(0, n - 3))
+    ]  # fmt: skip
+    models = [*experts, *more][:n]
+    for method in ("ties", "dare_ties"):
+        params = {"density": 0.5, "weight": [1.0 + 0.1 * i for i in range(n)]}
+        recipe = _recipe(method, params, base, models)
         plan = build_plan(parse_recipe(recipe))
         try:
             task = next(t for t in plan.tasks if t.name == "w")
             bm = block_merge(plan, task)
-            assert bm is not None and bm.fused() is fusing, method
+            assert bm is not None and bm.fused(), (method, n)
         finally:
             plan.close()
+        runs = [
+            load_folder(merganser.merge(recipe, tmp_path / f"{method}{on}",
+                                        merganser.MergeOptions(fused=on, threads=1)))
+            for on in (True, False)
+        ]  # fmt: skip
+        for k in runs[0]:
+            a, b = runs[0][k].view(torch.int16), runs[1][k].view(torch.int16)
+            assert torch.equal(a, b), (method, n, k)
 
 
 def _slerp_family(tmp_path):

@@ -143,3 +143,19 @@ def test_bad_sources_are_one_line(tmp_path, capsys) -> None:
     assert err.count("\n") == 1 and "not a merganser output" in err
     assert main(["report", str(tmp_path / "m")]) == 1
     assert "give -o PAGE.html, --json, or both" in capsys.readouterr().err
+
+
+def test_tensors_from_other_inputs_are_named_not_mixed_in(tmp_path) -> None:
+    """A frankenmerge's layers come from different models: the statistics keep to the first
+    tensor's inputs and say how many tensors they leave out (they were silently mixed)."""
+    for m, v in (("a", 1.0), ("b", 2.0)):
+        write_model(tmp_path / m, {f"model.layers.{i}.mlp.up_proj.weight": torch.full((2,), v + i)
+                                   for i in range(2)})  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 1]}]},
+        {"sources": [{"model": str(tmp_path / "b"), "layer_range": [1, 2]}]}]}))  # fmt: skip
+    r = report(recipe)
+    assert [x["ref"] for x in r["inputs"]] == [str(tmp_path / "a")]
+    assert r["model"]["parameters"] == 2
+    assert any("1 tensor(s) are merged from other inputs" in w for w in r["warnings"])

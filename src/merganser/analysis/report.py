@@ -215,9 +215,14 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
     digests = InputDigests()
     warnings: list[str] = list(plan.warnings)
     out = Checkpoint(output) if output is not None else None
+    models = [x["checkpoint"] for x in inputs if x["role"] == "model"]
+    other = 0  # tensors merged from other inputs (slices of other models): not in the sums
     try:
         for task in plan.tasks:
-            if task.copy_only or len(task.sources) != n_inputs:
+            if task.copy_only:
+                continue
+            if [ci for ci, _ in task.sources] != models:
+                other += 1
                 continue
             s = _task_sums(plan, task, out, digests)
             for i, bad in enumerate(s.nonfinite):
@@ -229,6 +234,11 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
     finally:
         if out is not None:
             out.close()
+    if other:
+        warnings.append(
+            f"{other} tensor(s) are merged from other inputs than these (slices): "
+            "they are not in these statistics"
+        )
     for inp in inputs:
         inp["digest"] = digests.model_digest(inp["checkpoint"])
     model = whole.summary()

@@ -176,7 +176,9 @@ def score_pairs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 
 
 
 def _device(lm: LoadedModel) -> torch.device:
-    return next(lm.model.parameters()).device
+    """Where the model's weights are (a model with none, such as a test oracle: the CPU)."""
+    p = next(iter(lm.model.parameters()), None) if hasattr(lm.model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _greedy(lm: LoadedModel, ids: torch.Tensor, max_new: int) -> list[list[int]]:

@@ -40,10 +40,6 @@ from merganser.methods._fused_codes import (  # noqa: F401  (used as fused.KEEP 
     ZERO,
 )
 
-# torch sums up to 4 stacked models in order; from 5 on, its order differs for a few entries in
-# 10⁵ (tests/test_fused.py checks this), and the kernels' elected sums would not match it.
-MAX_ELECTED = 4
-
 
 @functools.cache
 def kernels() -> Any:
@@ -61,8 +57,10 @@ def available() -> bool:
 
 
 def supports(models: int, consensus: str | None) -> bool:
-    """Whether the kernels give the torch path's bits for this many models and election."""
-    return available() and (consensus is None or models <= MAX_ELECTED)
+    """Whether the kernels give the torch path's bits for this many models and election: for
+    any number, since both add the models in recipe order (task_vectors.ordered_sum).
+    """
+    return available() and models >= 1
 
 
 def bits(t: torch.Tensor) -> np.ndarray:

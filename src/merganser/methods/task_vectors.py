@@ -14,14 +14,26 @@ import torch
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]  # (model index, τᵢ) -> sparse τᵢ
 
 
+def ordered_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """Σ over the models (dim 0), added one by one from +0 in recipe order: the one defined
+    summation of the elected methods. The fused kernels repeat it bit for bit for any number
+    of models; torch's own ``sum(dim=0)`` agrees with it up to four rows and reorders from
+    five on, which had kept five or more models off the kernels.
+    """
+    out = torch.zeros_like(stacked[0])
+    for row in stacked:
+        out.add_(row)
+    return out
+
+
 def elect_positive(weighted: torch.Tensor, method: str) -> torch.Tensor:
     """TIES sign election over stacked weighted deltas: where +1 is elected. ``mass`` elects
     the sign of the sum, ``frequency`` the most common sign; a tie elects +1 (mergekit and PEFT
     convention).
     """
     if method == "mass":
-        return weighted.sum(dim=0) >= 0
-    return (weighted > 0).sum(dim=0) >= (weighted < 0).sum(dim=0)
+        return ordered_sum(weighted) >= 0
+    return (weighted > 0).sum(dim=0) >= (weighted < 0).sum(dim=0)  # counts: exact in any order
 
 
 def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
@@ -44,12 +56,12 @@ def disjoint_merge(
     if not unit:
         stacked.mul_(w)
     signs = torch.sign(stacked)
-    total = stacked.sum(dim=0) if method == "mass" else signs.sum(dim=0)
+    total = ordered_sum(stacked) if method == "mass" else ordered_sum(signs)
     elected = torch.sign(total).add_(0.5).sign_()  # +1 where total >= 0 (ties elect +1), else -1
     agree = signs.mul_(elected).clamp_(min=0)  # 1 where the entry has the elected sign, else 0
-    mixed = stacked.mul_(agree).sum(dim=0)
+    mixed = ordered_sum(stacked.mul_(agree))
     if normalize:
-        divisor = agree.sum(dim=0) if unit else agree.mul_(w).sum(dim=0)
+        divisor = ordered_sum(agree) if unit else ordered_sum(agree.mul_(w))
         if min(weight) > 0:
             # A sum of positive weights is 0 only where nothing agrees, and there mixed is 0:
             # any positive divisor gives the 0/1 = 0 of the rule below, without a boolean mask.

@@ -1,0 +1,133 @@
+"""Merging at scale: base + {2, 3, 5, 8} experts of 1B-shape bf16 checkpoints, side by side in
+one run, for linear, TIES, DARE-TIES, DELLA and Model Stock: wall seconds, CPU seconds per GB
+of input, peak RSS, and the 8-expert / 3-expert ratios the scale targets are stated in.
+
+    python bench/scale.py [--experts 2,3,5,8] [--methods ...] [--threads N] [--mergekit]
+                          [--repeats 1] [--read cache]
+
+Experts beyond the three generated checkpoints are hard links to them (the disk holds three;
+with ``--read cache`` the page cache serves every read, as in a warm run). ``--mergekit`` adds
+mergekit 0.1.5 (its own venv) at the largest expert count for TIES and DARE-TIES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import ROOT, make_family
+
+REPO = Path(__file__).resolve().parents[1]
+MK = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+METHODS = {
+    "linear": {"merge_method": "linear"},
+    "ties": {"merge_method": "ties", "density": 0.5},
+    "dare_ties": {"merge_method": "dare_ties", "density": 0.5},
+    "della": {"merge_method": "della", "density": 0.5, "epsilon": 0.1},
+    "model_stock": {"merge_method": "model_stock"},
+}
+
+
+def experts(root: Path, n: int) -> list[Path]:
+    """``n`` expert folders: e1..e3 as generated, the rest hard links to them."""
+    out = []
+    for i in range(1, n + 1):
+        d = root / f"e{i}"
+        if i > 3 and not (d / "model.safetensors").exists():
+            src = root / f"e{(i - 1) % 3 + 1}"
+            d.mkdir(exist_ok=True)
+            os.link(src / "model.safetensors", d / "model.safetensors")
+            shutil.copy(src / "config.json", d / "config.json")
+        out.append(d)
+    return out
+
+
+def recipe(root: Path, method: str, n: int) -> Path:
+    spec = dict(METHODS[method])
+    name = spec.pop("merge_method")
+    models = [{"model": str(e), "parameters": dict(spec)} for e in experts(root, n)]
+    r = {"merge_method": name, "base_model": str(root / "base"), "models": models,
+         "dtype": "bfloat16"}  # fmt: skip
+    if name == "linear":
+        r.pop("base_model")
+        r["models"].insert(0, {"model": str(root / "base")})
+    path = ROOT / f"scale-{method}-{n}.yaml"
+    path.write_text(json.dumps(r))
+    return path
+
+
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall s, CPU s, peak RSS bytes) of ``cmd`` in a child process."""
+    wrapper = (
+        "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);"
+        "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(u.ru_utime+u.ru_stime,u.ru_maxrss);sys.exit(r.returncode)"
+    )
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    cpu, rss = r.stdout.strip().splitlines()[-1].split()
+    return wall, float(cpu), int(rss) * 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", default="2,3,5,8")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--read", default="cache")
+    ap.add_argument("--mergekit", action="store_true")
+    a = ap.parse_args()
+    root = make_family("llama_1gb", 8)
+    counts = [int(x) for x in a.experts.split(",")]
+    size = (root / "base" / "model.safetensors").stat().st_size
+    print(f"{'method':<13}{'experts':>8}{'input GB':>9}{'wall s':>8}{'CPU s':>8}"
+          f"{'CPU s/GB':>9}{'peak RSS GB':>12}")  # fmt: skip
+    rows: dict[tuple[str, int], tuple[float, float, int]] = {}
+    for method in a.methods.split(","):
+        for n in counts:
+            cmd = [sys.executable, "-m", "merganser.cli", "merge", str(recipe(root, method, n))]
+            cmd += [str(ROOT / "scale-out"), "--force", "--no-progress", "--read", a.read]
+            if a.threads:
+                cmd += ["--threads", str(a.threads)]
+            runs = [run(cmd) for _ in range(a.repeats)]
+            wall = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            rss = max(r[2] for r in runs)
+            gb = size * (n + 1) / 1e9
+            rows[(method, n)] = (wall, cpu / gb, rss)
+            print(f"{method:<13}{n:>8}{gb:>9.2f}{wall:>8.1f}{cpu:>8.1f}{cpu / gb:>9.2f}"
+                  f"{rss / 2**30:>12.3f}", flush=True)  # fmt: skip
+    if 3 in counts and max(counts) > 3:
+        top = max(counts)
+        print(f"\n{top} experts vs 3: CPU s per GB, wall, peak RSS")
+        for method in a.methods.split(","):
+            w8, c8, r8 = rows[(method, top)]
+            w3, c3, r3 = rows[(method, 3)]
+            print(f"  {method:<13} CPU/GB {c8 / c3:.2f}x  wall {w8 / w3:.2f}x  RSS {r8 / r3:.2f}x")
+    if a.mergekit and MK.exists():
+        top = max(counts)
+        print(f"\nmergekit 0.1.5 at {top} experts (its own venv, --lazy-unpickle off, CPU)")
+        for method in ("ties", "dare_ties"):
+            cmd = [str(MK), str(recipe(root, method, top)), str(ROOT / "scale-mk"),
+                   "--allow-crimes", "--random-seed", "0"]  # fmt: skip
+            wall, cpu, rss = run(cmd)
+            ours = rows[(method, top)][0]
+            print(f"  {method:<13} wall {wall:.1f} s (merganser {ours:.1f} s: "
+                  f"{ours / wall:.3f}x)  peak RSS {rss / 2**30:.2f} GB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
