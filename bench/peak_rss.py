@@ -91,7 +91,8 @@ def main() -> int:
     )
     results = {}
     for fam, root in families.items():
-        size = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+        size = sum((root / m / "model.safetensors").stat().st_size
+                   for m in ("base", "e1", "e2", "e3"))  # fmt: skip
         for mname, spec in methods.items():
             recipe = {**spec, "models": [{"model": str(root / m)} for m in ("e1", "e2", "e3")]}
             if spec["merge_method"] != "linear":
@@ -120,7 +121,8 @@ def main() -> int:
             )
     analyses = {}
     for fam, root in families.items():
-        size = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+        size = sum((root / m / "model.safetensors").stat().st_size
+                   for m in ("base", "e1", "e2", "e3"))  # fmt: skip
         experts = [str(root / m) for m in ("e1", "e2", "e3")]
         recipe = ROOT / f"{fam[1:5].strip()}-report.yaml"
         recipe.write_text(json.dumps({

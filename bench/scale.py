@@ -7,7 +7,9 @@ of input, peak RSS, and the 8-expert / 3-expert ratios the scale targets are sta
 
 Experts beyond the three generated checkpoints are hard links to them (the disk holds three;
 with ``--read cache`` the page cache serves every read, as in a warm run). ``--mergekit`` adds
-mergekit 0.1.5 (its own venv) at the largest expert count for TIES and DARE-TIES.
+mergekit 0.1.5 (its own venv) at the largest expert count for TIES and DARE-TIES. ``--7b``
+adds one TIES merge of base + 8 experts of 7B shape (one 13.5 GB file, hard-linked as every
+input): its peak RSS against the 1B run's shows memory independent of model size.
 """
 
 from __future__ import annotations
@@ -23,17 +25,46 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama import llama_shapes, save_checkpoint
 from peak_rss import ROOT, make_family
 
 REPO = Path(__file__).resolve().parents[1]
 MK = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 METHODS = {
     "linear": {"merge_method": "linear"},
-    "ties": {"merge_method": "ties", "density": 0.5},
-    "dare_ties": {"merge_method": "dare_ties", "density": 0.5},
-    "della": {"merge_method": "della", "density": 0.5, "epsilon": 0.1},
+    "ties": {"merge_method": "ties", "density": 0.5, "weight": 1.0},
+    "dare_ties": {"merge_method": "dare_ties", "density": 0.5, "weight": 1.0},
+    "della": {"merge_method": "della", "density": 0.5, "epsilon": 0.1, "weight": 1.0},
     "model_stock": {"merge_method": "model_stock"},
 }
+
+
+def seven_b() -> Path:
+    """A 7B-shape bf16 checkpoint (Llama-2-7B's shapes, random values), once."""
+    import torch
+
+    root = ROOT / "llama_7b"
+    base = root / "base"
+    if not (base / "model.safetensors").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(7)
+        shapes = llama_shapes(4096, 11008, 32, 32000)
+        tensors = {k: torch.empty(v).uniform_(-0.05, 0.05, generator=g).to(torch.bfloat16)
+                   for k, v in shapes.items()}  # fmt: skip
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+               "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+               "torch_dtype": "bfloat16"}  # fmt: skip
+        (base / "config.json").write_text(json.dumps(cfg))
+        save_checkpoint(tensors, base)
+        del tensors
+    for i in range(1, 9):  # experts: hard links of the base (the merge streams them all)
+        d = root / f"e{i}"
+        if not (d / "model.safetensors").exists():
+            d.mkdir(exist_ok=True)
+            os.link(base / "model.safetensors", d / "model.safetensors")
+            shutil.copy(base / "config.json", d / "config.json")
+    return root
 
 
 def experts(root: Path, n: int) -> list[Path]:
@@ -88,6 +119,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--read", default="cache")
     ap.add_argument("--mergekit", action="store_true")
+    ap.add_argument("--7b", dest="seven", action="store_true")
     a = ap.parse_args()
     root = make_family("llama_1gb", 8)
     counts = [int(x) for x in a.experts.split(",")]
@@ -126,6 +158,14 @@ def main() -> int:
             ours = rows[(method, top)][0]
             print(f"  {method:<13} wall {wall:.1f} s (merganser {ours:.1f} s: "
                   f"{ours / wall:.3f}x)  peak RSS {rss / 2**30:.2f} GB")  # fmt: skip
+    if a.seven:
+        root7 = seven_b()
+        size7 = (root7 / "base" / "model.safetensors").stat().st_size
+        cmd = [sys.executable, "-m", "merganser.cli", "merge", str(recipe(root7, "ties", 8))]
+        cmd += [str(ROOT / "scale-out"), "--force", "--no-progress", "--read", a.read]
+        wall, cpu, rss = run(cmd)
+        print(f"\n7B shape, ties, 8 experts: {9 * size7 / 1e9:.1f} GB in, wall {wall:.1f} s, "
+              f"CPU {cpu / (9 * size7 / 1e9):.2f} s/GB, peak RSS {rss / 2**30:.3f} GB")  # fmt: skip
     return 0
 
 

@@ -127,6 +127,11 @@ def _r(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    # BLAS over one chunk (float32, blocked summation); chunks add up in Python float64.
+    return float(torch.dot(a, b))
+
+
 def _chunk_sums(
     tensors: list[torch.Tensor],
     ref: torch.Tensor,
@@ -135,30 +140,29 @@ def _chunk_sums(
 ) -> Sums:
     n = len(tensors)
     s = Sums(n, numel=ref.numel())
-    ref64 = ref.double()
-    s.ref_sq = float(ref64.square().sum())
+    s.ref_sq = _dot(ref, ref)
     taus = []
     for i, t in enumerate(tensors):
         finite = torch.isfinite(t)
-        s.nonfinite[i] = int((~finite).sum())
-        tau = torch.where(finite, t.double() - ref64, 0.0)
+        if not bool(finite.all()):
+            s.nonfinite[i] = int((~finite).sum())
+            t = torch.where(finite, t, ref)  # their task vector counts as 0
+        tau = t - ref
         taus.append(tau)
-        s.tv_sq[i] = float(tau.square().sum())
+        s.tv_sq[i] = _dot(tau, tau)
         if out is not None:
-            ti = torch.where(finite, t.double(), 0.0)
-            s.out_sq[i] = float((out.double() - ti).square().sum())
-            s.in_sq[i] = float(ti.square().sum())
+            diff = out - t
+            s.out_sq[i] = _dot(diff, diff)
+            s.in_sq[i] = _dot(t, t)
     for i in range(n):
         for j in range(i, n):
-            s.dots[i][j] = s.dots[j][i] = float((taus[i] * taus[j]).sum())
-    if n > 1:
-        pos = torch.zeros(ref.numel(), dtype=torch.bool)
-        neg = torch.zeros(ref.numel(), dtype=torch.bool)
-        for tau in taus:
-            flat = tau.reshape(-1)
-            pos |= flat > 0
-            neg |= flat < 0
-        s.conflicts = int((pos & neg).sum())
+            s.dots[i][j] = s.dots[j][i] = _dot(taus[i], taus[j])
+    if n > 1:  # entries where the task vectors have both signs
+        hi, lo = taus[0].clone(), taus[0].clone()
+        for tau in taus[1:]:
+            torch.maximum(hi, tau, out=hi)
+            torch.minimum(lo, tau, out=lo)
+        s.conflicts = int(((hi > 0) & (lo < 0)).sum())
     if density is not None:
         s.trims = True
         s.dropped = [(1.0 - d) * ref.numel() for d in density]

@@ -369,7 +369,12 @@ def rank_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torc
     rank scaled to [0, 1] (Deep et al. 2024). 1-D tensors are one row.
     """
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    # Ranks are the inverse permutation of one argsort: a scatter, not a second sort.
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    pos = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, pos.expand_as(ranks))
+    del order
     width = rows.shape[1] - 1
     rhat = ranks / width if width > 0 else torch.zeros_like(ranks)
     return ((density - epsilon) + rhat * (2 * epsilon)).view(delta.shape)
