@@ -57,20 +57,28 @@ def make_family(name: str, layers: int) -> Path:
     return root
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd`` via a wrapper that reports its child's peak RSS; return (seconds, bytes)."""
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall s, CPU s, peak RSS bytes) of ``cmd``, run in a child of a wrapper that reads its
+    children's rusage.
+    """
     wrapper = (
-        "import resource,subprocess,sys;"
-        "r=subprocess.run(sys.argv[1:]);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
-        "sys.exit(r.returncode)"
+        "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);"
+        "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(u.ru_utime+u.ru_stime,u.ru_maxrss);sys.exit(r.returncode)"
     )
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
-    dt = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(f"benchmark merge failed: {r.stderr.strip()}")
-    return dt, int(r.stdout.strip().splitlines()[-1]) * 1024
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    cpu, rss = r.stdout.strip().splitlines()[-1].split()
+    return wall, float(cpu), int(rss) * 1024
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(wall s, peak RSS bytes) of ``cmd`` in a child process."""
+    wall, _, rss = run(cmd)
+    return wall, rss
 
 
 def main() -> int:

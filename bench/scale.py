@@ -19,14 +19,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama import llama_shapes, save_checkpoint
-from peak_rss import ROOT, make_family
+from peak_rss import ROOT, make_family, run
 
 REPO = Path(__file__).resolve().parents[1]
 MK = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
@@ -93,22 +91,6 @@ def recipe(root: Path, method: str, n: int) -> Path:
     path = ROOT / f"scale-{method}-{n}.yaml"
     path.write_text(json.dumps(r))
     return path
-
-
-def run(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall s, CPU s, peak RSS bytes) of ``cmd`` in a child process."""
-    wrapper = (
-        "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);"
-        "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "print(u.ru_utime+u.ru_stime,u.ru_maxrss);sys.exit(r.returncode)"
-    )
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    cpu, rss = r.stdout.strip().splitlines()[-1].split()
-    return wall, float(cpu), int(rss) * 1024
 
 
 def main() -> int:

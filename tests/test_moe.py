@@ -21,20 +21,29 @@ warnings.filterwarnings("ignore", category=UserWarning)
 WORDS = ["<unk>", "<s>", "</s>", "add", "two", "numbers", "reverse", "the", "text", "please"]
 
 
-def _llama(folder: Path, seed: int, like: Path | None = None) -> Path:
-    cfg = T.LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
-                        num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    cfg.architectures = ["LlamaForCausalLM"]
+def _dense(folder: Path, seed: int, like: Path | None, family: str) -> Path:
+    """A tiny dense model; an expert (``like`` given) is the base with its own MLPs."""
+    cfg_cls, cls, extra = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 8}),
+    }[family]
+    cfg = cfg_cls(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **extra)  # fmt: skip
+    cfg.architectures = [cls.__name__]
     torch.manual_seed(seed)
-    model = T.LlamaForCausalLM(cfg)
-    if like is not None:  # an expert: the base with its own MLPs
-        base = T.LlamaForCausalLM.from_pretrained(like)
+    model = cls(cfg)
+    if like is not None:
+        base = cls.from_pretrained(like)
         state = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
         model.load_state_dict(state, strict=False)
     model.save_pretrained(folder)
     write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
     return folder
+
+
+def _llama(folder: Path, seed: int, like: Path | None = None) -> Path:
+    return _dense(folder, seed, like, "llama")
 
 
 def _config(tmp_path: Path, experts: list[Path], base: Path, **extra) -> Path:
@@ -181,20 +190,7 @@ def test_experts_of_another_shape_are_refused(tmp_path, capsys) -> None:
 
 
 def _qwen3(folder: Path, seed: int, like: Path | None = None) -> Path:
-    cfg = T.Qwen3Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
-                        num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-                        head_dim=8, tie_word_embeddings=False, bos_token_id=1,
-                        eos_token_id=2)  # fmt: skip
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(seed)
-    model = T.Qwen3ForCausalLM(cfg)
-    if like is not None:
-        base = T.Qwen3ForCausalLM.from_pretrained(like)
-        state = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
-        model.load_state_dict(state, strict=False)
-    model.save_pretrained(folder)
-    write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
-    return folder
+    return _dense(folder, seed, like, "qwen3")
 
 
 def test_qwen3_experts_make_a_qwen3_moe_whose_copies_of_the_base_are_the_base(tmp_path) -> None:
