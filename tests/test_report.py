@@ -159,3 +159,27 @@ def test_tensors_from_other_inputs_are_named_not_mixed_in(tmp_path) -> None:
     assert [x["ref"] for x in r["inputs"]] == [str(tmp_path / "a")]
     assert r["model"]["parameters"] == 2
     assert any("1 tensor(s) are merged from other inputs" in w for w in r["warnings"])
+
+
+def test_warnings_name_what_looks_wrong(tmp_path) -> None:
+    """A non-finite input value is one warning per input (count and first tensor), and a model
+    that is not a small change of the base is flagged by the group where it shows.
+    """
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    write_model(tmp_path / "base", {n: torch.ones(4) for n in names})
+    write_model(tmp_path / "near", {n: torch.full((4,), 1.01) for n in names})
+    far = {n: torch.full((4,), 3.0) for n in names}
+    far[names[1]][0] = float("nan")
+    far[names[2]][1] = float("inf")
+    write_model(tmp_path / "far", far)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic",
+                                      "base_model": str(tmp_path / "base"), "models": [
+        {"model": str(tmp_path / "near")}, {"model": str(tmp_path / "far")}]}))  # fmt: skip
+    w = report(recipe)["warnings"]
+    assert [x for x in w if "non-finite" in x] == [
+        f"{tmp_path / 'far'}: non-finite values in 2 tensor(s), first {names[1]} "
+        "(counted as no change from the reference)"
+    ]
+    flagged = [x for x in w if "not a fine-tune" in x]
+    assert len(flagged) == 1 and flagged[0].startswith(f"{tmp_path / 'far'}: its mlp task vector")

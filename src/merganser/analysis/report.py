@@ -221,6 +221,7 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
     out = Checkpoint(output) if output is not None else None
     models = [x["checkpoint"] for x in inputs if x["role"] == "model"]
     other = 0  # tensors merged from other inputs (slices of other models): not in the sums
+    nonfinite: dict[int, tuple[int, str]] = {}
     try:
         for task in plan.tasks:
             if task.copy_only:
@@ -230,14 +231,20 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
                 continue
             s = _task_sums(plan, task, out, digests)
             for i, bad in enumerate(s.nonfinite):
-                if bad:
-                    warnings.append(f"{inputs[i]['ref']}: {task.name}: {bad} non-finite values")
+                if bad:  # per input: how many tensors, and the first one's name
+                    n, first = nonfinite.get(i, (0, task.name))
+                    nonfinite[i] = (n + 1, first)
             by_layer.setdefault(_label(task.name), Sums(n_inputs)).add(s)
             by_group[tensor_group(task.name)].add(s)
             whole.add(s)
     finally:
         if out is not None:
             out.close()
+    for i, (n, first) in sorted(nonfinite.items()):
+        warnings.append(
+            f"{inputs[i]['ref']}: non-finite values in {n} tensor(s), first {first} "
+            "(counted as no change from the reference)"
+        )
     if other:
         warnings.append(
             f"{other} tensor(s) are merged from other inputs than these (slices): "
@@ -246,11 +253,15 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
     for inp in inputs:
         inp["digest"] = digests.model_digest(inp["checkpoint"])
     model = whole.summary()
-    for i, rel in enumerate(model["relative_task_vector_norm"]):
+    groups = [(g, by_group[g].summary()) for g in GROUPS if by_group[g].numel]
+    for i in range(n_inputs):
+        # Per group: the norms' unit weights (≈ 1) would hide a large change in the whole.
+        big = [(g, r["relative_task_vector_norm"][i]) for g, r in groups if g != "norm"]
+        g, rel = max(big, key=lambda x: x[1] or 0.0, default=("", None))
         if rel is not None and rel > 0.5:
             warnings.append(
-                f"{inputs[i]['ref']}: its task vector is {rel:.0%} of the reference weights' "
-                "norm: a fine-tune of another base, or not a fine-tune?"
+                f"{inputs[i]['ref']}: its {g} task vector is {rel:.0%} of the reference "
+                "weights' norm: a fine-tune of another base, or not a fine-tune?"
             )
     if plan.vocab is not None:
         warnings.append("the inputs' vocabularies differ: rows are aligned by token first")
@@ -263,7 +274,7 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
         "inputs": [{k: v for k, v in x.items() if k != "checkpoint"} for x in inputs],
         "model": model,
         "layers": [{"name": k, **by_layer[k].summary()} for k in layers],
-        "groups": [{"name": g, **by_group[g].summary()} for g in GROUPS if by_group[g].numel],
+        "groups": [{"name": g, **r} for g, r in groups],
         "output": str(output) if output is not None else None,
         "evaluation": None,
         "warnings": warnings,
