@@ -111,7 +111,7 @@ def moe(
         recipe = parse_recipe(base_recipe(cfg, config), name=f"{config}: merge_base")
         opts = replace(options or MergeOptions(), output="model")
         _merge_one(recipe, tmp / "base", opts)
-        return build_moe(config, out, force, allow_all_same, base=tmp / "base")
+        return build_moe(config, out, force, allow_all_same, merged_base=tmp / "base")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -274,17 +274,17 @@ def build_moe(
     out: str | os.PathLike[str],
     force: bool = False,
     allow_all_same: bool = False,
-    base: Path | None = None,
+    merged_base: Path | None = None,
 ) -> Path:
-    """Write the MoE model ``config`` describes into ``out`` (atomically); ``base``: the
-    folder of its merged base (``merge_base``) in place of ``base_model``.
+    """Write the MoE model ``config`` describes into ``out`` (atomically); ``merged_base``:
+    the folder of its merged base (``merge_base``) in place of ``base_model``.
     """
     cfg = load_config(config, allow_all_same)
 
     def path_of(ref: str) -> Path:
         return _path_of(ref, config)
 
-    base_path = base or path_of(cfg.base_model)
+    base_path = merged_base or path_of(cfg.base_model)
     base = Checkpoint(base_path)
     experts = [Checkpoint(path_of(x.source_model)) for x in cfg.experts]
     shared = [Checkpoint(path_of(x.source_model)) for x in cfg.shared_experts or []]
