@@ -183,3 +183,18 @@ def test_warnings_name_what_looks_wrong(tmp_path) -> None:
     ]
     flagged = [x for x in w if "not a fine-tune" in x]
     assert len(flagged) == 1 and flagged[0].startswith(f"{tmp_path / 'far'}: its mlp task vector")
+
+
+def test_the_page_is_never_written_over_or_into_an_input(merged, tmp_path, capsys) -> None:
+    """Even with --force: the page may not replace an input's file nor go inside an input
+    folder (it could have, with --force); nothing is read before that is checked.
+    """
+    recipe, out = merged
+    victim = tmp_path / "a" / "model.safetensors"
+    before = victim.read_bytes()
+    capsys.readouterr()
+    for page in (victim, tmp_path / "a" / "page.html", out / "page.html"):
+        assert main(["report", str(recipe), "--output", str(out), "-o", str(page), "--force"]) == 1
+        assert "overlaps input" in capsys.readouterr().err
+    assert victim.read_bytes() == before and not (tmp_path / "a" / "page.html").exists()
+    assert main(["verify", str(out)]) == 0

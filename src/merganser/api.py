@@ -85,7 +85,9 @@ def merge(
     out = _merge_one(recipe, out_dir, options)
     if options.report:
         page = out.with_name(f"{out.name}.report.html")
-        write_html(make_report(_as_recipe(recipe), out, options.offline), page, force=True)
+        inputs: list[Path] = []
+        r = make_report(_as_recipe(recipe), out, options.offline, before=inputs.extend)
+        write_html(r, page, force=True, inputs=inputs)  # replaces an old page, never an input
         print(f"merganser: report: {page}", file=sys.stderr)
     return out
 

@@ -454,10 +454,18 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
 
 def _cmd_report(a: argparse.Namespace) -> int:
     from merganser.analysis.report import report, with_evaluation, write_html
+    from merganser.storage.writer import guard_output
 
     if not (a.out or a.json):
         raise MerganserError("report: give -o PAGE.html, --json, or both")
-    r = report(a.source, a.output, a.offline)
+    inputs: list[Path] = []
+
+    def check(paths: list[Path]) -> None:  # before any tensor is read
+        inputs.extend([Path(a.source), *paths])
+        if a.out:
+            guard_output(a.out, inputs, a.force, kind="file")
+
+    r = report(a.source, a.output, a.offline, before=check)
     if a.tasks or a.jsonl:
         from merganser.evaluation.evaluate import evaluate, jsonl_evaluator, zoo_evaluator
 
@@ -471,7 +479,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         table = {m: {t: s[t].accuracy for t in columns} for m, s in scores.items()}
         r = with_evaluation(r, table, columns)
     if a.out:
-        print(f"wrote {write_html(r, a.out, a.force)}", file=sys.stderr)
+        print(f"wrote {write_html(r, a.out, a.force, inputs)}", file=sys.stderr)
     if a.json:
         print(json.dumps(r, indent=2))
     return 0

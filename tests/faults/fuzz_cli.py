@@ -51,6 +51,7 @@ SUBCOMMANDS = (
     "plan",
     "extract-lora",
     "moe",
+    "report",
 )
 
 
@@ -322,6 +323,15 @@ def make_case(root: Path, r: random.Random, command: str) -> Case:
         if r.random() < 0.3:
             damage_a_model()
         return Case(["moe", str(config), str(out)], out, inp)
+    if command == "report":
+        recipe = inp / "recipe.yaml"
+        if target < 0.5:
+            write_text(recipe, dump_text(mutate_tree(_recipe_doc(ms, r), r), r))
+        else:
+            write_text(recipe, yaml.safe_dump(_recipe_doc(ms, r)))
+            damage_a_model()
+        page = out if r.random() < 0.8 else ms[1] / "model.safetensors"  # never an input
+        return Case(["report", str(recipe), "-o", str(page), "--json"], out, inp)
     if command == "extract-lora":
         damage_a_model()
         where = out if r.random() < 0.8 else ms[0]

@@ -34,7 +34,7 @@ from merganser.pipeline.plan import Plan, TensorTask, build_plan
 from merganser.pipeline.recipe import Recipe, load_recipe
 from merganser.storage.checkpoint import Checkpoint
 from merganser.storage.provenance import InputDigests
-from merganser.storage.writer import MANIFEST_NAME, RECIPE_NAME, publish
+from merganser.storage.writer import MANIFEST_NAME, RECIPE_NAME, guard_output, publish
 
 _CHUNK = 1 << 22  # entries per step: bounded memory for any tensor size
 GROUPS = ("attention", "mlp", "norm", "embedding", "other")
@@ -311,8 +311,12 @@ def report(
     recipe: Recipe | str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     offline: bool = False,
+    before: Callable[[list[Path]], None] | None = None,
 ) -> dict[str, Any]:
-    """The report of a recipe (or of a merged folder: its recipe, and its output)."""
+    """The report of a recipe (or of a merged folder: its recipe, and its output).
+    ``before(inputs)`` runs once the inputs are known and before any tensor is read (the
+    caller's check that what it will write overlaps none of them).
+    """
     out = Path(output) if output is not None else None
     if not isinstance(recipe, Recipe):
         path = Path(recipe)
@@ -323,6 +327,8 @@ def report(
             recipe = load_recipe(path)
     plan = build_plan(recipe, offline=offline)
     try:
+        if before is not None:
+            before([c.path for c in plan.checkpoints] + ([out] if out is not None else []))
         return analyse(plan, out)
     finally:
         plan.close()
@@ -515,11 +521,16 @@ def _table(tid: str, rows: list[dict[str, Any]], names: list[str], cols: list[st
     return "".join(out)
 
 
-def write_html(r: dict[str, Any], path: str | os.PathLike[str], force: bool = False) -> Path:
-    """Write the page atomically (refusing to replace a file unless ``force``)."""
-    target = Path(path)
-    if target.exists() and not force:
-        raise MerganserError(f"{target}: exists (use --force to replace it)")
+def write_html(
+    r: dict[str, Any],
+    path: str | os.PathLike[str],
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Write the page atomically: never over or into an input, nor over a file unless
+    ``force``.
+    """
+    target = guard_output(path, inputs, force, kind="file")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(to_html(r))
