@@ -198,3 +198,31 @@ def test_the_page_is_never_written_over_or_into_an_input(merged, tmp_path, capsy
         assert "overlaps input" in capsys.readouterr().err
     assert victim.read_bytes() == before and not (tmp_path / "a" / "page.html").exists()
     assert main(["verify", str(out)]) == 0
+
+
+def test_an_output_of_another_recipe_is_one_line_and_a_global_trim_is_not_faked(
+    merged, tmp_path, capsys
+) -> None:
+    """--output whose tensors have other shapes than the recipe makes is refused before any
+    read (it died on a size mismatch); with TIES scope: global the per-tensor fraction trimmed
+    is not the density, so none is shown and a warning says why (it showed 1 − density).
+    """
+    recipe, _ = merged
+    other = write_model(tmp_path / "other", {"model.layers.0.mlp.up_proj.weight": torch.ones(3)})
+    capsys.readouterr()
+    assert main(["report", str(recipe), "--output", str(other), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'model.layers.0.mlp.up_proj.weight' is [3]" in err
+    doc = yaml.safe_load(recipe.read_text())
+    doc["parameters"] = {"scope": "global"}
+    recipe.write_text(yaml.safe_dump(doc))
+    r = report(recipe)
+    assert r["model"]["trimmed"] is None and r["layers"][0]["trimmed"] is None
+    assert any("scope: global" in w for w in r["warnings"])
+
+
+def test_tensors_missing_from_the_output_are_named(merged, tmp_path) -> None:
+    recipe, _ = merged
+    partial = write_model(tmp_path / "partial", {"unrelated": torch.ones(1)})
+    r = report(recipe, partial)
+    assert any("1 tensor(s) of the recipe are not in the output" in w for w in r["warnings"])

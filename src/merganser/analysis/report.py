@@ -171,10 +171,15 @@ def _chunk_sums(
 
 
 def _density(task: TensorTask, n: int) -> list[float] | None:
+    """Each input's kept fraction of this tensor, where the method keeps ``density`` of every
+    tensor (exactly for TIES and Breadcrumbs, in expectation for DARE and DELLA); None where it
+    has no density, or trims against whole-model thresholds (TIES ``scope: global``), whose
+    per-tensor fractions are not the density.
+    """
     d = task.params.get("density")
-    if isinstance(d, list) and len(d) == n:
-        return [float(x) for x in d]
-    return None
+    if task.params.get("scope") == "global" or not (isinstance(d, list) and len(d) == n):
+        return None
+    return [float(x) for x in d]
 
 
 def _task_sums(plan: Plan, task: TensorTask, out: Checkpoint | None, digests: InputDigests) -> Sums:
@@ -204,6 +209,17 @@ def _task_sums(plan: Plan, task: TensorTask, out: Checkpoint | None, digests: In
     return total
 
 
+def _check_output(plan: Plan, out: Checkpoint) -> None:
+    """One line before any tensor is read if the output is not this recipe's merge."""
+    for task in plan.tasks:
+        info = out.tensors.get(task.name)
+        if info is not None and tuple(info.shape) != tuple(task.shape):
+            raise MerganserError(
+                f"{out.path}: tensor {task.name!r} is {list(info.shape)}, the recipe makes "
+                f"{list(task.shape)}: not this recipe's merge"
+            )
+
+
 def _label(name: str) -> str:
     i = layer_index(name)
     return f"layer {i}" if i is not None else "outside the layers"
@@ -219,6 +235,8 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
     digests = InputDigests()
     warnings: list[str] = list(plan.warnings)
     out = Checkpoint(output) if output is not None else None
+    if out is not None:
+        _check_output(plan, out)
     models = [x["checkpoint"] for x in inputs if x["role"] == "model"]
     other = 0  # tensors merged from other inputs (slices of other models): not in the sums
     nonfinite: dict[int, tuple[int, str]] = {}
@@ -244,6 +262,16 @@ def analyse(plan: Plan, output: Path | None = None) -> dict[str, Any]:
         warnings.append(
             f"{inputs[i]['ref']}: non-finite values in {n} tensor(s), first {first} "
             "(counted as no change from the reference)"
+        )
+    if out is not None and (absent := [t.name for t in plan.tasks if t.name not in out.tensors]):
+        warnings.append(
+            f"{output}: {len(absent)} tensor(s) of the recipe are not in the output (first "
+            f"{absent[0]}): left out of the distances moved"
+        )
+    if any(t.params.get("scope") == "global" for t in plan.tasks):
+        warnings.append(
+            "scope: global trims against whole-model thresholds: the fraction trimmed per "
+            "tensor is not the density, and is not shown"
         )
     if other:
         warnings.append(
