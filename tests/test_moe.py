@@ -42,6 +42,17 @@ def _dense(folder: Path, seed: int, like: Path | None, family: str) -> Path:
     return folder
 
 
+def _copies(root: Path, base: Path, cls, n: int = 2) -> list[Path]:
+    """``n`` experts that are the base itself, saved anew."""
+    out = []
+    for i in range(n):
+        folder = root / f"copy{i}"
+        cls.from_pretrained(base).save_pretrained(folder)
+        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
+        out.append(folder)
+    return out
+
+
 def _llama(folder: Path, seed: int, like: Path | None = None) -> Path:
     return _dense(folder, seed, like, "llama")
 
@@ -87,12 +98,7 @@ def test_moe_loads_as_mixtral_with_the_experts_mlps(tmp_path, capsys, mode) -> N
 def test_a_moe_of_copies_of_the_base_is_the_base(tmp_path, capsys) -> None:
     """Every expert the base's own MLP: whatever the routing, the output is the base's."""
     base = _llama(tmp_path / "base", 0)
-    copies = []
-    for i in range(2):
-        folder = tmp_path / f"copy{i}"
-        T.LlamaForCausalLM.from_pretrained(base).save_pretrained(folder)
-        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
-        copies.append(folder)
+    copies = _copies(tmp_path, base, T.LlamaForCausalLM)
     cfg = _config(tmp_path, copies, base, gate_mode="hidden")
     assert main(["moe", str(cfg), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
@@ -211,12 +217,7 @@ def test_qwen3_experts_make_a_qwen3_moe_whose_copies_of_the_base_are_the_base(tm
         for proj in ("gate_proj", "up_proj", "down_proj"):
             got = out[f"model.layers.1.mlp.experts.{e}.{proj}.weight"]
             assert torch.equal(got, src[f"model.layers.1.mlp.{proj}.weight"])
-    copies = []
-    for i in range(2):
-        folder = tmp_path / f"copy{i}"
-        T.Qwen3ForCausalLM.from_pretrained(base).save_pretrained(folder)
-        write_tokenizer(folder, WORDS, bos_token="<s>", eos_token="</s>")
-        copies.append(folder)
+    copies = _copies(tmp_path, base, T.Qwen3ForCausalLM)
     cfg = _config(tmp_path, copies, base, gate_mode="hidden")
     assert main(["moe", str(cfg), str(tmp_path / "same")]) == 0
     ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
