@@ -120,3 +120,18 @@ def test_an_error_names_its_document(folder, capsys) -> None:
     bad = {**FINAL, "merge_method": "tie"}
     rc, err = _run(capsys, _write(folder, STAGE1, bad), folder / "out")
     assert rc == 1 and "multi.yaml: document 2: merge_method: unknown merge method 'tie'" in err
+
+
+def test_report_is_written_for_the_final_merge(folder, capsys) -> None:
+    """merge --report of a multi-document recipe writes the final merge's page (the flag was
+    accepted and ignored); with --output adapter it is one line, before any work.
+    """
+    recipe = _write(folder, STAGE1, FINAL)
+    rc, err = _run(capsys, recipe, folder / "out", "--report")
+    assert rc == 0, err
+    page = (folder / "out.report.html").read_text()
+    assert "<code>task_arithmetic</code>" in page
+    assert "<td>base</td>" in page and "out.intermediate/soup</td>" in page  # its inputs
+    rc, err = _run(capsys, recipe, folder / "out2", "--report", "--output", "adapter")
+    assert rc == 1 and "--report: an adapter output holds no merged tensors" in err
+    assert not (folder / "out2").exists()

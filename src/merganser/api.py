@@ -76,20 +76,31 @@ def merge(
     A recipe file of several documents (mergekit-multimerge's format) runs each merge in turn.
     """
     options = options or MergeOptions()
+    if options.report and options.output == "adapter":
+        raise MerganserError(
+            "--report: an adapter output holds no merged tensors to compare; report the "
+            "recipe instead (merganser report RECIPE)"
+        )
     if isinstance(recipe, (str, os.PathLike)):
         _, docs = read_yaml_documents(recipe)
         if multi.is_multi(docs):
             return _merge_documents(Path(recipe), docs, Path(out_dir), options)
     if options.output == "adapter":
         return _merge_as_adapter(recipe, Path(out_dir), options)
-    out = _merge_one(recipe, out_dir, options)
+    rec = _as_recipe(recipe)
+    out = _merge_one(rec, out_dir, options)
     if options.report:
-        page = out.with_name(f"{out.name}.report.html")
-        inputs: list[Path] = []
-        r = make_report(_as_recipe(recipe), out, options.offline, before=inputs.extend)
-        write_html(r, page, force=True, inputs=inputs)  # replaces an old page, never an input
-        print(f"merganser: report: {page}", file=sys.stderr)
+        _write_report(rec, out, options)
     return out
+
+
+def _write_report(rec: Recipe, out: Path, options: MergeOptions) -> None:
+    """``merge --report``: the report page of ``rec`` and its output, beside the output."""
+    page = out.with_name(f"{out.name}.report.html")
+    inputs: list[Path] = []
+    r = make_report(rec, out, options.offline, before=inputs.extend)
+    write_html(r, page, force=True, inputs=inputs)  # replaces an old page, never an input
+    print(f"merganser: report: {page}", file=sys.stderr)
 
 
 def moe(
@@ -177,6 +188,8 @@ def _merge_documents(path: Path, docs: list[Any], out: Path, options: MergeOptio
             _merge_as_adapter(rec, target, options)
         else:  # intermediates are models, whatever the final output is
             _merge_one(rec, target, replace(options, output="model"))
+            if folder is None and options.report:  # the final merge's page
+                _write_report(rec, out, options)
     return out
 
 
