@@ -107,3 +107,16 @@ def test_evolve_with_lm_eval_fitness(zoo_task, tmp_path) -> None:
     journal = (tmp_path / "out" / "evaluations.jsonl").read_text()
     assert "zoo_add_dev" in journal and "zoo_add_test" in journal
     assert report
+
+
+def test_a_multi_head_model_is_one_line(zoo_task) -> None:
+    """lm-eval would run a partially zipped model's trunk-and-heads container as if it were
+    one causal LM; its task names are not the heads' either. One line instead.
+    """
+    from merganser.errors import MerganserError
+
+    zoo, include, _ = zoo_task
+    lm = load_model(zoo / "base")
+    lm.routes = {"add": "add"}
+    with pytest.raises(MerganserError, match="a multi-head model; lm-eval evaluates one"):
+        lm_eval_evaluator(["zoo_add"], include_path=include)(lm)

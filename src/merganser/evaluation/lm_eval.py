@@ -66,6 +66,12 @@ def lm_eval_evaluator(
     def run(lm: LoadedModel) -> dict[str, Score]:
         from lm_eval.models.huggingface import HFLM
 
+        if lm.routes is not None:  # lm-eval's tasks are not the heads' tasks: no routing
+            raise MerganserError(
+                f"{lm.name}: a multi-head model; lm-eval evaluates one causal LM (use the zoo "
+                "tasks or JSONL, which route each task to its head)"
+            )
+
         model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
         res = lm_eval.simple_evaluate(
             model=model,
