@@ -15,6 +15,8 @@ from typing import Any
 from merganser.analysis.report import report as make_report
 from merganser.analysis.report import write_html
 from merganser.errors import CheckpointError, MerganserError, RecipeError, size_text
+from merganser.evaluation.calibrate import CalibrationOptions, calibrate, calibrate_module
+from merganser.evaluation.regmean_plusplus import regmean_plusplus
 from merganser.methods.registry import WholeModelStats
 from merganser.model import anatomy, chat_templates, hf
 from merganser.model.hf import TOKENIZER_FILES, TOKENIZER_MARKERS
@@ -33,6 +35,7 @@ from merganser.pipeline.plan import Plan, build_plan
 from merganser.pipeline.progress import Progress
 from merganser.pipeline.recipe import Recipe, load_recipe, parse_recipe, read_yaml_documents
 from merganser.pipeline.tensors import merge_tensors
+from merganser.search.adamerging import AdaMergingConfig, adamerging
 from merganser.storage import safejson
 from merganser.storage.dtypes import dtype_name
 from merganser.storage.provenance import ALGORITHM, InputDigests
@@ -46,16 +49,22 @@ from merganser.storage.writer import (
     layout,
 )
 
-# merge_tensors (tensors.py), TOKENIZER_FILES (hf.py) and MergeOptions (options.py, torch-free
-# for the CLI) live below the façade; re-exported.
+# merge_tensors (tensors.py), TOKENIZER_FILES (hf.py), MergeOptions (options.py, torch-free
+# for the CLI) and the data-aware procedures on any module live below the façade; re-exported.
 __all__ = [
     "CPU_THREADS_CAP",
     "TOKENIZER_FILES",
+    "AdaMergingConfig",
+    "CalibrationOptions",
     "MergeOptions",
+    "adamerging",
+    "calibrate",
+    "calibrate_module",
     "default_memory_budget",
     "default_threads",
     "merge",
     "merge_tensors",
+    "regmean_plusplus",
 ]
 
 

@@ -249,11 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "calibrate", help="input Grams / Fisher of a model on data (RegMean, Fisher)"
     )
-    c.add_argument("model", help="model folder (with its tokenizer)")
+    c.add_argument(
+        "model", help="model folder of any transformers class (texts need its tokenizer)"
+    )
     c.add_argument("out", help="statistics file to write (.safetensors)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--tasks", help="zoo tasks, comma-separated (their train split)")
-    src.add_argument("--data", help="JSONL of {prompt, answer} or {text}, or a .txt of lines")
+    src.add_argument(
+        "--data",
+        help="JSONL of {prompt, answer} or {text}, a .txt of lines, or a .safetensors of model "
+        "inputs (e.g. pixel_values), examples along the first axis",
+    )
     c.add_argument("--examples", type=_positive_int, default=256, help="at most this many")
     c.add_argument("--batch", type=_positive_int, default=16)
     c.add_argument("--no-grams", dest="grams", action="store_false", help="skip the Grams")
@@ -630,8 +636,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     if a.data:  # the data file is an input too (calibrate checks the model itself)
         guard_output(a.out, [a.data], force=True, kind="file")
-    texts = _texts(a)
-    if texts is None:
+    data = a.data if a.data and a.data.endswith(".safetensors") else _texts(a)
+    if data is None:
         raise MerganserError("calibrate: give --tasks or --data")
     opts = CalibrationOptions(
         examples=a.examples,
@@ -645,10 +651,11 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         device=a.device,
         force=a.force,
     )
-    tensors, meta = calibrate(a.model, texts, a.out, opts)
+    tensors, meta = calibrate(a.model, data, a.out, opts)
+    tokens = f" ({meta['tokens']} tokens)" if meta.get("tokens", "0") != "0" else ""
     print(
-        f"{a.out}: {meta['kinds']} statistics from {meta['examples']} examples "
-        f"({meta['tokens']} tokens), {len(tensors)} tensors"
+        f"{a.out}: {meta['kinds']} statistics from {meta['examples']} examples{tokens}, "
+        f"{len(tensors)} tensors"
     )
     return 0
 

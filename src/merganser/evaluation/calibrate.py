@@ -1,6 +1,9 @@
 """`merganser calibrate`: run a model over data and keep what data-aware merges need.
 
-Forward hooks on every ``nn.Linear`` accumulate the Gram matrix XᵀX of the layer's input
+Any network: a Hugging Face folder of any transformers class (causal LMs on texts; encoders,
+encoder-decoders and vision models on texts or input tensors) or, through
+:func:`calibrate_module`, any ``torch.nn.Module`` with its batches. Forward hooks on every
+``nn.Linear`` (and GPT-2 ``Conv1D``) accumulate the Gram matrix XᵀX of the layer's input
 (RegMean, spec §9), summed in float64 and divided by the number of rows; one backward pass
 per example accumulates the diagonal Fisher (spec §10). Only these per-layer statistics are
 held, never activations per example, so memory is bounded by the model plus the Grams.
@@ -16,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,27 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from merganser.errors import MerganserError
-from merganser.evaluation.evaluate import LoadedModel, load_model, pad_batches, read_jsonl
+from merganser.evaluation.evaluate import (
+    LoadedModel,
+    is_causal_lm_folder,
+    load_model,
+    load_network,
+    pad_batches,
+    read_jsonl,
+)
+from merganser.evaluation.forward import (
+    Batch,
+    GramRecorder,
+    Logits,
+    LogLikelihood,
+    batch_size,
+    diagonal_fisher,
+    gram_names_on_disk,
+    logits_of,
+    on_disk,
+    sampled_log_likelihood,
+    to_device,
+)
 from merganser.pipeline.device import check_device
 from merganser.storage.inputs import read_text
 from merganser.storage.writer import guard_output, publish
@@ -70,14 +93,197 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
 
 def calibrate(
     model: str | os.PathLike[str] | LoadedModel,
-    texts: Sequence[str],
+    data: Sequence[str] | Mapping[str, torch.Tensor] | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     options: CalibrationOptions | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Input Grams of every linear layer and/or the diagonal Fisher of a causal LM on ``texts``.
+    """Input Grams of every linear layer and/or the diagonal Fisher of a model on data.
 
-    Returns ``(tensors, metadata)`` and, given ``out``, writes them atomically as safetensors.
+    ``model`` is a Hugging Face folder of any transformers class (a causal LM, an encoder such
+    as BERT or ViT, an encoder-decoder such as T5) or a loaded causal LM. ``data`` is texts
+    (tokenised with the folder's tokenizer) or model inputs: a mapping of tensors, or the path
+    of a ``.safetensors`` file of them (``pixel_values`` for a vision model), examples along
+    the first axis. Returns ``(tensors, metadata)`` and, given ``out``, writes them atomically.
     """
+    o = _check_options(options)
+    if out is not None:
+        inputs = [] if isinstance(model, LoadedModel) else [model]
+        if isinstance(data, (str, os.PathLike)):
+            inputs.append(data)
+        out = guard_output(out, inputs, o.force, kind="file")
+    if isinstance(data, (str, os.PathLike)):
+        data = read_inputs(data) if Path(data).suffix == ".safetensors" else read_texts(data)
+    if isinstance(model, LoadedModel) or (
+        not isinstance(data, Mapping) and is_causal_lm_folder(model)
+    ):
+        if isinstance(data, Mapping):
+            raise MerganserError("calibrate: a causal LM calibrates on texts, not input tensors")
+        return _calibrate_causal_lm(model, list(data), out, o)
+    net, tokenizer = load_network(model)
+    if isinstance(data, Mapping):
+        batches = tensor_batches(data, o.batch, o.examples)
+    else:
+        batches = text_batches(net, tokenizer, list(data), o.batch, o.examples, Path(model))
+    return calibrate_module(net, batches, out, o, name=Path(model).name, _checked=True)
+
+
+def calibrate_module(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    out: str | os.PathLike[str] | None = None,
+    options: CalibrationOptions | None = None,
+    logits: Logits = logits_of,
+    log_likelihood: LogLikelihood | None = None,
+    name: str = "model",
+    _checked: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Calibration statistics of any ``torch.nn.Module`` (Jin et al. 2023; Matena & Raffel 2022).
+
+    ``batches`` are what the module takes (a mapping of keyword tensors, a tuple, or a tensor;
+    examples along the first axis; an ``attention_mask`` marks padding). The Grams cover every
+    ``nn.Linear`` and GPT-2 ``Conv1D``. The Fisher is the mean per-example squared gradient of
+    ``log_likelihood(model, batch)``, by default the log-probability of labels sampled from
+    ``logits(output)`` (``fisher_labels: empirical`` takes the batch's ``labels``).
+    """
+    o = options if _checked else _check_options(options)
+    if out is not None and not _checked:
+        out = guard_output(out, [], o.force, kind="file")
+    dev = check_device(o.device)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.eval().to(dev)
+    gen = torch.Generator().manual_seed(o.seed)
+    ll = log_likelihood or sampled_log_likelihood(logits, gen, o.fisher_labels)
+    kept: list[Batch] = []
+    examples = 0
+    enabled = sys.stderr.isatty() if o.progress is None else o.progress
+    bar = tqdm(desc=f"calibrating {name}", unit="ex", disable=not enabled, file=sys.stderr)
+    grams: GramRecorder | None = None
+    try:
+        if o.grams:
+            grams = GramRecorder(model, o.mask_padding)
+        for batch in _limit(batches, o.examples):
+            batch = to_device(batch, dev)
+            examples += batch_size(batch)
+            if grams is not None:
+                grams.run(model, batch)
+            if o.fisher:
+                kept.append(batch)
+            bar.update(batch_size(batch) if grams is not None else 0)
+        if examples == 0:
+            raise MerganserError("calibrate: no calibration examples")
+        fisher: dict[str, torch.Tensor] = {}
+        if o.fisher:
+            fisher, _ = diagonal_fisher(model, kept, ll, lambda: bar.update(1))
+    finally:
+        bar.close()
+        if grams is not None:
+            grams.close()
+        model.to(home).train(was_training)
+    meta = {"model": name, "examples": str(examples), "tokens": str(_tokens(kept or None))}
+    return _finish(model, grams, fisher, examples, meta, o, out)
+
+
+def read_inputs(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Model inputs from a ``.safetensors`` file: tensors by keyword, examples first."""
+    from merganser.storage.checkpoint import Checkpoint
+
+    p = Path(path)
+    with Checkpoint(p) as ckpt:
+        tensors = {k: ckpt.read(k) for k in ckpt}
+    sizes = {k: int(t.shape[0]) if t.dim() else 0 for k, t in tensors.items()}
+    if not tensors or len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise MerganserError(
+            f"{p}: expected model inputs with the examples along the first axis of every tensor "
+            f"(got {', '.join(f'{k} {list(t.shape)}' for k, t in tensors.items()) or 'none'})"
+        )
+    return tensors
+
+
+def tensor_batches(
+    data: Mapping[str, torch.Tensor], size: int, examples: int
+) -> list[dict[str, torch.Tensor]]:
+    """Keyword batches of ``size`` examples from input tensors (at most ``examples``)."""
+    n = min(examples, min(int(t.shape[0]) for t in data.values()))
+    return [{k: t[i : i + size] for k, t in data.items()} for i in range(0, n, size)]
+
+
+def text_batches(
+    net: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    size: int,
+    examples: int,
+    where: Path,
+) -> list[dict[str, torch.Tensor]]:
+    """Padded, tokenised batches for a non-causal text model; an encoder-decoder's decoder reads
+    the same text shifted right (its own reconstruction), so both halves see data."""
+    if tokenizer is None:
+        raise MerganserError(f"{where}: no tokenizer files; texts need the model's tokenizer")
+    if tokenizer.pad_token_id is None:
+        raise MerganserError(f"{where}: the tokenizer has no padding token to batch texts with")
+    texts = texts[:examples]
+    limit = getattr(tokenizer, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and 0 < limit <= 1 << 16 else 512
+    out = []
+    for i in range(0, len(texts), size):
+        enc = tokenizer(
+            texts[i : i + size], padding=True, truncation=True, max_length=limit,
+            return_tensors="pt",
+        )  # fmt: skip
+        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if getattr(net.config, "is_encoder_decoder", False):
+            ids = batch["input_ids"]
+            if hasattr(net, "prepare_decoder_input_ids_from_labels"):
+                dec = net.prepare_decoder_input_ids_from_labels(labels=ids)
+            elif hasattr(net, "_shift_right"):
+                dec = net._shift_right(ids)
+            else:
+                raise MerganserError(
+                    f"{where}: an encoder-decoder whose decoder inputs merganser cannot build"
+                )
+            batch["decoder_input_ids"] = dec
+            batch["decoder_attention_mask"] = batch["attention_mask"]
+            batch["labels"] = ids  # the reconstruction target (empirical Fisher)
+        out.append(batch)
+    return out
+
+
+def _limit(batches: Iterable[Batch], examples: int) -> Iterator[Batch]:
+    """Batches up to ``examples`` examples (the last one cut)."""
+    left = examples
+    for b in batches:
+        if left <= 0:
+            return
+        n = batch_size(b)
+        if n > left:
+            b = _head(b, left)
+            n = left
+        left -= n
+        yield b
+
+
+def _head(batch: Batch, n: int) -> Batch:
+    size = batch_size(batch)
+
+    def cut(t: Any) -> Any:
+        return t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(t) for t in batch)
+    return cut(batch)
+
+
+def _tokens(batches: list[Batch] | None) -> int:
+    return 0 if not batches else sum(
+        int(b["attention_mask"].sum()) for b in batches
+        if isinstance(b, Mapping) and isinstance(b.get("attention_mask"), torch.Tensor)
+    )  # fmt: skip
+
+
+def _check_options(options: CalibrationOptions | None) -> CalibrationOptions:
     o = options or CalibrationOptions()
     if not (o.grams or o.fisher):
         raise MerganserError("calibrate: nothing to compute (enable grams or fisher)")
@@ -85,96 +291,95 @@ def calibrate(
         raise MerganserError(
             f"--fisher-labels: expected sampled or empirical, got {o.fisher_labels!r}"
         )
-    if out is not None:
-        inputs = [] if isinstance(model, LoadedModel) else [model]
-        out = guard_output(out, inputs, o.force, kind="file")
-    texts = list(texts)[: o.examples]
+    return o
+
+
+def _calibrate_causal_lm(
+    model: str | os.PathLike[str] | LoadedModel,
+    texts: list[str],
+    out: Path | None,
+    o: CalibrationOptions,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A causal LM on texts: BOS + text + EOS per sequence, Fisher over next-token predictions."""
+    texts = texts[: o.examples]
     if not texts:
         raise MerganserError("calibrate: no calibration examples")
-    dev = check_device(o.device)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    net = lm.model.eval()
-    home = next(net.parameters()).device
-    net.to(dev)
-    grams: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-    # The rows to keep of the batch being run (None: all), and whether the hooks record.
-    mask_rows: list[torch.Tensor | None] = [None]
-    recording = [False]
-
-    def hook(name: str) -> Any:
-        def fn(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            if not recording[0]:
-                return
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]) if mask_rows[0] is None else x[mask_rows[0]]
-            x = x.double()
-            g = grams.get(name)
-            grams[name] = x.T @ x if g is None else g.addmm_(x.T, x)
-            rows[name] = rows.get(name, 0) + x.shape[0]
-
-        return fn
-
-    handles = []
-    if o.grams:
-        for mname, mod in net.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                handles.append(mod.register_forward_pre_hook(hook(f"{mname}.weight")))
-    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    fisher = (
-        {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()} if o.fisher else {}
-    )
+    if lm.eos is None:
+        raise MerganserError(f"{lm.name}: the tokenizer has no end-of-sequence token")
+    seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
+    batches = [
+        {"input_ids": ids, "attention_mask": mask}
+        for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, o.batch)
+    ]
     gen = torch.Generator().manual_seed(o.seed)
-    enabled = sys.stderr.isatty() if o.progress is None else o.progress
-    bar = tqdm(
-        total=len(texts),
-        desc=f"calibrating {lm.name}",
-        unit="ex",
-        disable=not enabled,
-        file=sys.stderr,
-    )
-    tokens = 0
-    try:
-        seqs = [[*lm.bos, *lm.encode(t), lm.eos] for t in texts]
-        for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, o.batch):
-            ids, mask = ids.to(dev), mask.to(dev)
-            tokens += int(mask.sum())
-            mask_rows[0] = mask.bool() if o.mask_padding else None
-            if o.grams:
-                recording[0] = True
-                with torch.no_grad():
-                    net(input_ids=ids, attention_mask=mask)
-                recording[0] = False
-            if o.fisher:
-                for r in range(ids.shape[0]):
-                    _fisher_step(net, ids[r : r + 1], mask[r : r + 1], params, fisher, o, gen)
-            bar.update(ids.shape[0])
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        net.zero_grad(set_to_none=True)
-        net.to(home)
+    tensors, meta = calibrate_module(
+        lm.model, batches, None, o, log_likelihood=_next_token_ll(o, gen), name=str(lm.name),
+        _checked=True,
+    )  # fmt: skip
+    meta["tokens"] = str(sum(int(b["attention_mask"].sum()) for b in batches))
+    return tensors, _write(tensors, meta, out)
 
+
+def _next_token_ll(o: CalibrationOptions, gen: torch.Generator) -> LogLikelihood:
+    """One sequence's Σₜ log p(yₜ | x<ₜ) over its real (unpadded) tokens."""
+
+    def ll(net: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # type: ignore[index, call-overload]
+        n = int(mask.sum())
+        logits = net(input_ids=ids[:, :n]).logits[0, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if o.fisher_labels == "sampled":
+            with torch.no_grad():
+                # Drawn on the CPU generator so a seed gives the same labels on any device.
+                y = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1)
+            y = y.to(ids.device)
+        else:
+            y = ids[0, 1:n]
+        return logp.gather(1, y[:, None]).sum()
+
+    return ll
+
+
+def _finish(
+    net: torch.nn.Module,
+    grams: GramRecorder | None,
+    fisher: dict[str, torch.Tensor],
+    examples: int,
+    meta: dict[str, str],
+    o: CalibrationOptions,
+    out: Path | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, g in grams.items():
-        tensors[f"gram.{name}"] = (g / max(1, rows[name])).float().cpu()
+    in_out: list[str] = []
+    if grams is not None:
+        means = grams.means()
+        names = gram_names_on_disk(net, means)
+        for name, g in means.items():
+            tensors[f"gram.{names[name]}"] = g.float().cpu()
+        in_out = sorted(names[n] for n in grams.in_out())
     norm_sq = 0.0
-    for name, f in fisher.items():
-        f = f / len(texts)
+    for name, f in on_disk(net, fisher).items():
+        f = f / examples
         norm_sq += float(f.square().sum())
         tensors[f"fisher.{name}"] = f.float().cpu()
     meta = {
         "format": FORMAT,
-        "model": str(lm.name),
-        "examples": str(len(texts)),
-        "tokens": str(tokens),
+        **meta,
         "mask_padding": json.dumps(o.mask_padding),
         "kinds": ",".join(k for k, on in (("gram", o.grams), ("fisher", o.fisher)) if on),
     }
+    if in_out:
+        meta["in_out"] = json.dumps(in_out)  # Conv1D weights, stored [in, out]
     if o.fisher:
         meta["fisher_labels"] = o.fisher_labels
         meta["fisher_norm"] = repr(math.sqrt(norm_sq))
+    return tensors, _write(tensors, meta, out)
+
+
+def _write(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path | None
+) -> dict[str, str]:
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
@@ -182,30 +387,4 @@ def calibrate(
             publish(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
-    return tensors, meta
-
-
-def _fisher_step(
-    net: torch.nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    params: dict[str, torch.nn.Parameter],
-    fisher: dict[str, torch.Tensor],
-    o: CalibrationOptions,
-    gen: torch.Generator,
-) -> None:
-    """One example's squared gradient of Σₜ log p(yₜ | x<ₜ) over its real (unpadded) tokens."""
-    n = int(mask.sum())
-    logits = net(input_ids=ids[:, :n]).logits[0, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if o.fisher_labels == "sampled":
-        with torch.no_grad():
-            # Drawn on the CPU generator so a seed gives the same labels on any device.
-            y = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(ids.device)
-    else:
-        y = ids[0, 1:n]
-    net.zero_grad(set_to_none=True)
-    logp.gather(1, y[:, None]).sum().backward()
-    for name, p in params.items():
-        if p.grad is not None:
-            fisher[name].add_(p.grad.double().square())
+    return meta

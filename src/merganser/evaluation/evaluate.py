@@ -103,6 +103,48 @@ def _require_causal_lm(p: Path) -> None:
         )
 
 
+def is_causal_lm_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether a model folder's config names a causal LM class (or a multi-head zip of them)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from merganser.model.multihead import is_multihead
+
+    p = Path(path)
+    if is_multihead(p):
+        return True
+    try:
+        archs = safejson.loads((p / "config.json").read_bytes()).get("architectures") or []
+    except (ValueError, AttributeError, OSError):
+        return True  # the causal loader reports a config it cannot read
+    return any(a in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) for a in archs)
+
+
+def load_network(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any]:
+    """Any Hugging Face model folder as the class its config names, in float32, and its
+    tokenizer (None without tokenizer files). Remote code is never run: a class transformers
+    does not ship is one line."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise MerganserError(f"{p}: not a model folder (no config.json)")
+    config = hf.load(p, "the config", lambda: transformers.AutoConfig.from_pretrained(p))
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise MerganserError(
+            f"{p}: config.json names {archs[0]!r}, which transformers does not ship "
+            "(merganser never runs a model's remote code)"
+        )
+    net = hf.load(p, "the model", lambda: cls.from_pretrained(p, dtype=torch.float32)).eval()
+    tok = None
+    if any((p / f).is_file() for f in hf.TOKENIZER_MARKERS):
+        tok = hf.load(p, "the tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(p))
+    return net, tok
+
+
 def load_model(path: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
     """Load a Hugging Face causal LM folder (and its tokenizer) in float32 for evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

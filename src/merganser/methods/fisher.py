@@ -21,7 +21,7 @@ def _norm_metadata(stats: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {"fisher_norm": repr(math.sqrt(sq))}
 
 
-def _norms(metadata: list[Mapping[str, str]]) -> dict[str, Any]:
+def _norms(metadata: list[Mapping[str, str]], name: str) -> dict[str, Any]:
     return {"fisher_norms": [float(m.get("fisher_norm", "nan")) for m in metadata]}
 
 

@@ -161,10 +161,10 @@ class Method:
     # Calibration statistics each model must bring ("gram" or "fisher", from `merganser
     # calibrate`); fn then takes ``stats``: one tensor (or None) per model for this tensor.
     statistics: str | None = None
-    # Arguments ``fn`` takes from each model's statistics-file metadata (one mapping per model),
-    # and the metadata a statistics file carries, computed from its tensors where the statistics
-    # are in memory rather than a `merganser calibrate` file.
-    statistics_params: Callable[[list[Mapping[str, str]]], dict[str, Any]] | None = None
+    # Arguments ``fn`` takes for tensor ``name`` from each model's statistics-file metadata
+    # (one mapping per model), and the metadata a statistics file carries, computed from its
+    # tensors where the statistics are in memory rather than a `merganser calibrate` file.
+    statistics_params: Callable[[list[Mapping[str, str]], str], dict[str, Any]] | None = None
     statistics_metadata: Callable[[Mapping[str, torch.Tensor]], dict[str, str]] | None = None
     # ``blockwise(params, numel)``: a BlockMerge that computes fn's result block by block (after
     # statistic passes over the blocks), or None where the whole tensor is needed at once.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from merganser.methods.registry import Param, register
@@ -12,6 +16,14 @@ def reduce_nondiag(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha == 1.0:
         return gram
     return gram * alpha + torch.diag(torch.diagonal(gram)) * (1.0 - alpha)
+
+
+def _layout(metadata: list[Mapping[str, str]], name: str) -> dict[str, Any]:
+    """Whether ``name`` is stored ``[in, out]`` (GPT-2 Conv1D), as each calibration recorded."""
+    marks = {name in json.loads(m.get("in_out", "[]")) for m in metadata}
+    if len(marks) > 1:
+        raise ValueError(f"{name}: the statistics disagree on whether it is a Conv1D weight")
+    return {"in_out": marks.pop()} if marks else {}
 
 
 @register(
@@ -28,6 +40,7 @@ def reduce_nondiag(gram: torch.Tensor, alpha: float) -> torch.Tensor:
         ),
     ),
     statistics="gram",
+    statistics_params=_layout,
     validate=lambda p: "weights sum to zero" if sum(p["weight"]) == 0 else None,
     workspace=2.0,
     reference="Jin et al., Dataless Knowledge Fusion by Merging Weights, ICLR 2023, "
@@ -39,13 +52,18 @@ def regmean(
     alpha: float = 1.0,
     ridge: float = 1e-6,
     stats: list[torch.Tensor | None] | None = None,
+    in_out: bool = False,
 ) -> torch.Tensor:
     """W* = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ per linear weight, in float64 (Jin et al. 2023, arXiv 2212.09849).
 
     ``stats`` are the input Grams Xᵢᵀ Xᵢ of the layer; tensors without them (biases, norms,
     embeddings) get the weighted mean. ``ridge`` solves (ΣG̃ + εI) Wᵀ = ΣG̃ᵢWᵢᵀ + ε W̄ᵀ, which
-    leaves input features no model ever saw at the mean instead of zero.
+    leaves input features no model ever saw at the mean instead of zero. ``in_out``: the
+    weights are stored ``[in, out]`` (GPT-2 Conv1D), so W* = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ.
     """
+    if in_out and tensors[0].dim() == 2:
+        flipped = [t.T for t in tensors]
+        return regmean(flipped, weight, alpha, ridge, stats).T.contiguous()
     total = sum(weight)
     mean = torch.zeros_like(tensors[0])
     for w, t in zip(weight, tensors, strict=True):

@@ -11,6 +11,7 @@ group's inputs and the final norm and head the last group's (both at gradient de
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -574,7 +575,7 @@ def _add_task(
         stats = [_stat_ref(plan, m.ckpt, input_name(m), shape) for m in g.contributors]
         if method.statistics_params is not None:
             meta = [ckpts[plan.stats_files[m.ckpt]].metadata for m in g.contributors]
-            params.update(method.statistics_params(meta))
+            params.update(method.statistics_params(meta, out_name))
     plan.tasks.append(
         TensorTask(
             name=out_name,
@@ -779,7 +780,9 @@ def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tupl
             )
         if info is None:
             return None  # not a layer linear (norms, biases, embeddings): RegMean averages it
-        want = (shape[1], shape[1]) if len(shape) == 2 else None
+        in_out = name in json.loads(ckpt.metadata.get("in_out", "[]"))  # Conv1D: [in, out]
+        side = shape[0] if in_out else shape[-1]  # the weight's input dimension
+        want = (side, side) if len(shape) == 2 else None
     else:
         if info is None:
             raise CheckpointError(f"{ckpt.path}: {key!r} missing (the Fisher of {name!r})")

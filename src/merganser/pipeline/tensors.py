@@ -22,6 +22,7 @@ def merge_tensors(
     base: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     tensor_params: Callable[[str], Mapping[str, Any]] | None = None,
     statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    statistics_metadata: Sequence[Mapping[str, str]] | None = None,
     **params: Any,
 ) -> Any:
     """Merge in memory: tensors (or state dicts) in, a tensor (or state dict) out.
@@ -30,6 +31,8 @@ def merge_tensors(
     ``tensor_params(name)`` may override parameters per tensor (layer schedules, groups).
     Data-aware methods take ``statistics``: per model, the tensors `merganser calibrate` saves
     (``gram.<name>`` or ``fisher.<name>``); for single tensors, per model ``{"": stat}``.
+    ``statistics_metadata`` is the metadata calibrate returned with them (which weights are
+    GPT-2 ``Conv1D``, stored ``[in, out]``; whole-model Fisher norms).
     Results are computed in float32 and returned in the dtype of the first model's tensor.
     """
     m = get_method(method, "method")
@@ -77,9 +80,17 @@ def merge_tensors(
             stats.observe(p, k, *inputs(k), kwargs)  # type: ignore[union-attr]
         stats.end_pass(p)  # type: ignore[union-attr]
 
-    whole: dict[str, Any] = {}  # arguments from each model's whole statistics
-    if m.statistics_params is not None and m.statistics_metadata is not None:
-        whole = m.statistics_params([m.statistics_metadata(s) for s in statistics])  # type: ignore[union-attr]
+    # Each model's statistics metadata: as calibrate returned it, else computed from the tensors.
+    metadata: list[Mapping[str, str]] | None = None
+    if statistics_metadata is not None:
+        if len(statistics_metadata) != len(models):
+            raise MerganserError("merge_tensors: statistics_metadata needs one mapping per model")
+        metadata = list(statistics_metadata)
+    elif m.statistics_params is not None:
+        metadata = [
+            m.statistics_metadata(s) if m.statistics_metadata is not None else {}
+            for s in statistics  # type: ignore[union-attr]
+        ]
 
     out: dict[str, torch.Tensor] = {}
     for k, first in dicts[0].items():
@@ -91,7 +102,8 @@ def merge_tensors(
         if m.statistics:
             name = f"{m.statistics}.{k}" if k else ""
             extra["stats"] = [s.get(name) for s in statistics]  # type: ignore[union-attr]
-        extra.update(whole)
+        if m.statistics_params is not None and metadata is not None:
+            extra.update(m.statistics_params(metadata, k))
         if stats is not None:
             extra.update(stats.params_for(k))
         ts, b = inputs(k)

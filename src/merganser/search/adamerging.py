@@ -4,12 +4,13 @@ learned by minimising the entropy of the merged model's predictions on unlabelle
 θ = θ₀ + Σₖ λₖ τₖ (task-wise) or θˡ = θ₀ˡ + Σₖ λₖˡ τₖˡ per tensor l (layer-wise), λ initialised
 to 0.3 and clamped to [0, 1], Adam at lr 1e-3. AdaMerging++ replaces τₖ by TIES-processed
 task vectors (top 20 % by magnitude, elected sign, kept per task). For a causal LM the
-prediction is the next token after each prompt, the first token of its answer.
+prediction is the next token after each prompt, the first token of its answer; for a
+classifier it is the class, each task through its own head (the paper's setting).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,22 +48,41 @@ def ties_task_vectors(deltas: list[torch.Tensor], density: float) -> list[torch.
     return list(trimmed * keep)
 
 
+def last_token_logits(output: Any, batch: Any) -> torch.Tensor:
+    """A causal LM's prediction after each right-padded prompt: the logits at its last token."""
+    last = batch["attention_mask"].sum(1) - 1
+    return output.logits[torch.arange(len(last)), last]
+
+
 def adamerging(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     base: StateDict,
     models: Sequence[StateDict],
-    prompts: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
-    score: Scorer,
+    batches: Sequence[Sequence[Any]],
+    score: Scorer | None = None,
     config: AdaMergingConfig | None = None,
     log: Callable[[str], None] | None = None,
+    predictions: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> SearchResult:
-    """Learn λ by entropy minimisation (Yang et al., arXiv 2310.02575); select on dev.
+    """Learn λ by entropy minimisation (Yang et al., ICLR 2024, arXiv 2310.02575).
 
-    ``model`` is an architecture skeleton, ``prompts[k]`` task k's unlabelled batches of
-    right-padded ``(input_ids, attention_mask)``. Every ``report_every`` steps the current
-    merge is scored on dev; the best-scoring merge is returned (the initial λ included).
+    ``model`` is an architecture skeleton, or one per task (each task's own classification
+    head around the shared parameters: a parameter absent from ``base`` stays the module's
+    own). ``batches[k]`` are task k's unlabelled batches, in any form the model takes (a
+    mapping of keyword tensors, a tuple, a tensor). ``predictions(output, batch)`` gives the
+    logits whose entropy is minimised, by default every position of the output's logits (a
+    classifier's class predictions); a causal LM's prompts use :func:`last_token_logits`.
+    With ``score`` (dev), the merge is scored every ``report_every`` steps and the best one is
+    returned (the initial λ included); without, the last.
     """
+    from merganser.evaluation.forward import logits_of
+
     c = config or AdaMergingConfig()
+    nets = list(model) if isinstance(model, Sequence) else [model] * len(batches)
+    if len(nets) != len(batches):
+        raise ValueError(f"adamerging: {len(nets)} models for {len(batches)} tasks")
+    if any(len(b) == 0 for b in batches):
+        raise ValueError("adamerging: every task needs at least one unlabelled batch")
     keys = [k for k, v in base.items() if v.is_floating_point()]
     n = len(models)
     taus: dict[str, list[torch.Tensor]] = {}
@@ -89,35 +109,47 @@ def adamerging(
         with torch.no_grad():
             return {k: v.detach().clone() for k, v in merged(lam).items()}
 
-    (start,) = score([snapshot()])
-    best, best_dev, best_lam = snapshot(), start, lam.detach().clone()
-    score.generation(0, best, start)
-    model.eval()
+    def predict(output: Any, batch: Any) -> torch.Tensor:
+        if predictions is not None:
+            return predictions(output, batch)
+        return logits_of(output)
+
+    best, best_lam = snapshot(), lam.detach().clone()
+    start = best_dev = float("nan")
+    if score is not None:
+        (start,) = score([best])
+        best_dev = start
+        score.generation(0, best, start)
+    for net in nets:
+        net.eval()
     history: list[dict[str, Any]] = []
     for step in range(1, c.steps + 1):
         params = merged(lam)
         loss = torch.zeros(())
-        for batches in prompts:
-            ids, mask = batches[(step - 1) % len(batches)]
-            logits = torch.func.functional_call(
-                model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}
-            ).logits
-            last = mask.sum(1) - 1
-            loss = loss + entropy(logits[torch.arange(len(ids)), last]).mean()
+        for net, task in zip(nets, batches, strict=True):
+            batch = task[(step - 1) % len(task)]
+            output = _forward(net, params, batch)
+            loss = loss + entropy(predict(output, batch).float()).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % c.report_every == 0 or step == c.steps:
+            ent = float(loss.detach())
+            if score is None:
+                history.append({"generation": step, "entropy": ent})
+                if log:
+                    log(f"step {step}: entropy {ent:.4f}")
+                continue
             cand = snapshot()
             (dev,) = score([cand])
-            history.append(
-                {"generation": step, "dev": max(dev, best_dev), "entropy": float(loss.detach())}
-            )
+            history.append({"generation": step, "dev": max(dev, best_dev), "entropy": ent})
             if dev > best_dev:
                 best, best_dev, best_lam = cand, dev, lam.detach().clone()
             if log:
-                log(f"step {step}: entropy {float(loss.detach()):.4f}, dev {dev:.4f}")
+                log(f"step {step}: entropy {ent:.4f}, dev {dev:.4f}")
             score.generation(step, best, best_dev)
+    if score is None:
+        best, best_lam = snapshot(), lam.detach().clone()
     coefs = (best_lam.clamp(0, 1) if c.clamp else best_lam).tolist()
     return SearchResult(
         best,
@@ -127,3 +159,11 @@ def adamerging(
         history,
         {"lambdas": coefs if c.granularity == "task" else dict(zip(keys, coefs, strict=True))},
     )
+
+
+def _forward(net: torch.nn.Module, params: dict[str, torch.Tensor], batch: Any) -> Any:
+    """``net`` on ``batch`` with ``params`` in place of its own (the rest stay its own)."""
+    if isinstance(batch, Mapping):
+        return torch.func.functional_call(net, params, args=(), kwargs=dict(batch))
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return torch.func.functional_call(net, params, args=args)

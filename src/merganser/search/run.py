@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from merganser.errors import MerganserError
 from merganser.evaluation.evaluate import Score
 from merganser.model.hf import TOKENIZER_FILES
-from merganser.search.adamerging import AdaMergingConfig, adamerging
+from merganser.search.adamerging import AdaMergingConfig, adamerging, last_token_logits
 from merganser.search.cmaes import CMAConfig, cma_search
 from merganser.search.common import SearchResult, StateDict
 from merganser.search.config import SearchConfig
@@ -167,9 +167,10 @@ def _strategy(
             skeleton,
             base,  # type: ignore[arg-type]
             models,
-            prompts,
+            [[{"input_ids": i, "attention_mask": m} for i, m in task] for task in prompts],
             score,
             AdaMergingConfig(**a.model_dump(), seed=cfg.seed),
+            predictions=last_token_logits,
         )
     k = cfg.kinship_greedy
     return greedy_merge_search(
