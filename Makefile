@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -q
 FUZZ_CASES ?= 2000
 FUZZ_SEED ?= 0
 
-.PHONY: setup demo test fuzz docs lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale clean mergekit-venv
+.PHONY: setup demo test fuzz docs lint bench bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale bench-vision clean mergekit-venv fusionbench-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ $(MK_VENV)/.installed-stamp:
 	touch $@
 
 mergekit-venv: $(MK_VENV)/.installed-stamp
+
+# FusionBench 0.2.33 in a venv of its own, for the parity tests of the newer methods
+# (tests/test_fusionbench_compat.py).
+FB_VENV ?= .venv-fusionbench
+$(FB_VENV)/.installed-stamp:
+	test -x $(FB_VENV)/bin/python || $(PYTHON) -m venv $(FB_VENV)
+	$(FB_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(FB_VENV)/bin/pip install -q --disable-pip-version-check fusion-bench==0.2.33
+	touch $@
+
+fusionbench-venv: $(FB_VENV)/.installed-stamp
 
 demo: $(STAMP)
 	$(PY) -m merganser.demo demo_out --seed 0
@@ -72,11 +83,15 @@ bench-data-aware: $(STAMP)
 bench-zipit: $(STAMP)
 	$(PY) bench/zipit.py
 
+# FusionBench's eight-task table on the vision zoo (a tiny ViT, built and cached on first use).
+bench-vision: $(STAMP)
+	$(PY) bench/vision.py
+
 # Base + {2, 3, 5, 8} experts at 1B shape: CPU s per GB, wall and peak RSS; mergekit at 8.
 bench-scale: $(STAMP) mergekit-venv
 	$(PY) bench/scale.py --mergekit
 
-bench: bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale
+bench: bench-memory bench-compare bench-cold bench-search bench-data-aware bench-zipit bench-scale bench-vision
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -6,6 +6,7 @@ An evaluator is any callable ``(LoadedModel) -> {task: Score}``. Built in: the z
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -138,7 +139,27 @@ def load_network(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any]:
             f"{p}: config.json names {archs[0]!r}, which transformers does not ship "
             "(merganser never runs a model's remote code)"
         )
-    net = hf.load(p, "the model", lambda: cls.from_pretrained(p, dtype=torch.float32)).eval()
+    kwargs: dict[str, Any] = {}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        # A base encoder saved without its pooler (a backbone): do not make a random one.
+        from merganser.storage.checkpoint import Checkpoint
+
+        with Checkpoint(p) as ckpt:
+            kwargs["add_pooling_layer"] = any(".pooler." in f".{k}" for k in ckpt)
+    net, info = hf.load(
+        p,
+        "the model",
+        lambda: cls.from_pretrained(p, dtype=torch.float32, output_loading_info=True, **kwargs),
+    )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        what = archs[0] if archs else "the model"
+        more = ", ..." if len(missing) > 3 else ""
+        raise MerganserError(
+            f"{p}: the checkpoint lacks {len(missing)} tensor(s) {what} needs "
+            f"({', '.join(missing[:3])}{more}); transformers would fill them with random values"
+        )
+    net.eval()
     tok = None
     if any((p / f).is_file() for f in hf.TOKENIZER_MARKERS):
         tok = hf.load(p, "the tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(p))
