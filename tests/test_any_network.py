@@ -379,3 +379,41 @@ def test_adamerging_on_a_classifier_with_a_head_per_task() -> None:
         assert torch.allclose(same.best[k], v)
     with pytest.raises(ValueError, match="2 models for 1 tasks"):
         adamerging(nets, base, experts, data[:1], config=cfg)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_adamerging_and_regmean_on_hf_encoders(family: str, tmp_path: Path) -> None:
+    """AdaMerging through the API and a RegMean recipe, on a BERT classifier and a T5."""
+    from merganser.api import AdaMergingConfig, adamerging
+
+    make, arch = (bert, "BertForSequenceClassification") if family == "bert" else (
+        t5, "T5ForConditionalGeneration")  # fmt: skip
+    paths = _experts(make, tmp_path, arch, n=3)
+    nets = [getattr(T, arch).from_pretrained(p).eval() for p in paths]
+    base, experts = dict(nets[0].state_dict()), [dict(n.state_dict()) for n in nets[1:]]
+    tok = T.AutoTokenizer.from_pretrained(paths[0])
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    if family == "t5":
+        batch["decoder_input_ids"] = nets[0].prepare_decoder_input_ids_from_labels(
+            labels=batch["input_ids"]
+        )
+    cfg = AdaMergingConfig(granularity="task", steps=5, lr=1e-2, report_every=5)
+    r = adamerging(nets[0], base, experts, [[batch], [batch]], config=cfg)
+    assert r.details["lambdas"][0] != [0.3, 0.3] and set(r.best) == set(base)
+    stats = []
+    for p in paths[1:]:
+        out = tmp_path / f"{p.name}.safetensors"
+        calibrate(p, TEXTS, out, CalibrationOptions(batch=2))
+        stats.append(out)
+    recipe = {
+        "merge_method": "regmean",
+        "parameters": {"alpha": 0.9},
+        "models": [{"model": str(m), "statistics": str(s)}
+                   for m, s in zip(paths[1:], stats, strict=True)],
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    _, info = getattr(T, arch).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

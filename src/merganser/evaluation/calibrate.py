@@ -358,6 +358,14 @@ def _finish(
         for name, g in means.items():
             tensors[f"gram.{names[name]}"] = g.float().cpu()
         in_out = sorted(names[n] for n in grams.in_out())
+        # The other matrices (embeddings, position tables) are listed, so that a merge knows a
+        # 2-D weight without a Gram is not a linear layer rather than guessing from its name.
+        plain = {
+            n: p.detach()
+            for n, p in net.named_parameters(remove_duplicate=False)
+            if p.dim() == 2 and n not in names
+        }
+        meta["not_linear"] = json.dumps(sorted(on_disk(net, plain)))
     norm_sq = 0.0
     for name, f in on_disk(net, fisher).items():
         f = f / examples

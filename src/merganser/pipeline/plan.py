@@ -10,6 +10,7 @@ group's inputs and the final norm and head the last group's (both at gradient de
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -764,6 +765,12 @@ def _open_statistics(plan: Plan, index: dict[str, int]) -> None:
         plan.stats_files[index[e.model]] = len(plan.checkpoints) - 1
 
 
+@functools.lru_cache(maxsize=64)
+def _listed(text: str | None) -> frozenset[str] | None:
+    """A statistics file's JSON list of names (parsed once per file)."""
+    return None if text is None else frozenset(json.loads(text))
+
+
 def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tuple[int, str] | None:
     """Where model ``model``'s statistic for tensor ``name`` lives, after checking its shape."""
     kind = plan.method.statistics
@@ -772,6 +779,14 @@ def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tupl
     key = f"{kind}.{name}"
     info = ckpt.tensors.get(key)
     if kind == "gram":
+        listed = _listed(ckpt.metadata.get("not_linear"))
+        if info is None and listed is not None:
+            if len(shape) == 2 and name not in listed:
+                raise CheckpointError(
+                    f"{ckpt.path}: {key!r} missing, and the calibration did not see {name!r} "
+                    "as a matrix of another kind (calibrated on another model?)"
+                )
+            return None  # not a linear layer (norms, biases, embeddings): RegMean averages it
         if info is None and is_layer_linear(name, len(shape)):
             # RegMean would silently average this weight: the statistics do not fit the model.
             raise CheckpointError(
@@ -780,7 +795,7 @@ def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tupl
             )
         if info is None:
             return None  # not a layer linear (norms, biases, embeddings): RegMean averages it
-        in_out = name in json.loads(ckpt.metadata.get("in_out", "[]"))  # Conv1D: [in, out]
+        in_out = name in (_listed(ckpt.metadata.get("in_out")) or ())  # Conv1D: [in, out]
         side = shape[0] if in_out else shape[-1]  # the weight's input dimension
         want = (side, side) if len(shape) == 2 else None
     else:

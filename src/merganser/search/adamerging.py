@@ -84,6 +84,12 @@ def adamerging(
     if any(len(b) == 0 for b in batches):
         raise ValueError("adamerging: every task needs at least one unlabelled batch")
     keys = [k for k, v in base.items() if v.is_floating_point()]
+    # Each module takes its canonical names only (a tied weight once); a key no module has
+    # would make its λ do nothing.
+    takes = [_canonical(net) for net in nets]
+    aliases = set().union(*(_aliases(net) for net in nets))
+    if unknown := [k for k in base if k not in aliases]:
+        raise ValueError(f"adamerging: no module has a parameter or buffer named {unknown[0]!r}")
     n = len(models)
     taus: dict[str, list[torch.Tensor]] = {}
     for k in keys:
@@ -126,9 +132,9 @@ def adamerging(
     for step in range(1, c.steps + 1):
         params = merged(lam)
         loss = torch.zeros(())
-        for net, task in zip(nets, batches, strict=True):
+        for net, names, task in zip(nets, takes, batches, strict=True):
             batch = task[(step - 1) % len(task)]
-            output = _forward(net, params, batch)
+            output = _forward(net, {k: v for k, v in params.items() if k in names}, batch)
             loss = loss + entropy(predict(output, batch).float()).mean()
         opt.zero_grad()
         loss.backward()
@@ -167,3 +173,12 @@ def _forward(net: torch.nn.Module, params: dict[str, torch.Tensor], batch: Any) 
         return torch.func.functional_call(net, params, args=(), kwargs=dict(batch))
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     return torch.func.functional_call(net, params, args=args)
+
+
+def _canonical(net: torch.nn.Module) -> set[str]:
+    return {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
+
+
+def _aliases(net: torch.nn.Module) -> set[str]:
+    params = {n for n, _ in net.named_parameters(remove_duplicate=False)}
+    return params | {n for n, _ in net.named_buffers(remove_duplicate=False)}
