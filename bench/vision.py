@@ -240,14 +240,16 @@ def table(rows: list[dict[str, Any]], tasks: tuple[str, ...]) -> str:
 # ZipIt!'s setting: two networks from different initialisations, each trained on its own task
 # (disjoint label sets), merged into one; each task is scored through its own head.
 ZIP_PAIRS = (("color", "orientation"), ("quadrant", "tint"), ("count", "frequency"))
-ZIP_ROWS = (
-    ("each model alone", None, None),
-    ("averaging", "average", None),
-    ("Git Re-Basin (weight matching)", "weight", None),
-    ("permutation (activation matching)", "permute", None),
-    ("ZipIt! 3/3", "zipit", 3),
-    ("ZipIt! 2/3 (partial)", "zipit", 2),
-    ("ZipIt! 1/3 (partial)", "zipit", 1),
+ZIP_ROWS = (  # label, matcher, layers zipped, refit ridge
+    ("each model alone", None, None, None),
+    ("averaging", "average", None, None),
+    ("Git Re-Basin (weight matching)", "weight", None, None),
+    ("permutation (activation matching)", "permute", None, None),
+    ("ZipIt! 3/3", "zipit", 3, None),
+    ("ZipIt! 2/3 (partial)", "zipit", 2, None),
+    ("ZipIt! 1/3 (partial)", "zipit", 1, None),
+    ("averaging + refit", "average", None, 1e-4),
+    ("ZipIt! 3/3 + refit", "zipit", 3, 1e-4),
 )
 
 
@@ -284,12 +286,12 @@ def zipit_table(seed: int, steps: int, n_test: int, log: Any) -> list[dict[str, 
         # Features are matched on both tasks' unlabelled training images.
         feats = torch.cat([task_data(t, "train", 512, seed + 1)[0] for t in pair])
         flat = [x.flatten(1) for x in feats.split(128)]
-        for label, matcher, stop in ZIP_ROWS:
+        for label, matcher, stop, ridge in ZIP_ROWS:
             if matcher is None:
                 accs = [_acc(n, x, y) for n, (x, y) in zip(nets, tests, strict=True)]
             else:
                 body = [torch.nn.Sequential(*n[1:]) for n in nets]  # the Flatten has no weights
-                z = zip_sequential(body, flat, matcher=matcher, stop=stop, seed=seed)
+                z = zip_sequential(body, flat, matcher=matcher, stop=stop, seed=seed, refit=ridge)
                 accs = [
                     100.0 * float((z(x.flatten(1), k).argmax(-1) == y).float().mean())
                     for k, (x, y) in enumerate(tests)
@@ -309,7 +311,7 @@ def zip_table(rows: list[dict[str, Any]]) -> str:
              "|" + "---|" * (len(pairs) + 3)]  # fmt: skip
     by = {(r["pair"], r["method"]): mean(r["test"]) for r in rows}
     avg_ref = mean([by[(p, "averaging")] for p in pairs])
-    for label, _, _ in ZIP_ROWS:
+    for label, *_ in ZIP_ROWS:
         vals = [by[(p, label)] for p in pairs]
         rel = 100 * (mean(vals) - avg_ref) / avg_ref
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals)

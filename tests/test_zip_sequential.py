@@ -71,3 +71,17 @@ def test_bad_networks_are_one_line() -> None:
         zip_sequential([mlp(1), nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))], [X])
     with pytest.raises(MerganserError, match=r"stop must be 1\.\.2"):
         zip_sequential([mlp(1), mlp(2)], [X], stop=3)
+
+
+def test_refit_keeps_an_exact_zip_and_brings_a_rough_one_closer() -> None:
+    a = mlp(1)
+    z = zip_sequential([a, permuted(a, 2)], X.split(64), matcher="zipit", refit=1e-6)
+    assert torch.allclose(z(X, 0), a(X), atol=1e-3)
+    b = mlp(2)
+    rough = zip_sequential([a, b], X.split(64), matcher="average")
+    fitted = zip_sequential([a, b], X.split(64), matcher="average", refit=1e-4)
+
+    def err(z_: torch.nn.Module) -> float:
+        return sum(float((z_(X, k) - m(X)).square().mean()) for k, m in enumerate((a, b)))
+
+    assert err(fitted) < 0.5 * err(rough)

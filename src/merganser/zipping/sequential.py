@@ -66,6 +66,7 @@ def zip_sequential(
     alpha: float = 0.3,
     beta: float = 0.5,
     seed: int = 0,
+    refit: float | None = None,
 ) -> Branched:
     """Merge feed-forward networks from different initialisations (Stoica et al., ICLR 2024,
     arXiv 2305.03053; Ainsworth et al., ICLR 2023, arXiv 2209.04836).
@@ -73,7 +74,9 @@ def zip_sequential(
     ``matcher``: ``zipit`` (greedy, same-model merges allowed, ``alpha``/``beta`` as the paper),
     ``permute`` (activation matching), ``weight`` (Git Re-Basin weight matching, data-free) or
     ``average`` (no alignment). ``batches`` are inputs all models read (features are matched on
-    them). ``stop``: how many hidden layers to merge (default all).
+    them). ``stop``: how many hidden layers to merge (default all). ``refit`` (a ridge, e.g.
+    1e-4): then solve each merged layer, and each branch's first layer, by least squares for the
+    matching's target on the merged network's own inputs (PLeaS, as ``zipping.refit``).
     """
     if len(models) < 2:
         raise MerganserError("zip: give two or more models")
@@ -101,6 +104,7 @@ def zip_sequential(
     weights = [[m[i].weight.detach().double() for i in idx] for m in nets]
     biases = [[_bias(m[i]) for i in idx] for m in nets]
     trunk: list[nn.Module] = []
+    merges: list[torch.Tensor] = []
     unmerge_prev: list[torch.Tensor | None] = [None] * n  # identity on the inputs
     acts = [list(data) for _ in range(n)]  # each model's own input to the current layer
     for layer in range(stop):
@@ -115,6 +119,7 @@ def zip_sequential(
                 acts[m] = [block(x) for x in acts[m]]
                 feats.append(torch.cat([a.double() for a in acts[m]]))
         merge, unmerge = _match(matcher, feats, d, alpha, beta)
+        merges.append(merge)
         w = merge @ torch.cat(ws)
         b = merge @ torch.cat([biases[m][layer] for m in range(n)])
         lin = nn.Linear(w.shape[1], d)
@@ -133,7 +138,65 @@ def zip_sequential(
             lin.weight.copy_(_read_through(first.weight.detach().double(), unmerge_prev[m]).float())
             lin.bias.copy_(_bias(first).float())
         branches.append(nn.Sequential(lin, *[_copy(x) for x in own[1:]]))
-    return Branched(nn.Sequential(*trunk), branches).eval()
+    out = Branched(nn.Sequential(*trunk), branches).eval()
+    if refit is not None:
+        _refit(out, nets, idx, stop, merges, data, refit)
+    return out
+
+
+@torch.no_grad()
+def _refit(
+    out: Branched,
+    nets: Sequence[nn.Sequential],
+    idx: list[int],
+    stop: int,
+    merges: list[torch.Tensor],
+    data: list[torch.Tensor],
+    ridge: float,
+) -> None:
+    """Least squares, layer by layer in forward order: each merged layer maps the merged
+    network's input to the merge of every model's own pre-activation output; each branch's
+    first layer maps the trunk's output to its model's own pre-activation output."""
+    from merganser.zipping.refit import lstsq_weights
+
+    x = torch.cat(data).double()
+    pre: list[list[torch.Tensor]] = []  # per model, per layer: its own pre-activation output
+    for net in nets:
+        h, outs = x.float(), []
+        for layer in range(stop + 1):
+            i = idx[layer]
+            end = idx[layer + 1] if layer + 1 < len(idx) else len(net)
+            y = net[i](h)
+            outs.append(y.double())
+            h = net[i + 1 : end](y) if end > i + 1 else y
+        pre.append(outs)
+    z = x
+    lins = [m for m in out.trunk if isinstance(m, nn.Linear)]
+    for layer, lin in enumerate(lins):
+        target = torch.cat([p[layer] for p in pre], dim=1) @ merges[layer].T
+        _solve(lin, z, target, ridge, lstsq_weights)
+        end = list(out.trunk).index(lin) + 1 + _acts_after(out.trunk, lin)
+        z = out.trunk[:end](x.float()).double()
+    for m, branch in enumerate(out.branches):
+        _solve(branch[0], z, pre[m][stop], ridge, lstsq_weights)
+
+
+def _acts_after(seq: nn.Sequential, lin: nn.Linear) -> int:
+    """How many parameter-free layers follow ``lin`` before the next Linear (or the end)."""
+    k = list(seq).index(lin) + 1
+    n = 0
+    while k + n < len(seq) and not isinstance(seq[k + n], nn.Linear):
+        n += 1
+    return n
+
+
+def _solve(lin: nn.Linear, z: torch.Tensor, target: torch.Tensor, ridge: float, solve: Any) -> None:
+    zb = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
+    prior = torch.cat([lin.weight.double(), _bias(lin)[:, None]], dim=1)
+    w = solve(zb.T @ zb, target.T @ zb, ridge, prior)
+    lin.weight.copy_(w[:, :-1].float())
+    if lin.bias is not None:
+        lin.bias.copy_(w[:, -1].float())
 
 
 def _read_through(w: torch.Tensor, unmerge: torch.Tensor | None) -> torch.Tensor:
