@@ -124,7 +124,7 @@ def calibrate(
         batches = tensor_batches(data, o.batch, o.examples)
     else:
         batches = text_batches(net, tokenizer, list(data), o.batch, o.examples, Path(model))
-    return calibrate_module(net, batches, out, o, name=Path(model).name, _checked=True)
+    return _calibrate(net, batches, out, o, logits_of, None, Path(model).name)
 
 
 def calibrate_module(
@@ -135,7 +135,6 @@ def calibrate_module(
     logits: Logits = logits_of,
     log_likelihood: LogLikelihood | None = None,
     name: str = "model",
-    _checked: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Calibration statistics of any ``torch.nn.Module`` (Jin et al. 2023; Matena & Raffel 2022).
 
@@ -145,9 +144,20 @@ def calibrate_module(
     ``log_likelihood(model, batch)``, by default the log-probability of labels sampled from
     ``logits(output)`` (``fisher_labels: empirical`` takes the batch's ``labels``).
     """
-    o = options if _checked else _check_options(options)
-    if out is not None and not _checked:
-        out = guard_output(out, [], o.force, kind="file")
+    o = _check_options(options)
+    target = None if out is None else guard_output(out, [], o.force, kind="file")
+    return _calibrate(model, batches, target, o, logits, log_likelihood, name)
+
+
+def _calibrate(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    out: Path | None,
+    o: CalibrationOptions,
+    logits: Logits,
+    log_likelihood: LogLikelihood | None,
+    name: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     dev = check_device(o.device)
     home = next(model.parameters()).device
     was_training = model.training
@@ -155,7 +165,7 @@ def calibrate_module(
     gen = torch.Generator().manual_seed(o.seed)
     ll = log_likelihood or sampled_log_likelihood(logits, gen, o.fisher_labels)
     kept: list[Batch] = []
-    examples = 0
+    examples = tokens = 0
     enabled = sys.stderr.isatty() if o.progress is None else o.progress
     bar = tqdm(desc=f"calibrating {name}", unit="ex", disable=not enabled, file=sys.stderr)
     grams: GramRecorder | None = None
@@ -165,6 +175,7 @@ def calibrate_module(
         for batch in _limit(batches, o.examples):
             batch = to_device(batch, dev)
             examples += batch_size(batch)
+            tokens += _tokens(batch)
             if grams is not None:
                 grams.run(model, batch)
             if o.fisher:
@@ -180,7 +191,7 @@ def calibrate_module(
         if grams is not None:
             grams.close()
         model.to(home).train(was_training)
-    meta = {"model": name, "examples": str(examples), "tokens": str(_tokens(kept or None))}
+    meta = {"model": name, "examples": str(examples), "tokens": str(tokens)}
     return _finish(model, grams, fisher, examples, meta, o, out)
 
 
@@ -276,11 +287,10 @@ def _head(batch: Batch, n: int) -> Batch:
     return cut(batch)
 
 
-def _tokens(batches: list[Batch] | None) -> int:
-    return 0 if not batches else sum(
-        int(b["attention_mask"].sum()) for b in batches
-        if isinstance(b, Mapping) and isinstance(b.get("attention_mask"), torch.Tensor)
-    )  # fmt: skip
+def _tokens(batch: Batch) -> int:
+    """Unpadded tokens in a batch with an ``attention_mask`` (0 for other inputs)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
 
 
 def _check_options(options: CalibrationOptions | None) -> CalibrationOptions:
@@ -313,12 +323,7 @@ def _calibrate_causal_lm(
         for ids, mask in pad_batches(seqs, lm.tokenizer.pad_token_id or 0, o.batch)
     ]
     gen = torch.Generator().manual_seed(o.seed)
-    tensors, meta = calibrate_module(
-        lm.model, batches, None, o, log_likelihood=_next_token_ll(o, gen), name=str(lm.name),
-        _checked=True,
-    )  # fmt: skip
-    meta["tokens"] = str(sum(int(b["attention_mask"].sum()) for b in batches))
-    return tensors, _write(tensors, meta, out)
+    return _calibrate(lm.model, batches, out, o, logits_of, _next_token_ll(o, gen), str(lm.name))
 
 
 def _next_token_ll(o: CalibrationOptions, gen: torch.Generator) -> LogLikelihood:
