@@ -19,6 +19,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def venv_python(env: str, venv: str, module: str) -> str | None:
+    """The interpreter of a comparison tool's own venv (``$ENV`` or ``REPO/venv``) that can
+    import ``module``, or None."""
+    for cand in (os.environ.get(env), str(REPO / venv / "bin/python")):
+        probe = [cand, "-c", f"import {module}"]
+        if (
+            cand
+            and Path(cand).is_file()
+            and subprocess.run(probe, capture_output=True).returncode == 0
+        ):
+            return cand
+    return None
+
+
 def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
     """A minimal Hugging Face style folder: model.safetensors (+ config.json)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,23 @@ WORDS = ["[PAD]", "[UNK]", "a", "b", "c", "d", "e", "f"]
 TEXTS = ["a b c", "d e", "a a a a b f", "c", "f e d c b"]
 
 
+class _Run:
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> _Run:
+    """The CLI in this process (no interpreter start-up per call), output captured."""
+    from merganser.cli import main
+
+    capsys.readouterr()
+    if args[0] == "calibrate":
+        args = (*args, "--threads", str(torch.get_num_threads()))
+    rc = main(list(args))
+    got = capsys.readouterr()
+    return _Run(rc, got.out, got.err)
+
+
 def _save(model: torch.nn.Module, folder: Path, arch: str, words: bool = True) -> Path:
     model.config.architectures = [arch]
     model.save_pretrained(folder)
@@ -109,7 +126,7 @@ def _reference_grams(net: torch.nn.Module, batches: list[dict]) -> dict[str, tor
     return {n: torch.cat(xs).T @ torch.cat(xs) / torch.cat(xs).shape[0] for n, xs in seen.items()}
 
 
-def test_bert_texts_calibrate_and_merge(tmp_path: Path) -> None:
+def test_bert_texts_calibrate_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The reported bug: `calibrate` on a BERT folder with a .txt file died with an internal
     error (it assumed a causal LM with BOS/EOS). Now the Grams are the masked mean outer
     products, the Fisher covers every parameter, and RegMean/Fisher recipes merge and load."""
@@ -119,7 +136,9 @@ def test_bert_texts_calibrate_and_merge(tmp_path: Path) -> None:
     stats = []
     for m in (m0, m1):
         out = tmp_path / f"{m.name}.stats.safetensors"
-        r = run_cli("calibrate", str(m), str(out), "--data", str(data), "--fisher", "--batch", "2")
+        r = cli(
+            capsys, "calibrate", str(m), str(out), "--data", str(data), "--fisher", "--batch", "2"
+        )
         assert r.returncode == 0, r.stderr
         assert "5 examples" in r.stdout
         stats.append(out)
@@ -148,7 +167,7 @@ def test_bert_texts_calibrate_and_merge(tmp_path: Path) -> None:
         }
         rpath = tmp_path / f"{method}.yaml"
         rpath.write_text(yaml.safe_dump(recipe))
-        r = run_cli("merge", str(rpath), str(tmp_path / method))
+        r = cli(capsys, "merge", str(rpath), str(tmp_path / method))
         assert r.returncode == 0, r.stderr
         _, info = T.BertForSequenceClassification.from_pretrained(
             tmp_path / method, output_loading_info=True
@@ -189,7 +208,9 @@ def test_t5_grams_cover_encoder_decoder_and_cross_attention(tmp_path: Path) -> N
     assert emp["fisher_labels"] == "empirical"
 
 
-def test_vit_on_input_tensors_and_fisher_merge(tmp_path: Path) -> None:
+def test_vit_on_input_tensors_and_fisher_merge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     m0, m1 = _experts(vit, tmp_path, "ViTForImageClassification", words=False)
     data = tmp_path / "images.safetensors"
     pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -197,7 +218,9 @@ def test_vit_on_input_tensors_and_fisher_merge(tmp_path: Path) -> None:
     stats = []
     for m in (m0, m1):
         out = tmp_path / f"{m.name}.safetensors"
-        r = run_cli("calibrate", str(m), str(out), "--data", str(data), "--fisher", "--batch", "4")
+        r = cli(
+            capsys, "calibrate", str(m), str(out), "--data", str(data), "--fisher", "--batch", "4"
+        )
         assert r.returncode == 0, r.stderr
         assert "6 examples" in r.stdout and "tokens" not in r.stdout
         stats.append(out)
@@ -224,7 +247,7 @@ def test_vit_on_input_tensors_and_fisher_merge(tmp_path: Path) -> None:
         ],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    r = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
+    r = cli(capsys, "merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     merged = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
@@ -232,7 +255,7 @@ def test_vit_on_input_tensors_and_fisher_merge(tmp_path: Path) -> None:
     # Bad input tensors are one line naming the file.
     bad = tmp_path / "bad.safetensors"
     save_file({"pixel_values": pixels, "other": torch.zeros(2)}, str(bad))
-    r = run_cli("calibrate", str(m0), str(tmp_path / "x.safetensors"), "--data", str(bad))
+    r = cli(capsys, "calibrate", str(m0), str(tmp_path / "x.safetensors"), "--data", str(bad))
     assert r.returncode != 0 and str(bad) in r.stderr and "first axis" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -417,3 +440,30 @@ def test_adamerging_and_regmean_on_hf_encoders(family: str, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     _, info = getattr(T, arch).from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_clip_needs_both_inputs_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CLIP reads texts and images at once: texts alone are one line naming what was given;
+    a .safetensors of both calibrates both towers."""
+    from families import build_family
+
+    (base,) = build_family("clip", tmp_path, experts=0)
+    write_tokenizer(base, WORDS, pad_token="[PAD]")
+    (tmp_path / "d.txt").write_text("a b\nb a\n")
+    r = cli(capsys, "calibrate", str(base), str(tmp_path / "s.safetensors"),
+            "--data", str(tmp_path / "d.txt"))  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "(CLIPModel) did not run on the inputs given (input_ids, attention_mask)" in r.stderr
+    assert not (tmp_path / "s.safetensors").exists()
+    g = torch.Generator().manual_seed(0)
+    both = {"input_ids": torch.randint(0, 100, (4, 6), generator=g),
+            "pixel_values": torch.randn(4, 3, 32, 32, generator=g)}  # fmt: skip
+    save_file(both, str(tmp_path / "both.safetensors"))
+    r = cli(capsys, "calibrate", str(base), str(tmp_path / "s.safetensors"),
+            "--data", str(tmp_path / "both.safetensors"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    keys = set(load_folder_file(tmp_path / "s.safetensors"))
+    assert any(k.startswith("gram.text_model.") for k in keys)
+    assert any(k.startswith("gram.vision_model.") for k in keys)

@@ -9,28 +9,16 @@ are not rounding are documented in docs/methods.md ("FusionBench parity") and as
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, venv_python
 from safetensors.torch import load_file, save_file
 
 from merganser.api import merge_tensors
 
-
-def _fusionbench_python() -> str | None:
-    for cand in (os.environ.get("FUSIONBENCH_PYTHON"), str(REPO / ".venv-fusionbench/bin/python")):
-        if cand and Path(cand).is_file():
-            ok = subprocess.run([cand, "-c", "import fusion_bench"], capture_output=True)
-            if ok.returncode == 0:
-                return cand
-    return None
-
-
-FB_PYTHON = _fusionbench_python()
+FB_PYTHON = venv_python("FUSIONBENCH_PYTHON", ".venv-fusionbench", "fusion_bench")
 pytestmark = pytest.mark.skipif(
     FB_PYTHON is None,
     reason="FusionBench 0.2.33 is not installed: run `make fusionbench-venv` (CI does) to compare",

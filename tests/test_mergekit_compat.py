@@ -8,29 +8,18 @@ are skipped with that reason.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, load_folder
+from conftest import REPO, load_folder, venv_python
 
 import merganser
 from merganser.evaluation.tiny import build_family
 
-
-def _mergekit_python() -> str | None:
-    for cand in (os.environ.get("MERGEKIT_PYTHON"), str(REPO / ".venv-mergekit/bin/python")):
-        if cand and Path(cand).is_file():
-            ok = subprocess.run([cand, "-c", "import mergekit"], capture_output=True)
-            if ok.returncode == 0:
-                return cand
-    return None
-
-
-MK_PYTHON = _mergekit_python()
+MK_PYTHON = venv_python("MERGEKIT_PYTHON", ".venv-mergekit", "mergekit")
 pytestmark = pytest.mark.skipif(
     MK_PYTHON is None,
     reason="mergekit 0.1.5 is not installed: run `make mergekit-venv` (CI does) to compare",

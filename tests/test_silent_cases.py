@@ -407,21 +407,26 @@ def test_meta_check_reports_only_what_the_merge_introduced(tmp_path) -> None:
     assert hf.key_problems(shapes, {**cfg, "architectures": ["NoSuchModel"]}) is None
 
 
-def test_calibrating_a_model_that_is_not_a_causal_lm_is_one_line(tmp_path, capsys) -> None:
+def test_calibrating_a_model_that_is_not_a_causal_lm(tmp_path, capsys) -> None:
     """A BERT folder with a text file died inside calibrate with an internal error
-    (RuntimeError: Could not infer dtype of NoneType)."""
+    (RuntimeError: Could not infer dtype of NoneType). Any transformers class now calibrates;
+    a tokenizer without a padding token batches one text at a time."""
     import transformers as T
     from conftest import write_tokenizer
+    from safetensors import safe_open
 
     cfg = T.BertConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=32)  # fmt: skip
     cfg.architectures = ["BertForMaskedLM"]
     T.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
     write_tokenizer(tmp_path / "bert", ["[UNK]", "a", "b"])
-    (tmp_path / "data.txt").write_text("a b a\nb a b\n")
+    (tmp_path / "data.txt").write_text("a b a\nb a b a\n")
     capsys.readouterr()
     rc = main(["calibrate", str(tmp_path / "bert"), str(tmp_path / "s.safetensors"),
-               "--data", str(tmp_path / "data.txt")])  # fmt: skip
-    err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1
-    assert "a BertForMaskedLM; evaluation and calibration run causal language models" in err
+               "--data", str(tmp_path / "data.txt"), "--fisher"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 examples (7 tokens)" in out
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "gram.bert.encoder.layer.0.attention.self.query.weight" in keys
+    assert "fisher.bert.embeddings.word_embeddings.weight" in keys

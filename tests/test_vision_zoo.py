@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
 
 from merganser.api import (
     AdaMergingConfig,
@@ -31,6 +30,23 @@ from merganser.evaluation.zoo.vision import (
 )
 
 SPEC = VisionZooSpec.reduced()
+
+
+class _Run:
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> _Run:
+    """The CLI in this process (no interpreter start-up per call), output captured."""
+    from merganser.cli import main
+
+    capsys.readouterr()
+    if args[0] == "calibrate":
+        args = (*args, "--threads", str(torch.get_num_threads()))
+    rc = main(list(args))
+    got = capsys.readouterr()
+    return _Run(rc, got.out, got.err)
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +73,20 @@ def test_zoo_layout_and_reuse(zoo: Path) -> None:
     assert build_vision_zoo(zoo.parent, SPEC) == zoo  # cached: not rebuilt
 
 
-def test_calibrate_and_data_aware_merges_on_vit_experts(zoo: Path, tmp_path: Path) -> None:
+def test_calibrate_and_data_aware_merges_on_vit_experts(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     experts = [zoo / "experts" / t for t in SPEC.tasks]
     stats = []
     for t, e in zip(SPEC.tasks, experts, strict=True):
         out = tmp_path / f"{t}.safetensors"
         data = zoo / "calib" / f"{t}.safetensors"
-        r = run_cli("calibrate", str(e), str(out), "--data", str(data), "--examples", "32")
+        r = cli(capsys, "calibrate", str(e), str(out), "--data", str(data), "--examples", "32")
         assert r.returncode == 0, r.stderr
         assert "32 examples" in r.stdout and "LOAD REPORT" not in r.stderr  # no random pooler
         stats.append(out)
     # A backbone has no logits: the Fisher needs its head (the API), one line here.
-    r = run_cli("calibrate", str(experts[0]), str(tmp_path / "f.safetensors"), "--fisher",
+    r = cli(capsys, "calibrate", str(experts[0]), str(tmp_path / "f.safetensors"), "--fisher",
                 "--data", str(zoo / "calib" / f"{SPEC.tasks[0]}.safetensors"))  # fmt: skip
     assert r.returncode != 0 and "has no logits" in r.stderr
     assert not (tmp_path / "f.safetensors").exists()
@@ -80,7 +98,7 @@ def test_calibrate_and_data_aware_merges_on_vit_experts(zoo: Path, tmp_path: Pat
                    for e, s in zip(experts, stats, strict=True)],
     }  # fmt: skip
     (tmp_path / "regmean.yaml").write_text(yaml.safe_dump(recipe))
-    r = run_cli("merge", str(tmp_path / "regmean.yaml"), str(tmp_path / "regmean"))
+    r = cli(capsys, "merge", str(tmp_path / "regmean.yaml"), str(tmp_path / "regmean"))
     assert r.returncode == 0, r.stderr
     merged = load_backbone(tmp_path / "regmean")
     accs = [accuracy(TaskModel(merged, h), x, y) for h, (x, y) in zip(heads, tests, strict=True)]

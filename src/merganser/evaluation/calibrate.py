@@ -106,6 +106,7 @@ def calibrate(
     the first axis. Returns ``(tensors, metadata)`` and, given ``out``, writes them atomically.
     """
     o = _check_options(options)
+    check_device(o.device)  # before any model is read
     if out is not None:
         inputs = [] if isinstance(model, LoadedModel) else [model]
         if isinstance(data, (str, os.PathLike)):
@@ -172,6 +173,7 @@ def _calibrate(
     try:
         if o.grams:
             grams = GramRecorder(model, o.mask_padding)
+        batch: Batch | None = None
         for batch in _limit(batches, o.examples):
             batch = to_device(batch, dev)
             examples += batch_size(batch)
@@ -186,6 +188,16 @@ def _calibrate(
         fisher: dict[str, torch.Tensor] = {}
         if o.fisher:
             fisher, _ = diagonal_fisher(model, kept, ll, lambda: bar.update(1))
+    except MerganserError:
+        raise
+    except Exception as e:  # the model's own failure on inputs it does not take
+        given = ", ".join(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MerganserError(
+            f"calibrate: {name} ({type(model).__name__}) did not run on the inputs given "
+            f"({given}): {type(e).__name__}: {first}; give it the inputs it takes (a "
+            ".safetensors of them with --data)"
+        ) from None
     finally:
         bar.close()
         if grams is not None:
@@ -232,14 +244,14 @@ def text_batches(
     if tokenizer is None:
         raise MerganserError(f"{where}: no tokenizer files; texts need the model's tokenizer")
     if tokenizer.pad_token_id is None:
-        raise MerganserError(f"{where}: the tokenizer has no padding token to batch texts with")
+        size = 1  # no padding token: one text per batch needs none
     texts = texts[:examples]
     limit = getattr(tokenizer, "model_max_length", None)
     limit = limit if isinstance(limit, int) and 0 < limit <= 1 << 16 else 512
     out = []
     for i in range(0, len(texts), size):
         enc = tokenizer(
-            texts[i : i + size], padding=True, truncation=True, max_length=limit,
+            texts[i : i + size], padding=size > 1, truncation=True, max_length=limit,
             return_tensors="pt",
         )  # fmt: skip
         batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
