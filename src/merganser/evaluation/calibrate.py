@@ -214,20 +214,25 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path)
     with Checkpoint(p) as ckpt:
         tensors = {k: ckpt.read(k) for k in ckpt}
-    sizes = {k: int(t.shape[0]) if t.dim() else 0 for k, t in tensors.items()}
-    if not tensors or len(set(sizes.values())) != 1 or 0 in sizes.values():
-        raise MerganserError(
-            f"{p}: expected model inputs with the examples along the first axis of every tensor "
-            f"(got {', '.join(f'{k} {list(t.shape)}' for k, t in tensors.items()) or 'none'})"
-        )
+    _check_inputs(tensors, str(p))
     return tensors
+
+
+def _check_inputs(data: Mapping[str, torch.Tensor], where: str) -> None:
+    sizes = {int(t.shape[0]) if t.dim() else 0 for t in data.values()}
+    if not data or len(sizes) != 1 or 0 in sizes:
+        raise MerganserError(
+            f"{where}: expected model inputs with the examples along the first axis of every "
+            f"tensor (got {', '.join(f'{k} {list(t.shape)}' for k, t in data.items()) or 'none'})"
+        )
 
 
 def tensor_batches(
     data: Mapping[str, torch.Tensor], size: int, examples: int
 ) -> list[dict[str, torch.Tensor]]:
     """Keyword batches of ``size`` examples from input tensors (at most ``examples``)."""
-    n = min(examples, min(int(t.shape[0]) for t in data.values()))
+    _check_inputs(data, "calibrate")
+    n = min(examples, int(next(iter(data.values())).shape[0]))
     return [{k: t[i : i + size] for k, t in data.items()} for i in range(0, n, size)]
 
 

@@ -75,7 +75,7 @@ def adamerging(
     With ``score`` (dev), the merge is scored every ``report_every`` steps and the best one is
     returned (the initial λ included); without, the last.
     """
-    from merganser.evaluation.forward import logits_of
+    from merganser.evaluation.forward import logits_of, row_mask
 
     c = config or AdaMergingConfig()
     nets = list(model) if isinstance(model, Sequence) else [model] * len(batches)
@@ -118,7 +118,9 @@ def adamerging(
     def predict(output: Any, batch: Any) -> torch.Tensor:
         if predictions is not None:
             return predictions(output, batch)
-        return logits_of(output)
+        logits = logits_of(output)
+        mask = row_mask(batch, tuple(logits.shape[:-1]))  # padding positions predict nothing
+        return logits[mask] if mask is not None else logits
 
     best, best_lam = snapshot(), lam.detach().clone()
     start = best_dev = float("nan")
