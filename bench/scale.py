@@ -34,7 +34,13 @@ METHODS = {
     "dare_ties": {"merge_method": "dare_ties", "density": 0.5, "weight": 1.0},
     "della": {"merge_method": "della", "density": 0.5, "epsilon": 0.1, "weight": 1.0},
     "model_stock": {"merge_method": "model_stock"},
-}
+    # Methods with whole-model statistic passes before the merge pass.
+    "ties_global": {"merge_method": "ties", "density": 0.5, "weight": 1.0,
+                    "parameters": {"scope": "global"}},
+    "dppa": {"merge_method": "dppa", "weight": 1.0},
+    "sce": {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
+}  # fmt: skip
+DEFAULT = "linear,ties,dare_ties,della,model_stock"
 
 
 def seven_b() -> Path:
@@ -82,9 +88,12 @@ def experts(root: Path, n: int) -> list[Path]:
 def recipe(root: Path, method: str, n: int) -> Path:
     spec = dict(METHODS[method])
     name = spec.pop("merge_method")
+    top = spec.pop("parameters", None)
     models = [{"model": str(e), "parameters": dict(spec)} for e in experts(root, n)]
     r = {"merge_method": name, "base_model": str(root / "base"), "models": models,
          "dtype": "bfloat16"}  # fmt: skip
+    if top:
+        r["parameters"] = top
     if name == "linear":
         r.pop("base_model")
         r["models"].insert(0, {"model": str(root / "base")})
@@ -96,7 +105,7 @@ def recipe(root: Path, method: str, n: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", default="2,3,5,8")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=DEFAULT, help=f"of {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--read", default="cache")

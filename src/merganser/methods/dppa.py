@@ -196,7 +196,9 @@ class DPPAStats:
         ),
     ),
     needs_base=True,
-    workspace=4.0,
+    # Models are processed one at a time (delta, partition scale, top-k temporaries: about
+    # five copies of one tensor whatever their number); 2 per input covers one model up.
+    workspace=2.0,
     stats=lambda params: DPPAStats(params),
     reference="Zhu, Xia & Zhang, DPPA, arXiv 2403.02799",
 )
