@@ -430,3 +430,24 @@ def test_calibrating_a_model_that_is_not_a_causal_lm(tmp_path, capsys) -> None:
         keys = set(f.keys())
     assert "gram.bert.encoder.layer.0.attention.self.query.weight" in keys
     assert "fisher.bert.embeddings.word_embeddings.weight" in keys
+
+
+def test_dppa_eight_experts_fit_the_budget_its_work_needs(tmp_path) -> None:
+    """DPPA refused 8 experts of a 1B model ("needs about 12.7 GiB ... more than
+    --memory-budget"): its estimate counted four working copies per input, but it sparsifies
+    one model at a time. A budget between the old and the true need now merges."""
+    from conftest import random_models
+
+    import merganser
+
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (256, 128) for i in range(2)}
+    paths = random_models(tmp_path, shapes, 9, seed=0)
+    recipe = {
+        "merge_method": "dppa",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(p)} for p in paths[1:]],
+    }
+    numel = 256 * 128
+    budget = 150 * numel  # the old estimate: 4 · (9 + 2 + 4 · 9) = 188 bytes per entry
+    merganser.merge(recipe, tmp_path / "out", merganser.MergeOptions(memory_budget=budget))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
