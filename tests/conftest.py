@@ -129,6 +129,26 @@ def evict_or_skip(path: Path) -> None:
         os.close(fd)
 
 
+class CliRun:
+    """What an in-process CLI call returned and printed (as a CompletedProcess)."""
+
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> CliRun:
+    """The CLI in this process (no interpreter start-up per call), output captured; calibrate
+    keeps this process's torch threads."""
+    from merganser.cli import main
+
+    capsys.readouterr()
+    if args[0] == "calibrate":
+        args = (*args, "--threads", str(torch.get_num_threads()))
+    rc = main(list(args))
+    got = capsys.readouterr()
+    return CliRun(rc, got.out, got.err)
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as T
 import yaml
-from conftest import load_folder, run_cli, write_tokenizer
+from conftest import cli, load_folder, run_cli, write_tokenizer
 from safetensors.torch import save_file
 
 from merganser.api import merge_tensors
@@ -20,23 +20,6 @@ from merganser.evaluation.forward import linear_layers
 
 WORDS = ["[PAD]", "[UNK]", "a", "b", "c", "d", "e", "f"]
 TEXTS = ["a b c", "d e", "a a a a b f", "c", "f e d c b"]
-
-
-class _Run:
-    def __init__(self, rc: int, out: str, err: str) -> None:
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> _Run:
-    """The CLI in this process (no interpreter start-up per call), output captured."""
-    from merganser.cli import main
-
-    capsys.readouterr()
-    if args[0] == "calibrate":
-        args = (*args, "--threads", str(torch.get_num_threads()))
-    rc = main(list(args))
-    got = capsys.readouterr()
-    return _Run(rc, got.out, got.err)
 
 
 def _save(model: torch.nn.Module, folder: Path, arch: str, words: bool = True) -> Path:

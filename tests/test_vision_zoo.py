@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import cli
 
 from merganser.api import (
     AdaMergingConfig,
@@ -30,23 +31,6 @@ from merganser.evaluation.zoo.vision import (
 )
 
 SPEC = VisionZooSpec.reduced()
-
-
-class _Run:
-    def __init__(self, rc: int, out: str, err: str) -> None:
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> _Run:
-    """The CLI in this process (no interpreter start-up per call), output captured."""
-    from merganser.cli import main
-
-    capsys.readouterr()
-    if args[0] == "calibrate":
-        args = (*args, "--threads", str(torch.get_num_threads()))
-    rc = main(list(args))
-    got = capsys.readouterr()
-    return _Run(rc, got.out, got.err)
 
 
 @pytest.fixture(scope="module")
