@@ -69,6 +69,8 @@ def test_bad_networks_are_one_line() -> None:
         zip_sequential([bad, bad], [X])
     with pytest.raises(MerganserError, match="layers differ"):
         zip_sequential([mlp(1), nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))], [X])
+    with pytest.raises(MerganserError, match="unknown matcher 'rebasin'"):
+        zip_sequential([mlp(1), mlp(2)], [X], matcher="rebasin")  # type: ignore[arg-type]
     with pytest.raises(MerganserError, match=r"stop must be 1\.\.2"):
         zip_sequential([mlp(1), mlp(2)], [X], stop=3)
 

@@ -80,6 +80,8 @@ def zip_sequential(
     """
     if len(models) < 2:
         raise MerganserError("zip: give two or more models")
+    if matcher not in ("zipit", "permute", "weight", "average"):
+        raise MerganserError(f"zip: unknown matcher {matcher!r} (zipit, permute, weight, average)")
     idx = linears(models[0])
 
     def layout(model: nn.Sequential) -> list[Any]:
