@@ -205,15 +205,12 @@ def unprefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_copy(b: Bench, i: int) -> torch.nn.Module:
-    m = load_backbone_like(b.base)
-    m.load_state_dict(b.expert_sds[i])
-    return m
-
-
-def load_backbone_like(m: torch.nn.Module) -> torch.nn.Module:
+    """Expert ``i`` as a module of its own (RegMean++ runs every expert's blocks)."""
     import copy
 
-    return copy.deepcopy(m)
+    m = copy.deepcopy(b.base)
+    m.load_state_dict(b.expert_sds[i])
+    return m
 
 
 def _strip(k: str) -> str:

@@ -46,6 +46,19 @@ def _experts(make, folder: Path, arch: str, n: int = 2, words: bool = True) -> l
     return out
 
 
+def stats_recipe(path: Path, method: str, models, stats, **parameters) -> Path:
+    """A data-aware recipe: each model with its statistics file."""
+    recipe = {
+        "merge_method": method,
+        "parameters": parameters,
+        "models": [
+            {"model": str(m), "statistics": str(s)} for m, s in zip(models, stats, strict=True)
+        ],
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def bert() -> T.BertForSequenceClassification:
     cfg = T.BertConfig(
         vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -140,16 +153,8 @@ def test_bert_texts_calibrate_and_merge(tmp_path: Path, capsys: pytest.CaptureFi
     assert all((v >= 0).all() and v.isfinite().all() for v in fisher.values())
     assert float(fisher["classifier.weight"].sum()) > 0  # the head's gradient reached
     for method in ("regmean", "fisher"):
-        recipe = {
-            "merge_method": method,
-            "parameters": {"alpha": 0.9, "ridge": 0.0} if method == "regmean" else {},
-            "models": [
-                {"model": str(m), "statistics": str(s)}
-                for m, s in zip((m0, m1), stats, strict=True)
-            ],
-        }
-        rpath = tmp_path / f"{method}.yaml"
-        rpath.write_text(yaml.safe_dump(recipe))
+        params = {"alpha": 0.9, "ridge": 0.0} if method == "regmean" else {}
+        rpath = stats_recipe(tmp_path / f"{method}.yaml", method, (m0, m1), stats, **params)
         r = cli(capsys, "merge", str(rpath), str(tmp_path / method))
         assert r.returncode == 0, r.stderr
         _, info = T.BertForSequenceClassification.from_pretrained(
@@ -223,13 +228,7 @@ def test_vit_on_input_tensors_and_fisher_merge(
     }
     for mem, disk in pairs.items():
         assert torch.allclose(got[f"gram.{disk}"].double(), ref[mem], atol=1e-5), disk
-    recipe = {
-        "merge_method": "fisher",
-        "models": [
-            {"model": str(m), "statistics": str(s)} for m, s in zip((m0, m1), stats, strict=True)
-        ],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    stats_recipe(tmp_path / "r.yaml", "fisher", (m0, m1), stats)
     r = cli(capsys, "merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     merged = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
@@ -258,14 +257,7 @@ def test_gpt2_conv1d_grams_and_regmean_layout(tmp_path: Path) -> None:
     in_out = json.loads(metas[0]["in_out"])
     assert "transformer.h.0.attn.c_proj.weight" in in_out
     assert "transformer.h.1.mlp.c_fc.weight" in in_out and "lm_head.weight" not in in_out
-    recipe = {
-        "merge_method": "regmean",
-        "parameters": {"ridge": 0.0},
-        "models": [
-            {"model": str(m), "statistics": str(s)} for m, s in zip((m0, m1), stats, strict=True)
-        ],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    stats_recipe(tmp_path / "r.yaml", "regmean", (m0, m1), stats, ridge=0.0)
     r = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     out = load_folder(tmp_path / "out")
@@ -412,13 +404,7 @@ def test_adamerging_and_regmean_on_hf_encoders(family: str, tmp_path: Path) -> N
         out = tmp_path / f"{p.name}.safetensors"
         calibrate(p, TEXTS, out, CalibrationOptions(batch=2))
         stats.append(out)
-    recipe = {
-        "merge_method": "regmean",
-        "parameters": {"alpha": 0.9},
-        "models": [{"model": str(m), "statistics": str(s)}
-                   for m, s in zip(paths[1:], stats, strict=True)],
-    }  # fmt: skip
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    stats_recipe(tmp_path / "r.yaml", "regmean", paths[1:], stats, alpha=0.9)
     r = run_cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     _, info = getattr(T, arch).from_pretrained(tmp_path / "out", output_loading_info=True)
@@ -450,3 +436,43 @@ def test_clip_needs_both_inputs_and_says_so(
     keys = set(load_folder_file(tmp_path / "s.safetensors"))
     assert any(k.startswith("gram.text_model.") for k in keys)
     assert any(k.startswith("gram.vision_model.") for k in keys)
+
+
+def test_a_linear_layer_the_data_never_reached_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Linear the calibration data never ran has no Gram. It was listed with the embeddings
+    as "not a linear layer", and RegMean silently averaged it; now the merge names it."""
+    from conftest import write_model
+
+    class Spare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(3, 3)
+            self.spare = torch.nn.Linear(3, 3)  # never called in forward
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    models, stats, metas = [], [], []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = Spare()
+        models.append(write_model(tmp_path / f"m{i}", dict(m.state_dict())))
+        out = tmp_path / f"s{i}.safetensors"
+        tensors, meta = calibrate_module(m, [x], out)
+        stats.append(out)
+        metas.append((dict(m.state_dict()), tensors, meta))
+    assert json.loads(metas[0][2]["no_input"]) == ["spare.weight"]
+    assert "spare.weight" not in json.loads(metas[0][2]["not_linear"])
+    stats_recipe(tmp_path / "r.yaml", "regmean", models, stats)
+    r = cli(capsys, "merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"))
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "'spare.weight' is a linear layer the calibration data never reached" in r.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"spare\.weight: a linear layer the calibration data"):
+        merge_tensors(
+            "regmean", [m[0] for m in metas], statistics=[m[1] for m in metas],
+            statistics_metadata=[m[2] for m in metas],
+        )  # fmt: skip

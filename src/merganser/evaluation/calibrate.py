@@ -47,6 +47,7 @@ from merganser.evaluation.forward import (
     gram_names_on_disk,
     logits_of,
     on_disk,
+    rows,
     sampled_log_likelihood,
     to_device,
 )
@@ -285,23 +286,10 @@ def _limit(batches: Iterable[Batch], examples: int) -> Iterator[Batch]:
             return
         n = batch_size(b)
         if n > left:
-            b = _head(b, left)
+            b = rows(b, 0, left)
             n = left
         left -= n
         yield b
-
-
-def _head(batch: Batch, n: int) -> Batch:
-    size = batch_size(batch)
-
-    def cut(t: Any) -> Any:
-        return t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t
-
-    if isinstance(batch, Mapping):
-        return {k: cut(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(cut(t) for t in batch)
-    return cut(batch)
 
 
 def _tokens(batch: Batch) -> int:
@@ -381,13 +369,17 @@ def _finish(
             tensors[f"gram.{names[name]}"] = g.float().cpu()
         in_out = sorted(names[n] for n in grams.in_out())
         # The other matrices (embeddings, position tables) are listed, so that a merge knows a
-        # 2-D weight without a Gram is not a linear layer rather than guessing from its name.
+        # 2-D weight without a Gram is not a linear layer rather than guessing from its name;
+        # linear layers the data never reached are listed apart, so that a merge refuses them.
+        params = dict(net.named_parameters(remove_duplicate=False))
+        unseen = {n: params[n].detach() for n in grams.layers if n not in names and n in params}
         plain = {
             n: p.detach()
-            for n, p in net.named_parameters(remove_duplicate=False)
-            if p.dim() == 2 and n not in names
+            for n, p in params.items()
+            if p.dim() == 2 and n not in names and n not in unseen
         }
         meta["not_linear"] = json.dumps(sorted(on_disk(net, plain)))
+        meta["no_input"] = json.dumps(sorted(on_disk(net, unseen)))
     norm_sq = 0.0
     for name, f in on_disk(net, fisher).items():
         f = f / examples

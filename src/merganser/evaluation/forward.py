@@ -45,13 +45,19 @@ def linear_layers(net: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
     return out
 
 
-def call(net: nn.Module, batch: Batch) -> Any:
-    """Run ``net`` on one batch: keywords for a mapping, positions for a tuple, else one tensor."""
+def arguments(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch as call arguments: keywords for a mapping, positions for a tuple, else one."""
     if isinstance(batch, Mapping):
-        return net(**batch)
+        return (), dict(batch)
     if isinstance(batch, (tuple, list)):
-        return net(*batch)
-    return net(batch)
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def call(net: nn.Module, batch: Batch) -> Any:
+    """Run ``net`` on one batch."""
+    args, kwargs = arguments(batch)
+    return net(*args, **kwargs)
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -79,31 +85,29 @@ def batch_size(batch: Batch) -> int:
     return int(first.shape[0])
 
 
-def example(batch: Batch, i: int) -> Batch:
-    """Example ``i`` of a batch, as a batch of one."""
+def map_batch(batch: Batch, fn: Callable[[Any], Any]) -> Batch:
+    """``fn`` applied to every item of a batch, keeping its form (mapping, tuple, tensor)."""
+    if isinstance(batch, Mapping):
+        return {k: fn(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(fn(t) for t in batch)
+    return fn(batch)
+
+
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples ``start:stop`` of a batch (tensors without the examples axis stay whole)."""
     n = batch_size(batch)
 
     def cut(t: Any) -> Any:
-        return t[i : i + 1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+        ok = isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n
+        return t[start:stop] if ok else t
 
-    if isinstance(batch, Mapping):
-        return {k: cut(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(cut(t) for t in batch)
-    return cut(batch)
+    return map_batch(batch, cut)
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """A batch with its tensors on ``device``."""
-
-    def move(t: Any) -> Any:
-        return t.to(device) if isinstance(t, torch.Tensor) else t
-
-    if isinstance(batch, Mapping):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move(t) for t in batch)
-    return move(batch)
+    return map_batch(batch, lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
 
 
 def row_mask(batch: Batch, lead: tuple[int, ...]) -> torch.Tensor | None:
@@ -221,7 +225,7 @@ def diagonal_fisher(
         for batch in batches:
             for i in range(batch_size(batch)):
                 net.zero_grad(set_to_none=True)
-                log_likelihood(net, example(batch, i)).backward()
+                log_likelihood(net, rows(batch, i, i + 1)).backward()
                 for name, p in params.items():
                     if p.grad is not None:
                         fisher[name].add_(p.grad.double().square())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,17 @@ def reduce_nondiag(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return gram * alpha + torch.diag(torch.diagonal(gram)) * (1.0 - alpha)
 
 
+@functools.lru_cache(maxsize=64)
+def _names(text: str) -> frozenset[str]:
+    return frozenset(json.loads(text))
+
+
 def _layout(metadata: list[Mapping[str, str]], name: str) -> dict[str, Any]:
-    """Whether ``name`` is stored ``[in, out]`` (GPT-2 Conv1D), as each calibration recorded."""
-    marks = {name in json.loads(m.get("in_out", "[]")) for m in metadata}
+    """Whether ``name`` is stored ``[in, out]`` (GPT-2 Conv1D), as each calibration recorded;
+    a linear layer a calibration's data never reached has no Gram to merge it by."""
+    if any(name in _names(m.get("no_input", "[]")) for m in metadata):
+        raise ValueError(f"{name}: a linear layer the calibration data never reached (no Gram)")
+    marks = {name in _names(m.get("in_out", "[]")) for m in metadata}
     if len(marks) > 1:
         raise ValueError(f"{name}: the statistics disagree on whether it is a Conv1D weight")
     return {"in_out": marks.pop()} if marks else {}

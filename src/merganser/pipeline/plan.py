@@ -779,6 +779,11 @@ def _stat_ref(plan: Plan, model: int, name: str, shape: tuple[int, ...]) -> tupl
     key = f"{kind}.{name}"
     info = ckpt.tensors.get(key)
     if kind == "gram":
+        if info is None and name in (_listed(ckpt.metadata.get("no_input")) or ()):
+            raise CheckpointError(
+                f"{ckpt.path}: {name!r} is a linear layer the calibration data never reached "
+                "(no Gram to merge it by); calibrate on data that runs it"
+            )
         listed = _listed(ckpt.metadata.get("not_linear"))
         if info is None and listed is not None:
             if len(shape) == 2 and name not in listed:

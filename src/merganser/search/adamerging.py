@@ -10,7 +10,7 @@ classifier it is the class, each task through its own head (the paper's setting)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -171,10 +171,10 @@ def adamerging(
 
 def _forward(net: torch.nn.Module, params: dict[str, torch.Tensor], batch: Any) -> Any:
     """``net`` on ``batch`` with ``params`` in place of its own (the rest stay its own)."""
-    if isinstance(batch, Mapping):
-        return torch.func.functional_call(net, params, args=(), kwargs=dict(batch))
-    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    return torch.func.functional_call(net, params, args=args)
+    from merganser.evaluation.forward import arguments
+
+    args, kwargs = arguments(batch)
+    return torch.func.functional_call(net, params, args=args, kwargs=kwargs)
 
 
 def _canonical(net: torch.nn.Module) -> set[str]:

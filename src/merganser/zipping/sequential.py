@@ -109,16 +109,20 @@ def zip_sequential(
     merges: list[torch.Tensor] = []
     unmerge_prev: list[torch.Tensor | None] = [None] * n  # identity on the inputs
     acts = [list(data) for _ in range(n)]  # each model's own input to the current layer
+    pre: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per model, per merged layer
     for layer in range(stop):
         i = idx[layer]
         d = weights[0][layer].shape[0]
         ws = [_read_through(weights[m][layer], unmerge_prev[m]) for m in range(n)]
-        # each model's features after this layer's activation, from its own stream
+        # each model's features after this layer's activation, from its own stream (and,
+        # for the refit, its pre-activation output)
         feats = []
         with torch.no_grad():
             for m in range(n):
-                block = nets[m][i : idx[layer + 1]]
-                acts[m] = [block(x) for x in acts[m]]
+                out_m = [nets[m][i](x) for x in acts[m]]
+                if refit is not None:
+                    pre[m].append(torch.cat(out_m).double())
+                acts[m] = [nets[m][i + 1 : idx[layer + 1]](y) for y in out_m]
                 feats.append(torch.cat([a.double() for a in acts[m]]))
         merge, unmerge = _match(matcher, feats, d, alpha, beta)
         merges.append(merge)
@@ -142,54 +146,37 @@ def zip_sequential(
         branches.append(nn.Sequential(lin, *[_copy(x) for x in own[1:]]))
     out = Branched(nn.Sequential(*trunk), branches).eval()
     if refit is not None:
-        _refit(out, nets, idx, stop, merges, data, refit)
+        with torch.no_grad():  # each branch's first layer, on its model's own stream
+            for m in range(n):
+                pre[m].append(torch.cat([nets[m][idx[stop]](x) for x in acts[m]]).double())
+        _refit(out, pre, merges, torch.cat(data), refit)
     return out
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _refit(
     out: Branched,
-    nets: Sequence[nn.Sequential],
-    idx: list[int],
-    stop: int,
+    pre: list[list[torch.Tensor]],
     merges: list[torch.Tensor],
-    data: list[torch.Tensor],
+    x: torch.Tensor,
     ridge: float,
 ) -> None:
     """Least squares, layer by layer in forward order: each merged layer maps the merged
-    network's input to the merge of every model's own pre-activation output; each branch's
-    first layer maps the trunk's output to its model's own pre-activation output."""
+    network's input to the merge of every model's own pre-activation output (``pre[m][l]``);
+    each branch's first layer maps the trunk's output to its model's own (``pre[m][-1]``)."""
     from merganser.zipping.refit import lstsq_weights
 
-    x = torch.cat(data).double()
-    pre: list[list[torch.Tensor]] = []  # per model, per layer: its own pre-activation output
-    for net in nets:
-        h, outs = x.float(), []
-        for layer in range(stop + 1):
-            i = idx[layer]
-            end = idx[layer + 1] if layer + 1 < len(idx) else len(net)
-            y = net[i](h)
-            outs.append(y.double())
-            h = net[i + 1 : end](y) if end > i + 1 else y
-        pre.append(outs)
-    z = x
-    lins = [m for m in out.trunk if isinstance(m, nn.Linear)]
-    for layer, lin in enumerate(lins):
-        target = torch.cat([p[layer] for p in pre], dim=1) @ merges[layer].T
-        _solve(lin, z, target, ridge, lstsq_weights)
-        end = list(out.trunk).index(lin) + 1 + _acts_after(out.trunk, lin)
-        z = out.trunk[:end](x.float()).double()
+    z = x.float()
+    layer = 0
+    for module in out.trunk:
+        if isinstance(module, nn.Linear):
+            target = torch.cat([p[layer] for p in pre], dim=1) @ merges[layer].T
+            _solve(module, z.double(), target, ridge, lstsq_weights)
+            layer += 1
+        z = module(z)
     for m, branch in enumerate(out.branches):
-        _solve(branch[0], z, pre[m][stop], ridge, lstsq_weights)
-
-
-def _acts_after(seq: nn.Sequential, lin: nn.Linear) -> int:
-    """How many parameter-free layers follow ``lin`` before the next Linear (or the end)."""
-    k = list(seq).index(lin) + 1
-    n = 0
-    while k + n < len(seq) and not isinstance(seq[k + n], nn.Linear):
-        n += 1
-    return n
+        _solve(branch[0], z.double(), pre[m][-1], ridge, lstsq_weights)
 
 
 def _solve(lin: nn.Linear, z: torch.Tensor, target: torch.Tensor, ridge: float, solve: Any) -> None:
