@@ -308,12 +308,75 @@ def zip_table(rows: list[dict[str, Any]]) -> str:
              "|" + "---|" * (len(pairs) + 3)]  # fmt: skip
     by = {(r["pair"], r["method"]): mean(r["test"]) for r in rows}
     avg_ref = mean([by[(p, "averaging")] for p in pairs])
-    for label, *_ in ZIP_ROWS:
+    for label in dict.fromkeys(r["method"] for r in rows):
         vals = [by[(p, label)] for p in pairs]
         rel = 100 * (mean(vals) - avg_ref) / avg_ref
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals)
                      + f" | {mean(vals):.1f} | {rel:+.0f} % |")  # fmt: skip
     return "\n".join(lines)
+
+
+# The ViT version: expert A from the zoo of seed s, expert B from the zoo of seed s+1 (its own
+# pretraining from another initialisation), each with its own head.
+VIT_ROWS = (  # label, matcher, share of the blocks zipped (None: all), refit ridge
+    ("each model alone", None, None, None),
+    ("averaging", "average", None, None),
+    ("Git Re-Basin (weight matching)", "weight", None, None),
+    ("permutation (activation matching)", "permute", None, None),
+    ("ZipIt! {k}/{n}", "zipit", 1.0, None),
+    ("ZipIt! {k}/{n} (partial)", "zipit", 0.75, None),
+    ("ZipIt! {k}/{n} (partial)", "zipit", 0.5, None),
+    ("ZipIt! {k}/{n} (partial)", "zipit", 0.25, None),
+    ("averaging + refit", "average", None, 1e-4),
+    ("ZipIt! {k}/{n} + refit", "zipit", 1.0, 1e-4),
+    ("control: both experts from one zoo (same init), averaging", "same", None, None),
+)
+
+
+@torch.no_grad()
+def vit_zip_table(zoos: tuple[Path, Path], n_test: int, log: Any) -> list[dict[str, Any]]:
+    from merganser.zipping.vit import zip_vit
+
+    seeds = [zoo_seed(z) for z in zoos]
+    specs = [json.loads((z / "zoo.json").read_text())["spec"] for z in zoos]
+    layers = specs[0]["layers"]
+    rows = []
+    for pair in [p for p in ZIP_PAIRS if all(t in specs[0]["tasks"] for t in p)]:
+        nets = [load_backbone(z / "experts" / t) for z, t in zip(zoos, pair, strict=True)]
+        heads = [
+            load_head(z / "heads" / f"{t}.safetensors") for z, t in zip(zoos, pair, strict=True)
+        ]
+        tests = [task_data(t, "test", n_test, s) for t, s in zip(pair, seeds, strict=True)]
+        # matched on both tasks' unlabelled calibration images (the zoo's calib split)
+        feats = torch.cat(
+            [task_data(t, "calib", 256, s)[0] for t, s in zip(pair, seeds, strict=True)]
+        )
+        done = set()
+        for label, matcher, share, ridge in VIT_ROWS:
+            stop = None if share is None else max(1, round(share * layers))
+            label = label.format(k=stop, n=layers)
+            if label in done or ("partial" in label and stop == layers):
+                continue  # the reduced zoo's ViT is shallower: fewer partial zips
+            done.add(label)
+            if matcher is None:
+                accs = [accuracy(TaskModel(n, h), x, y)
+                        for n, h, (x, y) in zip(nets, heads, tests, strict=True)]  # fmt: skip
+            elif matcher == "same":
+                same = [nets[0], load_backbone(zoos[0] / "experts" / pair[1])]
+                sh = [heads[0], load_head(zoos[0] / "heads" / f"{pair[1]}.safetensors")]
+                st = [tests[0], task_data(pair[1], "test", n_test, seeds[0])]
+                z = zip_vit(same, sh, feats.split(64), matcher="average")
+                accs = [_acc_task(z, k, x, y) for k, (x, y) in enumerate(st)]
+            else:
+                z = zip_vit(nets, heads, feats.split(64), matcher=matcher, stop=stop, refit=ridge)
+                accs = [_acc_task(z, k, x, y) for k, (x, y) in enumerate(tests)]
+            rows.append({"pair": "+".join(pair), "method": label, "test": accs})
+            log(f"vit zip {'+'.join(pair):<22} {label:<36} {mean(accs):5.1f}")
+    return rows
+
+
+def _acc_task(z: torch.nn.Module, task: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * float((z(x, task).argmax(-1) == y).float().mean())
 
 
 def main() -> int:
@@ -344,10 +407,19 @@ def main() -> int:
         print(f"\n{len(spec.tasks)} tasks, seed {a.seed}, {time.time() - t0:.0f} s\n")
     zips = zipit_table(a.seed, 200 if a.quick else a.zip_steps, a.test, log)
     print(zip_table(zips))
-    print(f"\nZipIt! pairs: different initialisations, disjoint tasks, seed {a.seed}; "
-          f"{time.time() - t0:.0f} s in all")  # fmt: skip
+    print(f"\nZipIt! MLP pairs: different initialisations, disjoint tasks, seed {a.seed}\n")
+    other = VisionZooSpec.reduced(a.seed + 1) if a.quick else VisionZooSpec(seed=a.seed + 1)
+    zoos = (build_vision_zoo(a.root, spec), build_vision_zoo(a.root, other))
+    vit_zips = vit_zip_table(zoos, a.test, log)
+    print(zip_table(vit_zips))
+    print(f"\nZipIt! ViT pairs: expert A from the zoo of seed {a.seed}, expert B from seed "
+          f"{a.seed + 1}; {time.time() - t0:.0f} s in all")  # fmt: skip
     if a.json:
-        a.json.write_text(json.dumps({"spec": spec.__dict__, "rows": rows, "zip": zips}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"spec": spec.__dict__, "rows": rows, "zip": zips, "vit_zip": vit_zips}, indent=1
+            )
+        )
     return 0
 
 

@@ -48,6 +48,8 @@ from merganser.storage.writer import (
     guard_output,
     layout,
 )
+from merganser.zipping.sequential import zip_sequential
+from merganser.zipping.vit import zip_vit
 
 # merge_tensors (tensors.py), TOKENIZER_FILES (hf.py), MergeOptions (options.py, torch-free
 # for the CLI) and the data-aware procedures on any module live below the façade; re-exported.
@@ -65,6 +67,8 @@ __all__ = [
     "merge",
     "merge_tensors",
     "regmean_plusplus",
+    "zip_sequential",
+    "zip_vit",
 ]
 
 

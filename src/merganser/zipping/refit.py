@@ -20,7 +20,7 @@ from the merged one. Memory is one batch of activations plus in² moments per la
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ from merganser.evaluation.evaluate import pad_batches
 from merganser.zipping.align import Alignment, roles
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+# Runs a model on one batch; returns the positions to keep (None: every position).
+Forward = Callable[[Any, Any], "torch.Tensor | None"]
 
 _GROUPS = (  # linears of one block that share their input, in forward order
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -55,10 +57,19 @@ def _module(model: Any, name: str) -> Any:
     return model
 
 
+def lm_forward(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A causal LM on one padded batch of (ids, mask); the real tokens are kept."""
+    ids, mask = batch
+    model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return mask.bool()
+
+
 def _run(
-    models: Sequence[Any], modules: Sequence[str], batches: Batches, inputs: bool = True
-) -> Iterator[list[torch.Tensor]]:
-    """Per batch, each model's input (or output) of its module ``modules[i]`` at real tokens."""
+    models: Sequence[Any], modules: Sequence[str], batches: Iterable[Any], inputs: bool = True,
+    forward: Forward = lm_forward,
+) -> Iterator[list[torch.Tensor]]:  # fmt: skip
+    """Per batch, each model's input (or output) of its module ``modules[i]``, one row per
+    kept position."""
     store: list[Any] = [None] * len(models)
     handles = []
     for i, (m, name) in enumerate(zip(models, modules, strict=True)):
@@ -76,12 +87,15 @@ def _run(
                 )
             )
     try:
-        for ids, mask in batches:
-            keep = mask.bool()
+        for batch in batches:
+            keep = None
             for m in models:
                 with torch.no_grad():
-                    m(input_ids=ids, attention_mask=mask, use_cache=False)
-            yield [s[keep].double() for s in store]
+                    keep = forward(m, batch)
+            yield [
+                (s[keep] if keep is not None else s.reshape(-1, s.shape[-1])).double()
+                for s in store
+            ]
     finally:
         for h in handles:
             h.remove()
@@ -91,17 +105,19 @@ def _with_bias(z: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([z, torch.ones_like(z[:, :1])], 1) if bias else z
 
 
-def _refit_group(
+def refit_group(
     sources: Sequence[Any], merged: Any, alignment: Alignment, names: Sequence[str],
-    batches: Batches, ridge: float,
+    points: Sequence[str | None], batches: Iterable[Any], ridge: float,
+    forward: Forward = lm_forward,
 ) -> None:  # fmt: skip
-    """Solve the linears ``names`` (one shared input) of ``merged`` in place."""
+    """Solve, in place, the linears ``names`` of ``merged`` that share one input: each for
+    Σᵢ Mᵢ (Wᵢ xᵢ + bᵢ) at its output point (``points``; None: the models' mean output) from
+    the merged model's own input."""
     layers = [_module(merged, n) for n in names]
     bias = [lin.bias is not None for lin in layers]
     zz: dict[bool, torch.Tensor] = {}
     tz: list[torch.Tensor | None] = [None] * len(names)
-    points = [roles(f"{n}.weight")[0] for n in names]
-    for xs in _run([*sources, merged], [names[0]] * (len(sources) + 1), batches):
+    for xs in _run([*sources, merged], [names[0]] * (len(sources) + 1), batches, forward=forward):
         z = xs[-1]
         for b in set(bias):
             za = _with_bias(z, b)
@@ -150,7 +166,8 @@ def refit_layers(
     if lm_head:
         todo.append(["lm_head"])
     for names in todo:
-        _refit_group(sources, merged, alignment, names, batches, ridge)
+        points = [roles(f"{n}.weight")[0] for n in names]
+        refit_group(sources, merged, alignment, names, points, batches, ridge)
 
 
 def _state_module(state: int) -> str:
