@@ -476,3 +476,101 @@ def test_a_linear_layer_the_data_never_reached_is_refused(
             "regmean", [m[0] for m in metas], statistics=[m[1] for m in metas],
             statistics_metadata=[m[2] for m in metas],
         )  # fmt: skip
+
+
+def _perturbed(
+    net: torch.nn.Module, seed: int, scale: float = 0.05, linears_only: bool = False
+) -> torch.nn.Module:
+    """A fine-tune stand-in: the same network with every weight (or every linear's) nudged."""
+    import copy
+
+    out = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(seed)
+    lin = {id(m.weight) for m, _ in linear_layers(out).values()}
+    lin |= {id(m.bias) for m, _ in linear_layers(out).values() if m.bias is not None}
+    names = [id(p) for _, p in out.named_parameters(remove_duplicate=False)]
+    lin = {i for i in lin if names.count(i) == 1}  # a tied lm_head is the embedding: not moved
+    with torch.no_grad():
+        for p in out.parameters():
+            if not linears_only or id(p) in lin:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return out.eval()
+
+
+def _family_batch(family: str, net: torch.nn.Module, seed: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(6, 3, 16, 16, generator=g)}
+    ids = torch.randint(2, len(WORDS), (6, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # padding, left out of the fit
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        batch["decoder_input_ids"] = net.prepare_decoder_input_ids_from_labels(labels=ids)
+    return batch
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "vit", "gpt2"])
+def test_refit_of_a_merge_on_any_hf_model(family: str) -> None:
+    """PLeaS's refit on a same-architecture merge: one model in gives that model back, and on
+    an average of two fine-tunes every refit layer's least-squares objective does not rise."""
+    from merganser.api import refit_merged
+
+    torch.manual_seed(0)
+    base = {"bert": bert, "t5": t5, "vit": vit, "gpt2": gpt2}[family]().eval()
+    batches = [_family_batch(family, base, seed) for seed in range(8)]  # more rows than inputs
+    batch = batches[0]
+    # the models' linears moved away: the refit finds them again, in forward order
+    same = _perturbed(base, 1, linears_only=True)
+    report = refit_merged([base], same, batches, ridge=1e-9)
+    # the same function on held-out inputs (not the same weights: a LayerNorm's output has
+    # zero mean, so one direction of every reader's input is never seen and keeps its prior)
+    held = _family_batch(family, base, 99)
+    with torch.no_grad():
+        assert torch.allclose(T_out(same, held), T_out(base, held), atol=1e-4), family
+    if family == "t5":  # lm_head shares the embedding matrix: left as merged, and said so
+        assert report["kept"] == {"lm_head": "weight tied to shared.weight"}
+    elif family == "gpt2":
+        assert report["kept"] == {"lm_head": "weight tied to transformer.wte.weight"}
+    else:
+        assert report["kept"] == {}
+    if family == "gpt2":  # Conv1D, its weight stored [in, out]
+        assert "transformer.h.0.attn.c_attn" in report["refit"]
+
+    a, b = _perturbed(base, 2, 0.2), _perturbed(base, 3, 0.2)
+    avg = copy_average(a, b)
+    fitted = copy_average(a, b)
+    refit_merged([a, b], fitted, [batch], ridge=1e-4)
+    with torch.no_grad():
+        want = (T_out(a, batch) + T_out(b, batch)) / 2
+        before = (T_out(avg, batch) - want).square().mean()
+        after = (T_out(fitted, batch) - want).square().mean()
+    assert after < before, (family, float(before), float(after))
+
+
+def copy_average(a: torch.nn.Module, b: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    out = copy.deepcopy(a)
+    sb = b.state_dict()
+    out.load_state_dict({k: (v + sb[k]) / 2 for k, v in a.state_dict().items()})
+    return out.eval()
+
+
+def T_out(net: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return net(**batch).logits
+
+
+def test_refit_refuses_what_it_cannot_fit() -> None:
+    from merganser.api import refit_merged
+    from merganser.errors import MerganserError
+
+    net = bert().eval()
+    with pytest.raises(MerganserError, match="at least one batch"):
+        refit_merged([net], net, [])
+    other = T.BertForSequenceClassification(
+        T.BertConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                     num_attention_heads=4, num_hidden_layers=2, num_labels=3)
+    )  # fmt: skip
+    with pytest.raises(MerganserError, match=r"source 0 has no linear layer '.*' of its shape"):
+        refit_merged([other], net, [_family_batch("bert", net)])

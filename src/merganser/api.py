@@ -48,6 +48,7 @@ from merganser.storage.writer import (
     guard_output,
     layout,
 )
+from merganser.zipping.refit import refit_merged
 from merganser.zipping.sequential import zip_sequential
 from merganser.zipping.vit import zip_vit
 
@@ -66,6 +67,7 @@ __all__ = [
     "default_threads",
     "merge",
     "merge_tensors",
+    "refit_merged",
     "regmean_plusplus",
     "zip_sequential",
     "zip_vit",

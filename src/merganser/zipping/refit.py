@@ -25,11 +25,14 @@ from typing import Any
 
 import torch
 
+from merganser.errors import MerganserError
 from merganser.evaluation.evaluate import pad_batches
+from merganser.evaluation.forward import call, is_conv1d, linear_layers, row_mask
 from merganser.zipping.align import Alignment, roles
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-# Runs a model on one batch; returns the positions to keep (None: every position).
+# Runs a model on one batch; returns the positions to keep (None: the batch's padding mask
+# where it has one, else every position).
 Forward = Callable[[Any, Any], "torch.Tensor | None"]
 
 _GROUPS = (  # linears of one block that share their input, in forward order
@@ -92,10 +95,11 @@ def _run(
             for m in models:
                 with torch.no_grad():
                     keep = forward(m, batch)
-            yield [
-                (s[keep] if keep is not None else s.reshape(-1, s.shape[-1])).double()
-                for s in store
-            ]
+            out = []
+            for s in store:
+                mask = keep if keep is not None else row_mask(batch, tuple(s.shape[:-1]))
+                out.append((s[mask] if mask is not None else s.reshape(-1, s.shape[-1])).double())
+            yield out
     finally:
         for h in handles:
             h.remove()
@@ -105,8 +109,13 @@ def _with_bias(z: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([z, torch.ones_like(z[:, :1])], 1) if bias else z
 
 
+def _weight(lin: Any) -> torch.Tensor:
+    """A linear layer's weight as [out, in] (GPT-2's Conv1D stores it [in, out])."""
+    return lin.weight.T if is_conv1d(lin) else lin.weight
+
+
 def refit_group(
-    sources: Sequence[Any], merged: Any, alignment: Alignment, names: Sequence[str],
+    sources: Sequence[Any], merged: Any, alignment: Alignment | None, names: Sequence[str],
     points: Sequence[str | None], batches: Iterable[Any], ridge: float,
     forward: Forward = lm_forward,
 ) -> None:  # fmt: skip
@@ -123,29 +132,31 @@ def refit_group(
             za = _with_bias(z, b)
             zz[b] = za.T @ za if b not in zz else zz[b].addmm_(za.T, za)
         for j, name in enumerate(names):
-            t = torch.zeros(z.shape[0], layers[j].out_features, dtype=torch.float64)
+            t = torch.zeros(z.shape[0], _weight(layers[j]).shape[0], dtype=torch.float64)
             for i, (src, x) in enumerate(zip(sources, xs[:-1], strict=True)):
                 lin = _module(src, name)
                 y = torch.nn.functional.linear(
-                    x, lin.weight.double(), None if lin.bias is None else lin.bias.double()
+                    x, _weight(lin).double(), None if lin.bias is None else lin.bias.double()
                 )
                 point = points[j]
-                t += y @ alignment.m(point, i).T if point else y / len(sources)
+                if point and alignment is not None:
+                    t += y @ alignment.m(point, i).T
+                else:
+                    t += y / len(sources)
             g = t.T @ _with_bias(z, bias[j])
             tz[j] = g if tz[j] is None else tz[j].add_(g)
     for j, lin in enumerate(layers):
         acc = tz[j]
         assert acc is not None
-        prior = lin.weight.detach().double()
+        prior = _weight(lin).detach().double()
         if bias[j]:
             prior = torch.cat([prior, lin.bias.detach().double()[:, None]], 1)
         w = lstsq_weights(zz[bias[j]], acc, ridge, prior)
         with torch.no_grad():
             if bias[j]:
-                lin.weight.copy_(w[:, :-1])
                 lin.bias.copy_(w[:, -1])
-            else:
-                lin.weight.copy_(w)
+                w = w[:, :-1]
+            lin.weight.copy_(w.T if is_conv1d(lin) else w)
 
 
 def refit_layers(
@@ -168,6 +179,92 @@ def refit_layers(
     for names in todo:
         points = [roles(f"{n}.weight")[0] for n in names]
         refit_group(sources, merged, alignment, names, points, batches, ridge)
+
+
+def _call(model: Any, batch: Any) -> None:
+    call(model, batch)
+
+
+def refit_merged(
+    sources: Sequence[torch.nn.Module],
+    merged: torch.nn.Module,
+    batches: Iterable[Any],
+    ridge: float = 1e-4,
+) -> dict[str, Any]:
+    """PLeaS's layer-wise least squares (Nasery et al., CVPR 2025) for a merge of models of one
+    architecture: every linear layer of ``merged`` (``nn.Linear`` or GPT-2's ``Conv1D``), in
+    forward order, is solved in place so that from the merged model's own input it gives the
+    models' mean output on their own inputs, with the ridge towards its merged weights.
+
+    ``batches``: what the models are called on (a mapping of keywords, a tuple or a tensor);
+    padding positions (``attention_mask``) are left out. Returns the layers refit and the
+    layers kept as merged, each with its reason (tied weights, called more than once, not
+    reached by the data).
+    """
+    data = list(batches)
+    if not sources or not data:
+        raise MerganserError("refit: give the source models and at least one batch")
+    layers = {n.removesuffix(".weight"): m for n, (m, _) in linear_layers(merged).items()}
+    if not layers:
+        raise MerganserError("refit: the merged model has no nn.Linear or Conv1D layer")
+    for i, src in enumerate(sources):
+        theirs = {n.removesuffix(".weight"): m for n, (m, _) in linear_layers(src).items()}
+        for name, mod in layers.items():
+            if name not in theirs or theirs[name].weight.shape != mod.weight.shape:
+                raise MerganserError(f"refit: source {i} has no linear layer {name!r} of its shape")
+    groups, kept = _forward_groups(merged, data[0], layers)
+    if ridge < 0:
+        raise MerganserError(f"refit: ridge must be ≥ 0, got {ridge}")
+    merged.eval()
+    for s in sources:
+        s.eval()
+    for names in groups:
+        refit_group(sources, merged, None, names, [None] * len(names), data, ridge, _call)
+    return {"refit": [n for g in groups for n in g], "kept": kept}
+
+
+@torch.no_grad()
+def _forward_groups(
+    net: torch.nn.Module, batch: Any, layers: dict[str, Any]
+) -> tuple[list[list[str]], dict[str, str]]:
+    """The linears in the order one forward pass calls them, grouped by shared input, and
+    those that cannot be refit alone, with the reason."""
+    owner: dict[int, list[str]] = {}
+    for pname, p in net.named_parameters(remove_duplicate=False):
+        owner.setdefault(id(p), []).append(pname)
+    # the inputs themselves are kept, so no address is reused by a later tensor in this pass
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        mod.register_forward_pre_hook(lambda _m, a, name=name: calls.append((name, a[0])))
+        for name, mod in layers.items()
+    ]
+    try:
+        call(net.eval(), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    count: dict[str, int] = {}
+    for name, _ in calls:
+        count[name] = count.get(name, 0) + 1
+    kept: dict[str, str] = {}
+    for name, mod in layers.items():
+        others = [o for o in owner[id(mod.weight)] if o != f"{name}.weight"]
+        if others:
+            kept[name] = f"weight tied to {others[0]}"
+        elif count.get(name, 0) == 0:
+            kept[name] = "not reached by the data"
+        elif count[name] > 1:
+            kept[name] = f"called {count[name]} times per forward pass"
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in calls:
+        if name in kept or any(name in g for _, g in groups):
+            continue
+        same = [g for t, g in groups if t is x]
+        if same:
+            same[0].append(name)
+        else:
+            groups.append((x, [name]))
+    return [g for _, g in groups], kept
 
 
 def _state_module(state: int) -> str:
