@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from merganser.errors import MerganserError
-from merganser.zipping.vit import zip_vit
+from merganser.zipping.vit import align_vit, zip_vit
 
 D, HEADS, HD, FF, LAYERS = 16, 2, 8, 24, 2
 
@@ -166,3 +166,20 @@ def test_bad_input_is_one_line() -> None:
         zip_vit([a, pooled], [head(1), head(2)], [X])
     with pytest.raises(MerganserError, match="no images"):
         zip_vit([a, b], [head(1), head(2)], [], matcher="zipit")
+
+
+@pytest.mark.parametrize("matcher", ["weight", "permute"])
+def test_align_puts_a_permuted_copy_back_in_the_reference_basis(matcher: str) -> None:
+    a = vit(1)
+    b = permuted(a, 2)
+    back = align_vit(a, b, X.split(16), matcher=matcher)
+    for name, t in a.state_dict().items():
+        assert torch.allclose(back.state_dict()[name], t, atol=1e-6), (matcher, name)
+    # and on models from different initialisations: the same function as the other model
+    c, hc = vit(3), head(7)
+    moved = align_vit(a, c, X.split(16), matcher=matcher)
+    with torch.no_grad():
+        h = nn.Linear(D, 3)
+        h.weight.copy_(hc.weight[:, moved.residual_perm])
+        h.bias.copy_(hc.bias)
+        assert torch.allclose(logits(moved, h), logits(c, hc), atol=1e-4)

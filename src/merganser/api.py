@@ -50,7 +50,7 @@ from merganser.storage.writer import (
 )
 from merganser.zipping.refit import refit_merged
 from merganser.zipping.sequential import zip_sequential
-from merganser.zipping.vit import zip_vit
+from merganser.zipping.vit import align_vit, zip_vit
 
 # merge_tensors (tensors.py), TOKENIZER_FILES (hf.py), MergeOptions (options.py, torch-free
 # for the CLI) and the data-aware procedures on any module live below the façade; re-exported.
@@ -61,6 +61,7 @@ __all__ = [
     "CalibrationOptions",
     "MergeOptions",
     "adamerging",
+    "align_vit",
     "calibrate",
     "calibrate_module",
     "default_memory_budget",

@@ -212,6 +212,45 @@ def zip_vit(
     return out
 
 
+@torch.no_grad()
+def align_vit(
+    reference: nn.Module,
+    other: nn.Module,
+    batches: Iterable[torch.Tensor] = (),
+    matcher: Literal["weight", "permute"] = "weight",
+    seed: int = 0,
+) -> nn.Module:
+    """``other`` permuted into ``reference``'s basis (Git Re-Basin, Ainsworth et al., ICLR
+    2023): the same function, ready for any merge with ``reference``. A head reading its final
+    CLS feature reads the result's through ``head.weight[:, perm]`` where ``perm`` is the
+    returned model's ``residual_perm``."""
+    if matcher not in ("weight", "permute"):
+        raise MerganserError(f"align: expected matcher weight or permute, got {matcher!r}")
+    shape = _shape([reference, other])
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in (reference, other)]
+    for k in states[0]:
+        vit_roles(k)
+    if matcher == "weight":
+        alignment = _weight_alignment(states, shape, seed)
+    else:
+        data = list(batches)
+        if not data:
+            raise MerganserError("align: activation matching needs images")
+        nets = [reference.eval(), other.eval()]
+        alignment = _activation_alignment(nets, data, shape, shape.layers, "permute", 0, 0)
+    out = copy.deepcopy(other)
+    moved = {}
+    for name, t in states[1].items():
+        o, i = vit_roles(name)
+        w = _point_rows(name, t.double())
+        w = w @ alignment.u(i, 1) if i else w
+        w = alignment.u(o, 1).T @ w if o else w
+        moved[name] = _from_point_rows(name, w, t.shape).to(t.dtype)
+    out.load_state_dict(moved)
+    out.residual_perm = alignment.u("res", 1).argmax(0)  # other's feature behind each of ours
+    return out.eval()
+
+
 def merge_vit_tensor(
     alignment: Alignment, name: str, tensors: Sequence[torch.Tensor]
 ) -> torch.Tensor:
