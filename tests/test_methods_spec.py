@@ -227,3 +227,49 @@ def test_dppa_negative_density_pitfall_is_clamped() -> None:
     )
     assert dens["a"] == MIN_DENSITY  # 0.05 - 0.08 - 0.04 < 0 in the official code
     assert all(MIN_DENSITY <= d <= 1 for d in dens.values())
+
+
+def test_model_stock_mean_cosine_in_one_pass_worked_example() -> None:
+    """docs/methods.md: offsets (1, 0), (0.6, 0.8), (0, 1): pairwise mean (0.6 + 0 + 0.8)/3."""
+    from merganser.methods.model_stock import mean_cosine_linear, mean_pairwise_cosine
+
+    offs = [t(1, 0), t(0.6, 0.8), t(0, 1)]
+    torch.testing.assert_close(mean_cosine_linear(offs), torch.tensor(1.4 / 3))
+    torch.testing.assert_close(mean_pairwise_cosine(offs), torch.tensor(1.4 / 3))
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_past_16_models_equals_the_pairwise_mean(filter_wise: bool) -> None:
+    """40 models: the one-pass cosine gives the pair-by-pair merge (to float rounding), and
+    both floors agree where every norm is on one side of 10⁻³."""
+    import merganser.methods.model_stock as ms
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 50, generator=g)
+    shared = torch.randn(6, 50, generator=g) * 0.1
+    tensors = [base + shared + torch.randn(6, 50, generator=g) * 0.05 for _ in range(40)]
+    tiny = [base + (x - base) * 1e-5 for x in tensors[:20]]  # every norm below 10⁻³
+    for ts in (tensors, tiny):
+        fast = merganser.merge_tensors("model_stock", ts, base=base, filter_wise=filter_wise)
+        old, ms.PAIRWISE_MAX = ms.PAIRWISE_MAX, 10**6
+        try:
+            slow = merganser.merge_tensors("model_stock", ts, base=base, filter_wise=filter_wise)
+        finally:
+            ms.PAIRWISE_MAX = old
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 20])
+def test_model_stock_of_opposed_task_vectors_keeps_the_base(n: int) -> None:
+    """1 + (N−1)cos = 0: no finite estimate, so θ₀ (as mergekit); it was NaN."""
+    base = t(0.5, 0.0)
+    if n == 2:
+        tensors = [t(1.0, 0.0), t(0.0, 0.0)]  # offsets (0.5, 0) and (−0.5, 0): cos −1
+    else:  # cos = −1/(N−1): N unit offsets summing to zero, in the plane
+        import math
+
+        tensors = [
+            base + t(math.cos(2 * math.pi * k / n), math.sin(2 * math.pi * k / n)) for k in range(n)
+        ]
+    out = merganser.merge_tensors("model_stock", tensors, base=base)
+    torch.testing.assert_close(out, base)

@@ -137,6 +137,22 @@ def test_too_many_models_are_refused_before_any_work(tmp_path, capsys) -> None:
     assert f"at most {MAX_MODELS}" in err
 
 
+def test_hundreds_of_models_state_their_cost_and_merge(tmp_path, capsys) -> None:
+    """Model Stock over 300 models (a 900-model recipe ran for minutes, pair by pair): the plan
+    states what it reads, and the merge is the one-model answer (every model the same)."""
+    base, m = _models(tmp_path, 2, shape=(48, 48))
+    refs = [{"model": f"{m}/../{m.name}" + "/." * i} for i in range(300)]
+    recipe = {"merge_method": "model_stock", "base_model": str(base), "models": refs}
+    p = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["plan", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "reads: " in out and "peak tensor memory" in out
+    assert main(["merge", str(p), str(tmp_path / "o"), "--no-progress"]) == 0
+    got, want = load_folder(tmp_path / "o"), load_folder(m)
+    for k in want:  # one model 300 times: cos 1, t 1, the model
+        torch.testing.assert_close(got[k], want[k])
+
+
 # -- 3. silently wrong output -------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ MAX_GRADIENT_POINTS = 4096
 MAX_SEED = 2**32 - 1
 # Merges of 2-16 models are the common case and soups reach 72 (Wortsman et al. 2022); far more
 # is an accident, and each model costs a file descriptor set and a read of every tensor.
-MAX_MODELS = 128
+MAX_MODELS = 1024
 VOCAB_POLICIES = ("error", "common_submatrix", "base")
 
 Scalar = float | int | bool | str
@@ -381,7 +381,7 @@ def parse_recipe(
     if n > MAX_MODELS:
         raise RecipeError(
             f"{name}: names {n} models; at most {MAX_MODELS} (every output tensor reads each "
-            "of them, and pairwise methods such as model_stock cost N² per tensor)"
+            "of them)"
         )
     return recipe
 
