@@ -12,6 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+# Entries per block: the engine feeds a block-wise merge's blocks at multiples of BLOCK, each
+# BLOCK long but the tensor's last; a method whose statistics are sums defines them per BLOCK.
+BLOCK = 1 << 18
+
 # (positions inside the block, or None for all of it) -> the models' and base's values there.
 Load = Callable[[torch.Tensor | None], tuple[list[torch.Tensor], torch.Tensor | None]]
 

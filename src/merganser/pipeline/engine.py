@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from merganser.errors import MerganserError, size_text
-from merganser.methods.blockwise import BlockMerge, Load
+from merganser.methods.blockwise import BLOCK, BlockMerge, Load
 from merganser.methods.registry import WholeModelStats
 from merganser.model.vocab import align_rows
 from merganser.pipeline.plan import Plan, TensorTask
@@ -47,10 +47,9 @@ Sink = Callable[[TensorTask, torch.Tensor, int], None]
 ComputeSlot = AbstractContextManager[Any]
 NO_SLOT: ComputeSlot = contextlib.nullcontext()
 
-# Entries per compute block: a block's float32 working set stays in a core's cache. A constant:
-# sums over blocks (L1 norms of DARE/TIES rescaling) depend on it, and outputs must not depend
-# on settings.
-BLOCK = 1 << 18
+# BLOCK (methods/blockwise.py), entries per compute block: a block's float32 working set stays
+# in a core's cache. A constant: sums over blocks (L1 norms of DARE/TIES rescaling, Model
+# Stock's norms) depend on it, and outputs must not depend on settings.
 # Bytes of result a block-by-block merge hands to the sink at a time: each compute thread
 # holds one piece, so 4 MiB rather than 16 took 24 MB off a 125M SLERP merge's peak RSS (of
 # 600), at the same speed warm and cold.

@@ -23,8 +23,9 @@ from merganser.storage.inputs import read_text
 
 MAX_GRADIENT_POINTS = 4096
 MAX_SEED = 2**32 - 1
-# Merges of 2-16 models are the common case and soups reach 72 (Wortsman et al. 2022); far more
-# is an accident, and each model costs a file descriptor set and a read of every tensor.
+# Merges of 2-16 models are the common case and soups reach 72 (Wortsman et al. 2022); a
+# 900-model Model Stock has been asked for. Far more is an accident: each model costs a file
+# descriptor set and a read of every tensor (`merganser plan` states the total first).
 MAX_MODELS = 1024
 VOCAB_POLICIES = ("error", "common_submatrix", "base")
 
