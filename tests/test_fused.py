@@ -420,3 +420,49 @@ def test_fused_dare_keeps_its_masks_between_passes(tmp_path, monkeypatch, cache,
     for run in runs:
         for k in whole:
             assert torch.equal(run[k].view(torch.int16), whole[k].view(torch.int16)), k
+
+
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["one segment", "segments"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"density": 0.3, "weight": [1.0, 0.5, 1.5]},
+        {"density": 0.2, "rescale": "inverse", "sign_method": "frequency", "lambda": 1.3},
+    ],
+)
+def test_ties_global_scope_merges_block_by_block_as_the_whole_model_trim(
+    tmp_path, params, budget
+) -> None:
+    """``scope: global``: statistic passes over pieces of the tensors give each model's exact
+    whole-model threshold (ties kept), then the merge runs block by block, fused or not, on any
+    number of threads, and equals the whole-tensor function with those thresholds."""
+    from merganser.methods.ties import ties
+
+    base, experts = _family(tmp_path, rows=1500, cols=1031)  # "w": 1.5M entries, two pieces
+    recipe = _recipe("ties", {**params, "scope": "global"}, base, experts)
+    b = {k: v.float() for k, v in load_folder(base).items()}
+    es = [{k: v.float() for k, v in load_folder(e).items()} for e in experts]
+    density = [params["density"]] * 3
+    thresholds = []
+    for i, e in enumerate(es):
+        mags = torch.cat([(e[k] - b[k]).abs().reshape(-1) for k in sorted(b)])
+        k = int(density[i] * mags.numel())
+        thresholds.append(float(mags.sort(descending=True).values[k - 1]))
+    weight = params.get("weight", [1.0] * 3)
+    want = {
+        k: ties([e[k] for e in es], b[k], weight, density, lambda_=params.get("lambda", 1.0),
+                sign_method=params.get("sign_method", "mass"), scope="global",
+                rescale=params.get("rescale", "none"), threshold=thresholds).to(torch.bfloat16)
+        for k in b
+    }  # fmt: skip
+    for fused_on, threads in ((True, 2), (False, 1)):
+        opts = merganser.MergeOptions(fused=fused_on, threads=threads, memory_budget=budget)
+        got = load_folder(merganser.merge(recipe, tmp_path / f"o{fused_on}", opts))
+        for k in want:
+            assert torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)), (k, fused_on)
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        task = next(t for t in plan.tasks if t.name == "w")
+        assert block_merge(plan, task) is not None and block_merge(plan, task).fused()
+    finally:
+        plan.close()

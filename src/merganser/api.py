@@ -248,8 +248,8 @@ def _merge_one(
             print(f"merganser: tokenizer: {note}", file=sys.stderr)
         items = engine.work_items(plan, eopts)  # raises now if a tensor cannot fit the budget
         stats = _whole_model_stats(plan)
-        # The statistics passes read whole tensors; they must fit the budget too.
-        stat_items = engine.work_items(plan, eopts, chunks=False) if stats is not None else None
+        # The statistics passes read whole tensors (or pieces); they must fit the budget too.
+        stat_items = engine.stat_items(plan, eopts, stats) if stats is not None else None
         config = _output_config(plan)
         _check_structure(plan, config, Path(out_dir))
         side = _side_files(plan)

@@ -59,15 +59,24 @@ class GlobalTopK:
     """
 
     passes = 2
+    # Histograms add up over any split of a tensor: the engine may feed pieces of it.
+    chunked = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.hi: list[torch.Tensor] = []
         self.lo: list[torch.Tensor] = []
-        self.k: list[float] = []
+        # per model, entries seen at each density: k = Σ density · entries, summed in one order
+        # (sorted densities) whatever the order the pieces arrive in
+        self.entries: list[dict[float, int]] = []
         self.bin: list[int] = []
         self.rest: list[int] = []
         self.threshold: list[float] = []
+
+    @property
+    def k(self) -> list[int]:
+        """Each model's whole-model count of entries to keep."""
+        return [int(sum(d * n for d, n in sorted(e.items()))) for e in self.entries]
 
     def observe(
         self,
@@ -92,16 +101,17 @@ class GlobalTopK:
             if not target:
                 target.extend(torch.zeros_like(c) for c in counts)
                 if pass_index == 0:
-                    self.k = [0.0] * len(counts)
+                    self.entries = [{} for _ in counts]
             for i, c in enumerate(counts):
                 target[i] += c
                 if pass_index == 0:
-                    self.k[i] += params["density"][i] * tensors[i].numel()
+                    d = float(params["density"][i])
+                    self.entries[i][d] = self.entries[i].get(d, 0) + tensors[i].numel()
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
-            for hist, kf in zip(self.hi, self.k, strict=True):
-                b, rest = _crossing(hist, int(kf))
+            for hist, k in zip(self.hi, self.k, strict=True):
+                b, rest = _crossing(hist, k)
                 self.bin.append(b)
                 self.rest.append(rest)
             return
@@ -243,9 +253,43 @@ class TiesBlocks(BlockMerge):
         )
 
 
+class TiesGlobalBlocks(BlockMerge):
+    """``ties`` with ``scope: global``: the whole-model thresholds come from the statistic
+    passes before the merge, so the trim (|τᵢ| ≥ thresholdᵢ), election and mean are
+    elementwise, block by block, on the fused kernels where they serve."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params  # the thresholds arrive in it after the statistic passes
+        self._settings: fused.Settings | None = None
+
+    def fused(self) -> bool:
+        return fused.supports(len(self.params["density"]), self.params["sign_method"])
+
+    def merge_raw(
+        self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor
+    ) -> bool:
+        if self._settings is None:
+            prm = self.params
+            st = self._settings = fused.Settings(len(tensors))
+            for i, thr in enumerate(prm["threshold"]):
+                if thr == float("inf"):  # k = 0: keep nothing
+                    st.mode[i] = fused.ZERO
+                else:  # the kernels keep |δ| > t: t just below the threshold keeps |δ| ≥ it
+                    below = np.nextafter(np.float32(thr), np.float32(-np.inf))
+                    st.mode[i], st.thr[i], st.short[i] = fused.TRIM, below, 0
+                if prm["rescale"] == "inverse":
+                    st.scale_op[i], st.scale[i] = fused.SCALE_DIV, prm["density"][i]
+            st.set_mix(prm["weight"], prm["sign_method"], prm["normalize"], prm["lambda_"])
+        return fused.merge(self._settings, tensors, base, [None] * len(tensors), out)
+
+    def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
+        return ties(tensors, base, **self.params)
+
+
 def _blocks(params: dict[str, Any], numel: int) -> BlockMerge | None:
     if params.get("scope") == "global":
-        return None  # thresholds are given: the method is elementwise as it stands
+        # rescale: l1 needs each tensor's whole L1 norms: the whole-tensor path
+        return None if params.get("rescale") == "l1" else TiesGlobalBlocks(params)
     return TiesBlocks(params, numel) if numel > 4 * SAMPLE else None
 
 

@@ -580,6 +580,44 @@ def run(
             io.shutdown(wait=True)
 
 
+# Entries of one piece a ``chunked`` statistic observes at a time (at most; whole blocks, fewer
+# where the memory budget is small).
+STAT_PIECE = 1 << 20
+
+
+def stat_items(plan: Plan, options: EngineOptions, stats: WholeModelStats) -> list[WorkItem]:
+    """The pieces a statistic's passes read: whole tensors, or for a ``chunked`` statistic
+    (one whose observations add up over any split of a tensor) pieces of STAT_PIECE entries of
+    every tensor that is read as stored, so its memory does not grow with the tensors."""
+    if not getattr(stats, "chunked", False):
+        return work_items(plan, options, chunks=False)
+    items: list[WorkItem] = []
+    ckpts = plan.checkpoints
+    gpu_cap = options.device_budget if options.device != "cpu" else None
+    for task in plan.tasks:
+        if task.copy_only:
+            continue
+        if task.fill is not None or task.scales is not None or task.vocab:
+            need = bytes_per_element(plan, task) * task.numel  # rows moved or dequantised
+            if need > options.memory_budget:
+                raise MerganserError(
+                    f"tensor {task.name} {list(task.shape)} needs about {size_text(need)} "
+                    f"to read whole, more than --memory-budget {size_text(options.memory_budget)}"
+                )
+            device = "cpu" if gpu_cap is not None and need > gpu_cap else options.device
+            items.append(WorkItem(task, 0, task.numel, need, True, device))
+            continue
+        # each input's stored bytes and float32 copy, and the statistic's own int64 per entry
+        per = sum(itemsize(ckpts[ci].tensors[n].dtype) + 4 for ci, n in task.inputs) + 24
+        step = min(STAT_PIECE, max(BLOCK, options.memory_budget // per // BLOCK * BLOCK))
+        for start in range(0, task.numel, step):
+            count = min(step, task.numel - start)
+            items.append(
+                WorkItem(task, start, count, per * count, count == task.numel, options.device)
+            )
+    return items
+
+
 def gather_stats(
     plan: Plan,
     stats: WholeModelStats,
@@ -588,7 +626,7 @@ def gather_stats(
 ) -> None:
     """Stream every mergeable tensor through ``stats`` once per pass, then attach its results."""
     if items is None:
-        items = work_items(plan, options, chunks=False)
+        items = stat_items(plan, options, stats)
     for p in range(stats.passes):
 
         def observe(item: WorkItem, compute: ComputeSlot, p: int = p) -> None:
