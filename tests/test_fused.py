@@ -466,3 +466,32 @@ def test_ties_global_scope_merges_block_by_block_as_the_whole_model_trim(
         assert block_merge(plan, task) is not None and block_merge(plan, task).fused()
     finally:
         plan.close()
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+def test_other_elected_merges_are_byte_identical_for_any_number_of_models(tmp_path, n) -> None:
+    """breadcrumbs-TIES, DELLA, SCE and TIES with ``scope: global`` for 2 to 16 models: the
+    same bytes fused or not and on one thread or two (their sums have one defined order)."""
+    base, experts = _family(tmp_path, rows=300, cols=1031)
+    more = [
+        write_model(tmp_path / f"x{i}", {k: (v.float() * (1 + 0.01 * i)).to(torch.bfloat16)
+                                         for k, v in load_folder(experts[i % 3]).items()})
+        for i in range(max(0, n - 3))
+    ]  # fmt: skip
+    models = [*experts, *more][:n]
+    cases = [
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
+        ("della", {"density": 0.5, "epsilon": 0.1}),
+        ("sce", {"select_topk": 0.5}),
+        ("ties", {"density": 0.4, "scope": "global"}),
+    ]
+    for method, params in cases:
+        recipe = _recipe(method, params, base, models)
+        runs = [
+            load_folder(merganser.merge(recipe, tmp_path / f"{method}{on}{t}",
+                                        merganser.MergeOptions(fused=on, threads=t)))
+            for on, t in ((True, 2), (False, 1))
+        ]  # fmt: skip
+        for k in runs[0]:
+            a, b = runs[0][k].view(torch.int16), runs[1][k].view(torch.int16)
+            assert torch.equal(a, b), (method, n, k)
