@@ -120,7 +120,7 @@ def test_zipit_keeps_each_head_and_the_rest_of_each_model() -> None:
     # a full zip is a complete ViTModel: save it and load it back with transformers
     assert type(z.trunk).__name__ == "ViTModel" and len(z.trunk.layers) == LAYERS
     part = zip_vit([a, b], [ha, hb], X.split(16), matcher="zipit", stop=1)
-    assert len(part.trunk.layers) == 1
+    assert len(part.trunk.layers) == 1 and part.trunk.config.num_hidden_layers == 1
     # the partial zip's branch 1 is model b's own second block, final norm and head
     assert torch.equal(part.branches[1].layers[0].mlp.fc1.weight, b.layers[1].mlp.fc1.weight)
     assert torch.equal(part.branches[1].head.weight, hb.weight)
@@ -161,6 +161,10 @@ def test_bad_input_is_one_line() -> None:
                     add_pooling_layer=False)  # fmt: skip
     with pytest.raises(MerganserError, match=r"model 1's shape .* differs"):
         zip_vit([a, wide], [head(1), head(2)], [X])
+    from transformers import ViTForImageClassification
+
+    with pytest.raises(MerganserError, match=r"model\.vit and model\.classifier"):
+        zip_vit([a, ViTForImageClassification(a.config)], [head(1), head(2)], [X])
     pooled = ViTModel(a.config, add_pooling_layer=True)
     with pytest.raises(MerganserError, match="pooler"):
         zip_vit([a, pooled], [head(1), head(2)], [X])

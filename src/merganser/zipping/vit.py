@@ -108,10 +108,9 @@ class ZippedViT(nn.Module):
         self.full = full
 
     def trunk_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The trunk's output: the final feature of every token (full) or residual state."""
-        if self.full:
-            return self.trunk(pixel_values=pixel_values).last_hidden_state
-        return _states(self.trunk, pixel_values, len(self.trunk.layers))[-1]
+        """The trunk's output for every token: the final feature (a full zip) or the residual
+        state after the shared blocks (a partial one, whose trunk has no final LayerNorm)."""
+        return self.trunk(pixel_values=pixel_values).last_hidden_state
 
     def forward(self, pixel_values: torch.Tensor, task: int = 0) -> torch.Tensor:
         h = self.trunk_states(pixel_values)
@@ -187,8 +186,10 @@ def zip_vit(
     trunk = copy.deepcopy(nets[0])
     merged = {k: merge_vit_tensor(alignment, k, [s[k] for s in states]) for k in trunk_names}
     trunk.load_state_dict({**trunk.state_dict(), **merged})
-    if not full:
+    if not full:  # the shared blocks only; each branch has its model's final LayerNorm
         trunk.layers = trunk.layers[:stop]
+        trunk.layernorm = nn.Identity()
+        trunk.config.num_hidden_layers = stop
     branches: list[nn.Module] = []
     for m in range(n):
         u = alignment.u("res", m).float()
@@ -286,6 +287,11 @@ def _in_trunk(name: str, stop: int, full: bool) -> bool:
 
 
 def _shape(backbones: Sequence[nn.Module]) -> Shape:
+    if any(hasattr(b, "vit") for b in backbones):
+        raise MerganserError(
+            "zip: give the backbones and heads apart (model.vit and model.classifier of a "
+            "ViTForImageClassification)"
+        )
     configs = [getattr(b, "config", None) for b in backbones]
     if any(c is None or getattr(c, "model_type", None) != "vit" for c in configs):
         raise MerganserError("zip: zip_vit takes transformers ViTModels (config.model_type 'vit')")
