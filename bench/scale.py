@@ -142,7 +142,7 @@ def main() -> int:
     if a.mergekit and MK.exists():
         top = max(counts)
         print(f"\nmergekit 0.1.5 at {top} experts (its own venv, --lazy-unpickle off, CPU)")
-        for method in ("ties", "dare_ties"):
+        for method in [m for m in ("ties", "dare_ties") if (m, top) in rows]:
             cmd = [str(MK), str(recipe(root, method, top)), str(ROOT / "scale-mk"),
                    "--allow-crimes", "--random-seed", "0"]  # fmt: skip
             wall, cpu, rss = run(cmd)
