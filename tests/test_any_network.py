@@ -574,3 +574,21 @@ def test_refit_refuses_what_it_cannot_fit() -> None:
     )  # fmt: skip
     with pytest.raises(MerganserError, match=r"source 0 has no linear layer '.*' of its shape"):
         refit_merged([other], net, [_family_batch("bert", net)])
+
+
+def test_refit_of_a_plain_module() -> None:
+    """refit_merged on an nn.Sequential fed tensors: a copy with its linears moved is refit to
+    the model's function, and the report names every linear in forward order."""
+    from merganser.api import refit_merged
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)
+    ).eval()
+    moved = _perturbed(net, 1, linears_only=True)
+    xs = list(torch.randn(96, 6).split(32))
+    report = refit_merged([net], moved, xs, ridge=1e-10)
+    assert report == {"refit": ["0", "2"], "kept": {}}
+    held = torch.randn(20, 6)
+    with torch.no_grad():
+        assert torch.allclose(moved(held), net(held), atol=1e-5)
