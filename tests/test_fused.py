@@ -207,18 +207,23 @@ def test_ordered_sum_is_torchs_sum_up_to_four_models() -> None:
     assert differs  # torch reorders from five rows: why ordered_sum exists
 
 
-@pytest.mark.parametrize("n", [2, 5, 8, 16])
-def test_elected_merges_are_fused_and_bit_identical_for_any_number_of_models(tmp_path, n) -> None:
-    """TIES and DARE-TIES stay on the fused kernels for 2 to 16 models (they left them from
-    five on) and give the torch path's bits, the defined order of the sums shared by both.
-    """
+def _many_models(tmp_path, n: int):
+    """The base and ``n`` experts: the family's three, then scaled copies of them."""
     base, experts = _family(tmp_path, rows=300, cols=1031)
     more = [
         write_model(tmp_path / f"x{i}", {k: (v.float() * (1 + 0.01 * i)).to(torch.bfloat16)
                                          for k, v in load_folder(experts[i % 3]).items()})
         for i in range(max(0, n - 3))
     ]  # fmt: skip
-    models = [*experts, *more][:n]
+    return base, [*experts, *more][:n]
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+def test_elected_merges_are_fused_and_bit_identical_for_any_number_of_models(tmp_path, n) -> None:
+    """TIES and DARE-TIES stay on the fused kernels for 2 to 16 models (they left them from
+    five on) and give the torch path's bits, the defined order of the sums shared by both.
+    """
+    base, models = _many_models(tmp_path, n)
     for method in ("ties", "dare_ties"):
         params = {"density": 0.5, "weight": [1.0 + 0.1 * i for i in range(n)]}
         recipe = _recipe(method, params, base, models)
@@ -472,13 +477,7 @@ def test_ties_global_scope_merges_block_by_block_as_the_whole_model_trim(
 def test_other_elected_merges_are_byte_identical_for_any_number_of_models(tmp_path, n) -> None:
     """breadcrumbs-TIES, DELLA, SCE and TIES with ``scope: global`` for 2 to 16 models: the
     same bytes fused or not and on one thread or two (their sums have one defined order)."""
-    base, experts = _family(tmp_path, rows=300, cols=1031)
-    more = [
-        write_model(tmp_path / f"x{i}", {k: (v.float() * (1 + 0.01 * i)).to(torch.bfloat16)
-                                         for k, v in load_folder(experts[i % 3]).items()})
-        for i in range(max(0, n - 3))
-    ]  # fmt: skip
-    models = [*experts, *more][:n]
+    base, models = _many_models(tmp_path, n)
     cases = [
         ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
         ("della", {"density": 0.5, "epsilon": 0.1}),
