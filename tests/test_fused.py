@@ -494,3 +494,17 @@ def test_other_elected_merges_are_byte_identical_for_any_number_of_models(tmp_pa
         for k in runs[0]:
             a, b = runs[0][k].view(torch.int16), runs[1][k].view(torch.int16)
             assert torch.equal(a, b), (method, n, k)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_ties_global_scope_reports_a_nan_delta_on_both_paths(tmp_path, on) -> None:
+    """A NaN in an expert reaches the output on the fused path (its trim keeps NaN) and on the
+    torch path (a dropped NaN times 0 is NaN): both stop on it and write nothing."""
+    base, experts = _family(tmp_path)
+    bad = load_folder(experts[0])
+    bad["w"][5, 5] = float("nan")
+    experts[0] = write_model(tmp_path / "bad", bad)
+    recipe = _recipe("ties", {"density": 0.5, "scope": "global"}, base, experts)
+    with pytest.raises(MerganserError, match="NaN or Inf"):
+        merganser.merge(recipe, tmp_path / "o", merganser.MergeOptions(fused=on))
+    assert not (tmp_path / "o").exists()

@@ -272,11 +272,10 @@ class TiesGlobalBlocks(BlockMerge):
             prm = self.params
             st = self._settings = fused.Settings(len(tensors))
             for i, thr in enumerate(prm["threshold"]):
-                if thr == float("inf"):  # k = 0: keep nothing
-                    st.mode[i] = fused.ZERO
-                else:  # the kernels keep |δ| > t: t just below the threshold keeps |δ| ≥ it
-                    below = np.nextafter(np.float32(thr), np.float32(-np.inf))
-                    st.mode[i], st.thr[i], st.short[i] = fused.TRIM, below, 0
+                # The kernels keep |δ| > t: t just below the threshold keeps |δ| ≥ it (k = 0
+                # gives an infinite threshold, which keeps only infinite deltas, as torch does).
+                below = np.nextafter(np.float32(thr), np.float32(-np.inf))
+                st.mode[i], st.thr[i], st.short[i] = fused.TRIM, below, 0
                 if prm["rescale"] == "inverse":
                     st.scale_op[i], st.scale[i] = fused.SCALE_DIV, prm["density"][i]
             st.set_mix(prm["weight"], prm["sign_method"], prm["normalize"], prm["lambda_"])
