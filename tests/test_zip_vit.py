@@ -187,3 +187,13 @@ def test_align_puts_a_permuted_copy_back_in_the_reference_basis(matcher: str) ->
         h.weight.copy_(hc.weight[:, moved.residual_perm])
         h.bias.copy_(hc.bias)
         assert torch.allclose(logits(moved, h), logits(c, hc), atol=1e-4)
+
+
+@pytest.mark.parametrize("stop", [1, LAYERS])
+def test_bfloat16_vits_zip_and_run_in_their_dtype(stop: int) -> None:
+    a, b = vit(1).to(torch.bfloat16), vit(2).to(torch.bfloat16)
+    heads = [head(1).to(torch.bfloat16), head(2, 4).to(torch.bfloat16)]
+    z = zip_vit([a, b], heads, X.split(16), stop=stop, refit=1e-4)
+    with torch.no_grad():
+        out = z(X.to(torch.bfloat16), 1)
+    assert out.dtype == torch.bfloat16 and out.shape == (48, 4) and torch.isfinite(out).all()

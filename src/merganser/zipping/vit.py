@@ -193,14 +193,15 @@ def zip_vit(
     branches: list[nn.Module] = []
     for m in range(n):
         u = alignment.u("res", m).float()
-        if full:
-            head = nn.Linear(u.shape[1], heads[m].out_features)
+        if full:  # in the head's dtype, as the unmerge is in the backbone's
+            head = nn.Linear(u.shape[1], heads[m].out_features, dtype=heads[m].weight.dtype)
             with torch.no_grad():
                 head.weight.copy_(heads[m].weight.detach().double() @ u.double())
                 head.bias.copy_(_bias(heads[m]))
             branches.append(head)
         else:
-            unmerge = nn.Linear(u.shape[1], u.shape[0], bias=False)
+            dtype = next(nets[m].parameters()).dtype
+            unmerge = nn.Linear(u.shape[1], u.shape[0], bias=False, dtype=dtype)
             with torch.no_grad():
                 unmerge.weight.copy_(u)
             rest = nn.ModuleList(copy.deepcopy(list(nets[m].layers[stop:])))
