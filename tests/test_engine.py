@@ -314,6 +314,8 @@ BLOCK_CASES = [
     ("linear", {}),
     ("slerp", {"t": 0.3}),  # one model, far enough from the base to take the spherical path
     ("model_stock", {}),  # two statistic passes of float64 sums, defined per block
+    ("sce", {}),  # one energy pass
+    ("sce", {"select_topk": 0.3}),  # non-zero count, exact top-k of the variances, energies
 ]
 
 

@@ -26,8 +26,13 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     lowest index first, so the result is deterministic. ``k = 0`` keeps nothing (PEFT); the
     official TIES code would keep ``int(d·K)+1``.
     """
+    return top_k_mask(delta, int(density * delta.numel()))
+
+
+def top_k_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_mask`` for a count: the ``k`` entries of largest magnitude, ties lowest index
+    first."""
     n = delta.numel()
-    k = int(density * n)
     if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     if k <= 0:
@@ -172,8 +177,8 @@ class StreamingTopK:
     weights take few distinct values, so a bracket can hold a large share of a tensor.
     """
 
-    def __init__(self, n: int, density: float, l1: bool = False):
-        self.n, self.k, self.l1 = n, int(density * n), l1
+    def __init__(self, n: int, density: float, l1: bool = False, k: int | None = None):
+        self.n, self.k, self.l1 = n, int(density * n) if k is None else k, l1
         self.trivial = self.k >= n or self.k <= 0
         # The sample is drawn when first needed: constructing one is cheap.
         self._pos: torch.Tensor | None = None
