@@ -112,7 +112,7 @@ def merge_matrix(unmerge: torch.Tensor) -> torch.Tensor:
     return (unmerge / unmerge.sum(0, keepdim=True)).T
 
 
-def _unit_unmerge(perms: Sequence[torch.Tensor], unit: int) -> torch.Tensor:
+def unit_unmerge(perms: Sequence[torch.Tensor], unit: int) -> torch.Tensor:
     """Stacked unmerge of unit permutations (model 0 identity), each unit ``unit`` wide."""
     n = perms[0].numel()
     blocks = [torch.eye(n, dtype=torch.float64)] + [
@@ -121,7 +121,7 @@ def _unit_unmerge(perms: Sequence[torch.Tensor], unit: int) -> torch.Tensor:
     return torch.cat([torch.kron(b, torch.eye(unit, dtype=torch.float64)) for b in blocks])
 
 
-def _attention_points(
+def attention_points(
     shape: Shape,
     block: int,
     head_perms: Sequence[torch.Tensor],
@@ -130,20 +130,21 @@ def _attention_points(
     """q/k/v/o unmerges of a block from KV-head permutations (+ within-head v/o unmerge)."""
     hd, g = shape.head_dim, shape.group
     points = {
-        f"q.{block}": _unit_unmerge(head_perms, g * hd),
-        f"k.{block}": _unit_unmerge(head_perms, hd),
-        f"v.{block}": _unit_unmerge(head_perms, hd),
-        f"o.{block}": _unit_unmerge(head_perms, g * hd),
+        f"q.{block}": unit_unmerge(head_perms, g * hd),
+        f"k.{block}": unit_unmerge(head_perms, hd),
+        f"v.{block}": unit_unmerge(head_perms, hd),
+        f"o.{block}": unit_unmerge(head_perms, g * hd),
     }
     if vo is not None:
         points[f"v.{block}"] = points[f"o.{block}"] = vo
     return points
 
 
-def _within_heads(
+def within_heads(
     corr: torch.Tensor, shape: Shape, head_perms: Sequence[torch.Tensor], match: Any
 ) -> torch.Tensor:
-    """v/o unmerge: each merged head's dims matched among its partner heads' dims."""
+    """An unmerge inside heads (v/o; q/k too in a ViT): each merged head's dims matched among
+    its partner heads' dims."""
     hd, h, n = shape.head_dim, shape.heads, len(head_perms) + 1
     d = h * hd
     perms = [torch.arange(h), *head_perms]
@@ -190,10 +191,8 @@ def activation_unmerges(
         head_perms = [solve_lap(sim) for sim in feats.heads[layer]]
         vo = None
         if shape.group == 1:
-            vo = _within_heads(
-                correlation(feats.attn[layer].covariance()), shape, head_perms, match
-            )
-        points.update(_attention_points(shape, layer, head_perms, vo))
+            vo = within_heads(correlation(feats.attn[layer].covariance()), shape, head_perms, match)
+        points.update(attention_points(shape, layer, head_perms, vo))
     return Alignment(points, n_models)
 
 
@@ -201,12 +200,12 @@ def identity_unmerges(shape: Shape, n_models: int) -> Alignment:
     """No matching: feature i of every model is merged feature i (plain averaging; ZipIt's
     ``match_tensors_identity`` baseline)."""
     ident = torch.arange(shape.kv_heads)
-    points = {"res": _unit_unmerge([torch.arange(shape.hidden)] * (n_models - 1), 1)}
+    points = {"res": unit_unmerge([torch.arange(shape.hidden)] * (n_models - 1), 1)}
     for layer in range(shape.layers):
-        points[f"mlp.{layer}"] = _unit_unmerge(
+        points[f"mlp.{layer}"] = unit_unmerge(
             [torch.arange(shape.intermediate)] * (n_models - 1), 1
         )
-        points.update(_attention_points(shape, layer, [ident] * (n_models - 1), None))
+        points.update(attention_points(shape, layer, [ident] * (n_models - 1), None))
     return Alignment(points, n_models)
 
 
@@ -235,10 +234,10 @@ def weight_unmerges(
     """Every point's unmerge from Git Re-Basin weight matching of each model to model 0."""
     spec = perm_spec(shape, list(states[0]))
     found = [weight_matching(spec, states[0], s, max_iter, seed) for s in states[1:]]
-    points = {"res": _unit_unmerge([f["res"] for f in found], 1)}
+    points = {"res": unit_unmerge([f["res"] for f in found], 1)}
     for layer in range(shape.layers):
-        points[f"mlp.{layer}"] = _unit_unmerge([f[f"mlp.{layer}"] for f in found], 1)
-        points.update(_attention_points(shape, layer, [f[f"heads.{layer}"] for f in found], None))
+        points[f"mlp.{layer}"] = unit_unmerge([f[f"mlp.{layer}"] for f in found], 1)
+        points.update(attention_points(shape, layer, [f[f"heads.{layer}"] for f in found], None))
     return Alignment(points, len(states))
 
 

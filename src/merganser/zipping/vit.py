@@ -33,9 +33,9 @@ from merganser.errors import MerganserError
 from merganser.zipping.align import (
     Alignment,
     Shape,
-    _attention_points,
-    _unit_unmerge,
-    _within_heads,
+    attention_points,
+    unit_unmerge,
+    within_heads,
 )
 from merganser.zipping.features import Moments
 from merganser.zipping.matching import (
@@ -328,10 +328,10 @@ def _bias(lin: nn.Linear) -> torch.Tensor:
 def _identity(shape: Shape, n: int) -> Alignment:
     """No matching: feature j of every model is merged feature j (plain averaging)."""
     same = [torch.arange(shape.hidden)] * (n - 1)
-    points = {"res": _unit_unmerge(same, 1)}
+    points = {"res": unit_unmerge(same, 1)}
     for layer in range(shape.layers):
-        points[f"mlp.{layer}"] = _unit_unmerge([torch.arange(shape.intermediate)] * (n - 1), 1)
-        points.update(_attention_points(shape, layer, [torch.arange(shape.heads)] * (n - 1), None))
+        points[f"mlp.{layer}"] = unit_unmerge([torch.arange(shape.intermediate)] * (n - 1), 1)
+        points.update(attention_points(shape, layer, [torch.arange(shape.heads)] * (n - 1), None))
     return Alignment(points, n)
 
 
@@ -363,16 +363,16 @@ def _weight_alignment(
     for s in states[1:]:
         b = {k: t.double() for k, t in s.items()}
         found.append((weight_matching(spec, a, b, seed=seed), b))
-    points = {"res": _unit_unmerge([f["res"] for f, _ in found], 1)}
+    points = {"res": unit_unmerge([f["res"] for f, _ in found], 1)}
     for layer in range(shape.layers):
-        points[f"mlp.{layer}"] = _unit_unmerge([f[f"mlp.{layer}"] for f, _ in found], 1)
+        points[f"mlp.{layer}"] = unit_unmerge([f[f"mlp.{layer}"] for f, _ in found], 1)
         qk, vo = [], []
         for f, b in found:
             heads = f[f"heads.{layer}"]
             q, v = _head_dims(a, b, f["res"], heads, layer, shape.head_dim)
             qk.append(q)
             vo.append(v)
-        qk_u, vo_u = _unit_unmerge(qk, 1), _unit_unmerge(vo, 1)
+        qk_u, vo_u = unit_unmerge(qk, 1), unit_unmerge(vo, 1)
         points.update({f"q.{layer}": qk_u, f"k.{layer}": qk_u, f"v.{layer}": vo_u,
                        f"o.{layer}": vo_u})  # fmt: skip
     return Alignment(points, len(states))
@@ -458,8 +458,8 @@ def _activation_alignment(
     d = h * hd
     for layer in range(shape.layers):
         if layer >= stop:  # not merged: any unmerge does (identity keeps the shapes)
-            points[f"mlp.{layer}"] = _unit_unmerge([torch.arange(shape.intermediate)] * (n - 1), 1)
-            points.update(_attention_points(shape, layer, [torch.arange(h)] * (n - 1), None))
+            points[f"mlp.{layer}"] = unit_unmerge([torch.arange(shape.intermediate)] * (n - 1), 1)
+            points.update(attention_points(shape, layer, [torch.arange(h)] * (n - 1), None))
             continue
         points[f"mlp.{layer}"] = match(correlation(mom["mlp", layer].covariance()))[1]
         cq, ck, co = (correlation(mom[k, layer].covariance()) for k in ("q", "k", "o"))
@@ -471,8 +471,8 @@ def _activation_alignment(
                 for c in (cq, ck, co)
             )
             head_perms.append(solve_lap(cross))
-        qk = _within_heads((cq + ck) / 2, shape, head_perms, match)
-        vo = _within_heads(co, shape, head_perms, match)
+        qk = within_heads((cq + ck) / 2, shape, head_perms, match)
+        vo = within_heads(co, shape, head_perms, match)
         points.update({f"q.{layer}": qk, f"k.{layer}": qk, f"v.{layer}": vo, f"o.{layer}": vo})
     return Alignment(points, n)
 
