@@ -10,11 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 # Entries per block: the engine feeds a block-wise merge's blocks at multiples of BLOCK, each
 # BLOCK long but the tensor's last; a method whose statistics are sums defines them per BLOCK.
 BLOCK = 1 << 18
+
+
+def sum_squares(x: torch.Tensor) -> float:
+    """Σ x² of a float64 vector; on the CPU by numpy's pairwise summation, one order whatever
+    the thread settings (a GPU gives the same sum to float64 rounding). Block statistics that
+    the whole-tensor function must repeat bit for bit use it."""
+    if x.device.type != "cpu":
+        return float(x.square().sum())
+    v = x.numpy()
+    return float(np.add.reduce(v * v))
+
 
 # (positions inside the block, or None for all of it) -> the models' and base's values there.
 Load = Callable[[torch.Tensor | None], tuple[list[torch.Tensor], torch.Tensor | None]]

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from merganser.methods.blockwise import BLOCK, BlockMerge, Load
+from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum_squares
 from merganser.methods.registry import Param, register
 
 # A floor on each offset's norm: the pairwise form's floor of 1e-6 on the product of two norms
 # (mergekit's) is the product of two floors, exactly so where both norms are on one side of it.
 NORM_FLOOR = 1e-3
-
-
-def _sum_sq(x: torch.Tensor) -> float:
-    """Σ x² of a float64 vector; on the CPU by numpy's pairwise summation, one order whatever
-    the thread settings (a GPU gives the same sum to float64 rounding)."""
-    if x.device.type != "cpu":
-        return float(x.square().sum())
-    v = x.numpy()
-    return float(np.add.reduce(v * v))
 
 
 def _chunks(numel: int) -> range:
@@ -118,13 +108,13 @@ class ModelStockBlocks(BlockMerge):
         assert base is not None
         b = base.double()
         if p == 0:
-            sums = [_sum_sq(t.double() - b) for t in tensors]
+            sums = [sum_squares(t.double() - b) for t in tensors]
             self.sq = sums if not self.sq else [x + y for x, y in zip(self.sq, sums, strict=True)]
             return
         total = torch.zeros(count, dtype=torch.float64, device=b.device)
         for t, s in zip(tensors, self.scale, strict=True):
             total += (t.double() - b) / s
-        self.spread += _sum_sq(total)
+        self.spread += sum_squares(total)
 
     def end_pass(self, p: int) -> None:
         if p == 0:

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from merganser.methods.blockwise import BLOCK, BlockMerge, Load
-from merganser.methods.model_stock import _sum_sq
+from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum_squares
 from merganser.methods.registry import Param, register
 from merganser.methods.sparsify import SAMPLE, StreamingTopK, top_k_mask
 from merganser.methods.task_vectors import consensus_mask, ordered_sum
@@ -31,7 +30,8 @@ def _energy(deltas: list[torch.Tensor]) -> list[float]:
     """Each model's Σ δ², in float64 sums per block of BLOCK entries (the block form's)."""
     flat = [d.reshape(-1) for d in deltas]
     return [
-        sum(_sum_sq(f[a : a + BLOCK].double()) for a in range(0, f.numel(), BLOCK)) for f in flat
+        sum(sum_squares(f[a : a + BLOCK].double()) for a in range(0, f.numel(), BLOCK))
+        for f in flat
     ]
 
 
@@ -137,7 +137,7 @@ class SceBlocks(BlockMerge):
             assert self.sel is not None
             self.sel.observe(int(stage[-1]), _variance(deltas))
         else:
-            sums = [_sum_sq(d.reshape(-1).double()) for d in self._selected(deltas)]
+            sums = [sum_squares(d.reshape(-1).double()) for d in self._selected(deltas)]
             self.energy = (
                 sums if not self.energy else [a + b for a, b in zip(self.energy, sums, strict=True)]
             )
