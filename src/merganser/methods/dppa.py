@@ -110,9 +110,6 @@ class DPPAStats:
                     self.sum[i, name] = s
                     self.numel[name] = a.numel()
                     self.layer_of[name] = ell
-                    self.layer_sum[i, ell] = self.layer_sum.get((i, ell), 0.0) + s
-                    if i == 0:
-                        self.layer_n[ell] = self.layer_n.get(ell, 0) + a.numel()
             else:
                 lin_mean = self.sum[i, name] / a.numel()
                 layer_mean = self.layer_sum[i, ell] / self.layer_n[ell]
@@ -130,13 +127,21 @@ class DPPAStats:
                     "dppa: no tensor is a linear weight inside a layer stack (names like "
                     "'model.layers.N.mlp.up_proj.weight'); DPPA prunes by layer and needs them"
                 )
+            # Sums over a layer's tensors in name order: the tensors arrive in the order the
+            # threads finish them, and float sums (so the densities) must not depend on it.
+            for name in sorted(self.numel):
+                ell = self.layer_of[name]
+                self.layer_n[ell] = self.layer_n.get(ell, 0) + self.numel[name]
+                for i in sorted({i for i, _ in self.sum}):
+                    self.layer_sum[i, ell] = self.layer_sum.get((i, ell), 0.0) + self.sum[i, name]
             return
         models = sorted({i for i, _ in self.sum})
         for i in models:
             layer_ratio = {
-                ell: 100 * self.layer_count.get((i, ell), 0) / n for ell, n in self.layer_n.items()
+                ell: 100 * self.layer_count.get((i, ell), 0) / self.layer_n[ell]
+                for ell in sorted(self.layer_n)
             }
-            linear_ratio = {k: 100 * self.count[i, k] / self.numel[k] for k in self.numel}
+            linear_ratio = {k: 100 * self.count[i, k] / self.numel[k] for k in sorted(self.numel)}
             for level in self.levels:
                 dens = dppa_densities(
                     layer_ratio, linear_ratio, self.layer_of, self.numel, level, self.owl_lambda
