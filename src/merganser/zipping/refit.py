@@ -148,15 +148,29 @@ def refit_group(
     for j, lin in enumerate(layers):
         acc = tz[j]
         assert acc is not None
-        prior = _weight(lin).detach().double()
-        if bias[j]:
-            prior = torch.cat([prior, lin.bias.detach().double()[:, None]], 1)
-        w = lstsq_weights(zz[bias[j]], acc, ridge, prior)
-        with torch.no_grad():
-            if bias[j]:
-                lin.bias.copy_(w[:, -1])
-                w = w[:, :-1]
-            lin.weight.copy_(w.T if is_conv1d(lin) else w)
+        _solve_moments(lin, zz[bias[j]], acc, ridge)
+
+
+def _solve_moments(lin: Any, zz: torch.Tensor, tz: torch.Tensor, ridge: float) -> None:
+    """Set a linear layer (its bias too, if it has one) in place from the moments of its
+    inputs z (with a ones column for the bias) and targets, ridge towards its own weights."""
+    bias = lin.bias is not None
+    prior = _weight(lin).detach().double()
+    if bias:
+        prior = torch.cat([prior, lin.bias.detach().double()[:, None]], 1)
+    w = lstsq_weights(zz, tz, ridge, prior)
+    with torch.no_grad():
+        if bias:
+            lin.bias.copy_(w[:, -1])
+            w = w[:, :-1]
+        lin.weight.copy_(w.T if is_conv1d(lin) else w)
+
+
+def fit_linear(lin: Any, z: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
+    """Solve ``lin`` in place so that ``lin(z) ≈ target`` (rows, float64), with the ridge
+    towards its own weights: PLeaS's least squares for one layer whose data fits in memory."""
+    zb = _with_bias(z, lin.bias is not None)
+    _solve_moments(lin, zb.T @ zb, target.T @ zb, ridge)
 
 
 def refit_layers(

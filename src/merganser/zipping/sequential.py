@@ -154,7 +154,6 @@ def zip_sequential(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _refit(
     out: Branched,
     pre: list[list[torch.Tensor]],
@@ -165,27 +164,18 @@ def _refit(
     """Least squares, layer by layer in forward order: each merged layer maps the merged
     network's input to the merge of every model's own pre-activation output (``pre[m][l]``);
     each branch's first layer maps the trunk's output to its model's own (``pre[m][-1]``)."""
-    from merganser.zipping.refit import lstsq_weights
+    from merganser.zipping.refit import fit_linear
 
     z = x.float()
     layer = 0
     for module in out.trunk:
         if isinstance(module, nn.Linear):
             target = torch.cat([p[layer] for p in pre], dim=1) @ merges[layer].T
-            _solve(module, z.double(), target, ridge, lstsq_weights)
+            fit_linear(module, z.double(), target, ridge)
             layer += 1
         z = module(z)
     for m, branch in enumerate(out.branches):
-        _solve(branch[0], z.double(), pre[m][-1], ridge, lstsq_weights)
-
-
-def _solve(lin: nn.Linear, z: torch.Tensor, target: torch.Tensor, ridge: float, solve: Any) -> None:
-    zb = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
-    prior = torch.cat([lin.weight.double(), _bias(lin)[:, None]], dim=1)
-    w = solve(zb.T @ zb, target.T @ zb, ridge, prior)
-    lin.weight.copy_(w[:, :-1].float())
-    if lin.bias is not None:
-        lin.bias.copy_(w[:, -1].float())
+        fit_linear(branch[0], z.double(), pre[m][-1], ridge)
 
 
 def _read_through(w: torch.Tensor, unmerge: torch.Tensor | None) -> torch.Tensor:

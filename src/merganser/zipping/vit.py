@@ -194,10 +194,14 @@ def zip_vit(
     for m in range(n):
         u = alignment.u("res", m).float()
         if full:  # in the head's dtype, as the unmerge is in the backbone's
-            head = nn.Linear(u.shape[1], heads[m].out_features, dtype=heads[m].weight.dtype)
+            own = heads[m]
+            head = nn.Linear(
+                u.shape[1], own.out_features, bias=own.bias is not None, dtype=own.weight.dtype
+            )
             with torch.no_grad():
-                head.weight.copy_(heads[m].weight.detach().double() @ u.double())
-                head.bias.copy_(_bias(heads[m]))
+                head.weight.copy_(own.weight.detach().double() @ u.double())
+                if own.bias is not None:
+                    head.bias.copy_(own.bias)
             branches.append(head)
         else:
             dtype = next(nets[m].parameters()).dtype
@@ -317,12 +321,6 @@ def _states(net: nn.Module, pixel_values: torch.Tensor, upto: int) -> list[torch
         h = _out(layer(h))
         out.append(h)
     return out
-
-
-def _bias(lin: nn.Linear) -> torch.Tensor:
-    if lin.bias is None:
-        return torch.zeros(lin.out_features, dtype=torch.float64)
-    return lin.bias.detach().double()
 
 
 def _identity(shape: Shape, n: int) -> Alignment:
@@ -485,7 +483,7 @@ def _refit(
     """PLeaS's least squares in forward order (:mod:`.refit`): every zipped linear for its
     merged target from the merged trunk's own input; then each model's way out of the trunk
     (its head on a full zip, its unmerge on a partial one) for that model's own output."""
-    from merganser.zipping.refit import lstsq_weights, refit_group
+    from merganser.zipping.refit import fit_linear, refit_group
 
     def forward(net: nn.Module, x: torch.Tensor) -> None:
         _states(net, x, stop)
@@ -505,14 +503,7 @@ def _refit(
             target = torch.cat(
                 [heads[m](net(pixel_values=x).last_hidden_state[:, 0]) for x in data]
             )
-            lin = branch
-            zb = torch.cat([z, torch.ones_like(z[:, :1])], 1)
-            prior = torch.cat([lin.weight.double(), _bias(lin)[:, None]], 1)
-            w = lstsq_weights(zb.T @ zb, target.double().T @ zb, ridge, prior)
-            lin.weight.copy_(w[:, :-1])
-            lin.bias.copy_(w[:, -1])
+            fit_linear(branch, z, target.double(), ridge)
         else:  # the unmerge, for the model's own residual state after the trunk
             target = torch.cat([_states(net, x, stop)[-1] for x in data]).double()
-            target = target.reshape(-1, target.shape[-1])
-            lin = branch.unmerge
-            lin.weight.copy_(lstsq_weights(z.T @ z, target.T @ z, ridge, lin.weight.double()))
+            fit_linear(branch.unmerge, z, target.reshape(-1, target.shape[-1]), ridge)
