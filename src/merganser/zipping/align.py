@@ -19,7 +19,7 @@ re-expressed in model 0's basis, computing exactly the same function.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,12 +241,27 @@ def weight_unmerges(
     return Alignment(points, len(states))
 
 
+def _rows_out(name: str, w: torch.Tensor) -> torch.Tensor:
+    """Embedding rows are tokens; transposed, its point is on axis 0 like every other tensor."""
+    return w.T if name == "model.embed_tokens.weight" else w
+
+
+def _unrows_out(name: str, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return _rows_out(name, w)
+
+
 @dataclass
 class Alignment:
-    """Every point's unmerge for n models, with the merges derived once."""
+    """Every point's unmerge for n models, with the merges derived once. ``roles`` gives a
+    tensor's (output point, input point); ``rows`` lays it out as a matrix whose rows are its
+    output point's features, and ``unrows`` puts such a matrix back in the tensor's shape
+    (Llama's by default: embedding rows are tokens)."""
 
     unmerge: dict[str, torch.Tensor]
     n: int
+    roles: Callable[[str], tuple[str | None, str | None]] = roles
+    rows: Callable[[str, torch.Tensor], torch.Tensor] = _rows_out
+    unrows: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] = _unrows_out
 
     def __post_init__(self) -> None:
         self.merge = {p: merge_matrix(u) for p, u in self.unmerge.items()}
@@ -263,24 +278,20 @@ class Alignment:
 
     def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Σᵢ M_out,ᵢ Wᵢ U_in,ᵢ for one tensor (an average where a side has no point)."""
-        out, inp = roles(name)
-        acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+        out, inp = self.roles(name)
+        shape = tensors[0].shape
+        acc = torch.zeros(shape, dtype=torch.float64)
         for i, t in enumerate(tensors):
-            w = _rows_out(name, t.double())
+            w = self.rows(name, t.double())
             w = w @ self.u(inp, i) if inp else w
             w = self.m(out, i) @ w if out else w / self.n
-            acc += _rows_out(name, w)
+            acc += self.unrows(name, w, shape)
         return acc.to(tensors[0].dtype).contiguous()
 
     def align_tensor(self, name: str, tensor: torch.Tensor, i: int) -> torch.Tensor:
         """Model i's tensor in model 0's basis, Uᵢᵀ W U_in,ᵢ (exact for permutations)."""
-        out, inp = roles(name)
-        w = _rows_out(name, tensor.double())
+        out, inp = self.roles(name)
+        w = self.rows(name, tensor.double())
         w = w @ self.u(inp, i) if inp else w
         w = self.u(out, i).T @ w if out else w
-        return _rows_out(name, w).to(tensor.dtype).contiguous()
-
-
-def _rows_out(name: str, w: torch.Tensor) -> torch.Tensor:
-    """Embedding rows are tokens; transposed, its point is on axis 0 like every other tensor."""
-    return w.T if name == "model.embed_tokens.weight" else w
+        return self.unrows(name, w, tensor.shape).to(tensor.dtype).contiguous()

@@ -184,7 +184,7 @@ def zip_vit(
     full = stop == shape.layers
     trunk_names = [k for k in states[0] if _in_trunk(k, stop, full)]
     trunk = copy.deepcopy(nets[0])
-    merged = {k: merge_vit_tensor(alignment, k, [s[k] for s in states]) for k in trunk_names}
+    merged = {k: alignment.merge_tensor(k, [s[k] for s in states]) for k in trunk_names}
     trunk.load_state_dict({**trunk.state_dict(), **merged})
     if not full:  # the shared blocks only; each branch has its model's final LayerNorm
         trunk.layers = trunk.layers[:stop]
@@ -245,31 +245,14 @@ def align_vit(
         nets = [reference.eval(), other.eval()]
         alignment = _activation_alignment(nets, data, shape, shape.layers, "permute", 0, 0)
     out = copy.deepcopy(other)
-    moved = {}
-    for name, t in states[1].items():
-        o, i = vit_roles(name)
-        w = _point_rows(name, t.double())
-        w = w @ alignment.u(i, 1) if i else w
-        w = alignment.u(o, 1).T @ w if o else w
-        moved[name] = _from_point_rows(name, w, t.shape).to(t.dtype)
-    out.load_state_dict(moved)
+    out.load_state_dict({name: alignment.align_tensor(name, t, 1) for name, t in states[1].items()})
     out.residual_perm = alignment.u("res", 1).argmax(0)  # other's feature behind each of ours
     return out.eval()
 
 
-def merge_vit_tensor(
-    alignment: Alignment, name: str, tensors: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """Σᵢ M_out,ᵢ Wᵢ U_in,ᵢ for one ViT tensor (an average where a side has no point)."""
-    out, inp = vit_roles(name)
-    acc: torch.Tensor | None = None
-    for i, t in enumerate(tensors):
-        w = _point_rows(name, t.double())
-        w = w @ alignment.u(inp, i) if inp else w
-        w = alignment.m(out, i) @ w if out else w / alignment.n
-        acc = w if acc is None else acc + w
-    assert acc is not None
-    return _from_point_rows(name, acc, tensors[0].shape).to(tensors[0].dtype).contiguous()
+def _alignment(points: dict[str, torch.Tensor], n: int) -> Alignment:
+    """An Alignment that reads ViT tensors by their roles and layouts."""
+    return Alignment(points, n, vit_roles, _point_rows, _from_point_rows)
 
 
 def _point_rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -280,6 +263,7 @@ def _point_rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _from_point_rows(name: str, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A matrix of ``_point_rows``'s layout back in the tensor's shape."""
     return w.T.reshape(shape) if name in _LAST_AXIS else w.reshape(shape)
 
 
@@ -330,7 +314,7 @@ def _identity(shape: Shape, n: int) -> Alignment:
     for layer in range(shape.layers):
         points[f"mlp.{layer}"] = unit_unmerge([torch.arange(shape.intermediate)] * (n - 1), 1)
         points.update(attention_points(shape, layer, [torch.arange(shape.heads)] * (n - 1), None))
-    return Alignment(points, n)
+    return _alignment(points, n)
 
 
 def _perm_spec(names: Sequence[str], hd: int) -> dict[str, list[Axis]]:
@@ -373,7 +357,7 @@ def _weight_alignment(
         qk_u, vo_u = unit_unmerge(qk, 1), unit_unmerge(vo, 1)
         points.update({f"q.{layer}": qk_u, f"k.{layer}": qk_u, f"v.{layer}": vo_u,
                        f"o.{layer}": vo_u})  # fmt: skip
-    return Alignment(points, len(states))
+    return _alignment(points, len(states))
 
 
 def _head_dims(
@@ -472,7 +456,7 @@ def _activation_alignment(
         qk = within_heads((cq + ck) / 2, shape, head_perms, match)
         vo = within_heads(co, shape, head_perms, match)
         points.update({f"q.{layer}": qk, f"k.{layer}": qk, f"v.{layer}": vo, f"o.{layer}": vo})
-    return Alignment(points, n)
+    return _alignment(points, n)
 
 
 @torch.no_grad()
