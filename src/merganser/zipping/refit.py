@@ -226,9 +226,9 @@ def refit_merged(
         for name, mod in layers.items():
             if name not in theirs or theirs[name].weight.shape != mod.weight.shape:
                 raise MerganserError(f"refit: source {i} has no linear layer {name!r} of its shape")
-    groups, kept = _forward_groups(merged, data[0], layers)
     if ridge < 0:
         raise MerganserError(f"refit: ridge must be ≥ 0, got {ridge}")
+    groups, kept = _forward_groups(merged, data[0], layers)
     merged.eval()
     for s in sources:
         s.eval()

@@ -405,36 +405,30 @@ def _activation_alignment(
     mom: dict[tuple[str, int], Moments] = {}
     taps = {"q": "attention.q_proj", "k": "attention.k_proj", "o": "attention.o_proj",
             "mlp": "mlp.fc2"}  # fmt: skip
-    for x in data:
-        feats: list[dict[tuple[str, int], torch.Tensor]] = []
-        rows: list[list[torch.Tensor]] = []
-        for net in nets:
-            store: dict[tuple[str, int], torch.Tensor] = {}
-            handles = []
-            for layer in range(stop):
-                block = net.layers[layer]
-                for kind, path in taps.items():
-                    mod = block.get_submodule(path)
-                    if kind in ("q", "k"):  # their outputs
-                        hook = mod.register_forward_hook(
-                            lambda _m, _a, o, key=(kind, layer), st=store: st.__setitem__(key, o)
-                        )
-                    else:  # the inputs of o_proj (heads' outputs) and of fc2 (GELU units)
-                        hook = mod.register_forward_pre_hook(
-                            lambda _m, a, key=(kind, layer), st=store: st.__setitem__(key, a[0])
-                        )
-                    handles.append(hook)
-            try:
-                hs = _states(net, x, stop)
-            finally:
-                for h in handles:
-                    h.remove()
-            rows.append([h.reshape(-1, h.shape[-1]) for h in hs])
-            feats.append({k: v.reshape(-1, v.shape[-1]) for k, v in store.items()})
-        for s in range(stop + 1):  # residual states 0..stop, pooled as the Llama zipper does
-            res.add(torch.cat([r[s] for r in rows], -1))
-        for key in feats[0]:
-            mom.setdefault(key, Moments()).add(torch.cat([f[key] for f in feats], -1))
+    stores: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in nets]
+    handles = []
+    for net, store in zip(nets, stores, strict=True):
+        for layer in range(stop):
+            for kind, path in taps.items():
+                mod = net.layers[layer].get_submodule(path)
+                key = (kind, layer)
+                if kind in ("q", "k"):  # their outputs
+                    handles.append(mod.register_forward_hook(
+                        lambda _m, _a, o, key=key, st=store: st.__setitem__(key, o)))  # fmt: skip
+                else:  # the inputs of o_proj (heads' outputs) and of fc2 (GELU units)
+                    handles.append(mod.register_forward_pre_hook(
+                        lambda _m, a, key=key, st=store: st.__setitem__(key, a[0])))  # fmt: skip
+    try:
+        for x in data:
+            rows = [[h.reshape(-1, h.shape[-1]) for h in _states(net, x, stop)] for net in nets]
+            for s in range(stop + 1):  # residual states 0..stop, pooled as the Llama zipper does
+                res.add(torch.cat([r[s] for r in rows], -1))
+            for key in stores[0]:
+                feats = [st[key].reshape(-1, st[key].shape[-1]) for st in stores]
+                mom.setdefault(key, Moments()).add(torch.cat(feats, -1))
+    finally:
+        for handle in handles:
+            handle.remove()
     points = {"res": match(correlation(res.covariance()))[1]}
     h, hd = shape.heads, shape.head_dim
     d = h * hd
