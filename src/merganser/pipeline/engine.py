@@ -202,12 +202,7 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             items.append(item(0, task.numel, need, True))
             continue
         if one_item:
-            if need > options.memory_budget:
-                raise MerganserError(
-                    f"tensor {task.name} {list(task.shape)} needs about {size_text(need)} "
-                    f"to merge with {plan.method.name!r}, more than --memory-budget "
-                    f"{size_text(options.memory_budget)}"
-                )
+            _within_budget(task, need, f"to merge with {plan.method.name!r}", options)
             items.append(item(0, task.numel, need, True))
             continue
         step = aligned(plan, task, cap // per)
@@ -215,6 +210,15 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
             count = min(step, task.numel - start)
             items.append(item(start, count, per * count, False))
     return items
+
+
+def _within_budget(task: TensorTask, need: int, doing: str, options: EngineOptions) -> None:
+    """One line naming the tensor when it alone needs more than the memory budget."""
+    if need > options.memory_budget:
+        raise MerganserError(
+            f"tensor {task.name} {list(task.shape)} needs about {size_text(need)} {doing}, "
+            f"more than --memory-budget {size_text(options.memory_budget)}"
+        )
 
 
 def held(plan: Plan, task: TensorTask, options: EngineOptions) -> int:
@@ -599,11 +603,7 @@ def stat_items(plan: Plan, options: EngineOptions, stats: WholeModelStats) -> li
             continue
         if task.fill is not None or task.scales is not None or task.vocab:
             need = bytes_per_element(plan, task) * task.numel  # rows moved or dequantised
-            if need > options.memory_budget:
-                raise MerganserError(
-                    f"tensor {task.name} {list(task.shape)} needs about {size_text(need)} "
-                    f"to read whole, more than --memory-budget {size_text(options.memory_budget)}"
-                )
+            _within_budget(task, need, "to read whole", options)
             device = "cpu" if gpu_cap is not None and need > gpu_cap else options.device
             items.append(WorkItem(task, 0, task.numel, need, True, device))
             continue
