@@ -13,6 +13,7 @@ from conftest import load_folder, write_model
 import merganser
 from merganser.errors import MerganserError
 from merganser.methods import dare, fused, sparsify
+from merganser.methods.blockwise import sum64
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
 from merganser.methods.task_vectors import ordered_sum
@@ -381,18 +382,26 @@ def test_pcg64_lanes_draw_numpys_words(seed) -> None:
         assert np.array_equal(draw.words(start, count), want), (start, count)
 
 
-@pytest.mark.parametrize("n", [1, 8, 13, 262_144 + 5])
-def test_dare_magnitudes_pack_the_mask(n) -> None:
-    """The l1 pass's packed mask is the words' comparisons, packed in little bit order."""
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 13, 127, 128, 129, 1000, 4099, 196_608, 262_144, 263_144])
+def test_dare_l1_sums_are_numpys_pairwise_sums_and_pack_the_mask(n) -> None:
+    """The l1 pass's sums are np.add.reduce's of the float64 magnitudes, bit for bit (the
+    torch path's ``sum64``), kept or not; its packed mask is the words' comparisons, packed
+    in little bit order."""
     g = torch.Generator().manual_seed(n)
-    x, base = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(2))
+    # Magnitudes over many binades: a sum in any other order rounds differently.
+    x = (torch.randn(n, generator=g) * torch.randn(n, generator=g).mul(6).exp()).bfloat16()
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
     limit = BlockBernoulli.limit(0.3)
     words = BlockBernoulli(5).words(16, n)
-    mag, kept = np.empty(n, np.float32), np.empty(n, np.float32)
     packed = np.full((n + 7) // 8, 0xA5, np.uint8)  # every bit must be written
-    fused.magnitudes(x, base, words, limit, mag, kept, packed)
+    before, after = fused.l1_sums(x, base, words, limit, packed)
+    mag = (x.float() - base.float()).abs()
+    kept = mag * torch.from_numpy(words < np.uint32(limit))
+    assert before == np.add.reduce(mag.double().numpy()) == sum64(mag)
+    assert after == np.add.reduce(kept.double().numpy()) == sum64(kept)
     assert np.array_equal(packed, np.packbits(words < np.uint32(limit), bitorder="little"))
-    assert np.array_equal(kept, mag * (words < np.uint32(limit)))
+    if n >= 1000:  # and the order matters: a sequential sum differs
+        assert before != float(np.cumsum(mag.double().numpy())[-1])
 
 
 @pytest.mark.parametrize("cache", [0, 150_000], ids=["none kept", "first block kept"])

@@ -28,6 +28,23 @@ def sum_squares(x: torch.Tensor) -> float:
     return float(np.add.reduce(v * v))
 
 
+def sum64(x: torch.Tensor) -> float:
+    """Σ x in float64; on the CPU by numpy's pairwise summation (the fused kernels repeat its
+    order), one order whatever the thread settings; a GPU gives the same sum to float64
+    rounding. A block statistic that the whole-tensor function must repeat bit for bit."""
+    x = x.reshape(-1).double()
+    return float(np.add.reduce(x.numpy())) if x.device.type == "cpu" else float(x.sum())
+
+
+def sum_blocks(x: torch.Tensor) -> float:
+    """Σ x as a block-by-block merge gathers it: ``sum64`` of each BLOCK, added in order."""
+    x = x.reshape(-1)
+    total = 0.0
+    for a in range(0, x.numel(), BLOCK):
+        total += sum64(x[a : a + BLOCK])
+    return total
+
+
 # (positions inside the block, or None for all of it) -> the models' and base's values there.
 Load = Callable[[torch.Tensor | None], tuple[list[torch.Tensor], torch.Tensor | None]]
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from merganser.methods import fused
-from merganser.methods.blockwise import BlockMerge, Load
+from merganser.methods.blockwise import BlockMerge, Load, sum64
 from merganser.methods.params import DENSITY, LAMBDA, WEIGHT, normalize, rescale
 from merganser.methods.registry import register
 from merganser.methods.sparsify import BlockBernoulli, l1_scale, mask_, rescale_kept
@@ -52,7 +52,6 @@ class DareBlocks(BlockMerge):
         self.draw = [BlockBernoulli(model_seed(params["seed"], i)) for i in range(n)]
         self.before, self.after = [0.0] * n, [0.0] * n
         self.dropping = [0 < k < 1 for k in params["density"]]
-        self._mag = self._kept = torch.empty(0)
         self._settings: fused.Settings | None = None
         # The fused l1 pass keeps each model's mask for the merge, packed, within MASK_CACHE
         # bytes: entries [0, covered) are drawn once, any others again in the merge.
@@ -69,23 +68,20 @@ class DareBlocks(BlockMerge):
         for i, t in enumerate(tensors):
             if self.dropping[i]:
                 mag = (t - base).abs_()
-                self.before[i] += float(mag.sum(dtype=torch.float64))
+                self.before[i] += sum64(mag)
                 mask_(mag, self.draw[i](start, count, self.params["density"][i]))
-                self.after[i] += float(mag.sum(dtype=torch.float64))
+                self.after[i] += sum64(mag)
 
     def fused(self) -> bool:
         return fused.supports(len(self.draw), self.consensus)
 
     def observe_raw(self, p: int, start: int, tensors: list[torch.Tensor], base: Any) -> None:
         n = base.numel()
-        if self._mag.numel() < n:
-            self._mag, self._kept = torch.empty(n), torch.empty(n)
-        mag, kept = self._mag[:n], self._kept[:n]
         for i, t in enumerate(tensors):
             if self.dropping[i]:
                 limit = BlockBernoulli.limit(self.params["density"][i])
                 if limit is None:  # a keep probability within 2⁻²⁴ of 1 keeps every entry
-                    whole = float((t.float() - base.float()).abs_().sum(dtype=torch.float64))
+                    whole = sum64((t.float() - base.float()).abs_())
                     self.before[i] += whole
                     self.after[i] += whole
                     continue
@@ -95,10 +91,9 @@ class DareBlocks(BlockMerge):
                         self._packed[i] = np.empty((self._covered + 7) // 8, np.uint8)
                     packed = self._packed[i][start // 8 : (start + n + 7) // 8]
                 draws = self.draw[i].words(start, n)
-                fused.magnitudes(t, base, draws, limit, mag.numpy(), kept.numpy(), packed)
-                # The float64 sums stay torch's: the l1 factor must match the torch path's.
-                self.before[i] += float(mag.sum(dtype=torch.float64))
-                self.after[i] += float(kept.sum(dtype=torch.float64))
+                before, after = fused.l1_sums(t, base, draws, limit, packed)
+                self.before[i] += before
+                self.after[i] += after
 
     def merge_raw(
         self, start: int, tensors: list[torch.Tensor], base: Any, out: torch.Tensor

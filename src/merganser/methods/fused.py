@@ -98,21 +98,21 @@ def sample(xs: list[torch.Tensor], base: torch.Tensor, idx: torch.Tensor) -> tor
     return torch.from_numpy(out)
 
 
-def magnitudes(
+def l1_sums(
     x: torch.Tensor,
     base: torch.Tensor,
     words: np.ndarray,
     limit: int,
-    mag: np.ndarray,
-    kept: np.ndarray,
     packed: np.ndarray | None = None,
-) -> None:
-    """|x − base| into ``mag`` and the same with DARE's dropped entries zeroed into ``kept``
-    (entry j is kept where ``words[j] < limit``, BlockBernoulli); with ``packed``, also the
-    mask a bit per entry (little bit order, as ``np.packbits(..., bitorder="little")``).
+) -> tuple[float, float]:
+    """(Σ|x − base|, the same over DARE's kept entries) of one block in float64, each summed
+    as ``blockwise.sum64`` sums (entry j is kept where ``words[j] < limit``, BlockBernoulli);
+    with ``packed``, also writes the mask a bit per entry (little bit order, as
+    ``np.packbits(..., bitorder="little")``).
     """
     packed = np.zeros(0, np.uint8) if packed is None else packed
-    kernels().magnitudes(bits(x), bits(base), words, np.uint32(limit), mag, kept, packed)
+    before, after = kernels().l1_sums(bits(x), bits(base), words, np.uint32(limit), packed)
+    return float(before), float(after)
 
 
 class Settings:
