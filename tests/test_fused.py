@@ -382,7 +382,9 @@ def test_pcg64_lanes_draw_numpys_words(seed) -> None:
         assert np.array_equal(draw.words(start, count), want), (start, count)
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 13, 127, 128, 129, 1000, 4099, 196_608, 262_144, 263_144])
+@pytest.mark.parametrize(
+    "n", [0, 1, 7, 8, 13, 127, 128, 129, 1000, 4099, 196_608, 262_144, 263_144]
+)
 def test_dare_l1_sums_are_numpys_pairwise_sums_and_pack_the_mask(n) -> None:
     """The l1 pass's sums are np.add.reduce's of the float64 magnitudes, bit for bit (the
     torch path's ``sum64``), kept or not; its packed mask is the words' comparisons, packed
