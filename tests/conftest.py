@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from safetensors.torch import load_file, save_file
 # Tests never touch the network: huggingface_hub and transformers read this at import, and
 # merganser's hub ids then resolve from the cache alone (subprocesses inherit it).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The measured default thread count (pipeline/threads.py) is kept here, not in the user's cache.
+os.environ["MERGANSER_CACHE"] = tempfile.mkdtemp(prefix="merganser-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 

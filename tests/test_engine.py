@@ -50,11 +50,13 @@ def test_output_bytes_do_not_depend_on_threads_budget_or_chunking(tmp_path) -> N
     assert all(d == first for d in digests.values()), digests
 
 
-def test_default_threads_are_capped_on_cpu_but_not_for_a_gpu(monkeypatch) -> None:
+def test_default_threads_are_measured_on_cpu_and_the_cores_for_a_gpu(monkeypatch) -> None:
     from merganser import api
+    from merganser.pipeline import threads
 
     monkeypatch.setattr(api.os, "cpu_count", lambda: 16)
-    assert merganser.MergeOptions().engine_options().threads == api.CPU_THREADS_CAP < 16
+    monkeypatch.setattr(threads, "measured_threads", lambda cores: min(cores, 5))
+    assert merganser.MergeOptions().engine_options().threads == 5
     assert merganser.MergeOptions(device="cuda").engine_options().threads == 16
     assert merganser.MergeOptions(threads=9).engine_options().threads == 9
     monkeypatch.setattr(api.os, "cpu_count", lambda: 2)

@@ -26,7 +26,6 @@ from merganser.pipeline.device import check_device
 from merganser.pipeline.moe import base_recipe, build_moe
 from merganser.pipeline.moe import load_config as load_moe_config
 from merganser.pipeline.options import (
-    CPU_THREADS_CAP,
     MergeOptions,
     default_memory_budget,
     default_threads,
@@ -55,7 +54,6 @@ from merganser.zipping.vit import align_vit, zip_vit
 # merge_tensors (tensors.py), TOKENIZER_FILES (hf.py), MergeOptions (options.py, torch-free
 # for the CLI) and the data-aware procedures on any module live below the façade; re-exported.
 __all__ = [
-    "CPU_THREADS_CAP",
     "TOKENIZER_FILES",
     "AdaMergingConfig",
     "CalibrationOptions",

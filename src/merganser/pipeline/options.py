@@ -15,18 +15,17 @@ if TYPE_CHECKING:
     from merganser.pipeline.engine import EngineOptions
 
 
-# More worker threads than this slowed warm CPU merges on a 16-core machine: 1B linear took 3.1 s
-# with 2 threads (that machine's read-plus-write floor) and 4.9 s with 16, TIES 4.2-4.8 s with 4
-# and 5.2-5.6 s with 16 (docs/performance.md). Each thread also holds its own buffers: peak RSS
-# 1.1 GB with 4 threads, 2.7-3.0 GB with 16. GPU merges kept gaining up to one thread per core
-# (TIES 5.7 s with 4, 4.6-4.9 s with 16), so they keep that.
-CPU_THREADS_CAP = 4
-
-
 def default_threads(device: str) -> int:
-    """Worker threads when none are asked for: the cores, at most ``CPU_THREADS_CAP`` on a CPU."""
+    """Worker threads when none are asked for: on a CPU, the count measured on this machine
+    (pipeline/threads.py: past the memory system's saturation, more threads only add
+    buffers); for a GPU merge, one per core, which kept gaining there (docs/performance.md).
+    """
     cores = os.cpu_count() or 1
-    return cores if device != "cpu" else min(cores, CPU_THREADS_CAP)
+    if device != "cpu":
+        return cores
+    from merganser.pipeline.threads import measured_threads
+
+    return measured_threads(cores)
 
 
 def default_memory_budget() -> int:
@@ -58,7 +57,8 @@ class MergeOptions:
     threads: int | None = field(
         default=None,
         metadata=flag(
-            "worker threads (default: the cores, at most 4 when --device is cpu)", "positive"
+            "worker threads (default: measured once per machine on cpu, the cores for a gpu)",
+            "positive",
         ),
     )
     torch_threads: int = field(
