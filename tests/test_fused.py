@@ -519,3 +519,22 @@ def test_ties_global_scope_reports_a_nan_delta_on_both_paths(tmp_path, on) -> No
     with pytest.raises(MerganserError, match="NaN or Inf"):
         merganser.merge(recipe, tmp_path / "o", merganser.MergeOptions(fused=on))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (64, 2048), (2, 70_001)])
+def test_row_ranks_are_the_inverse_of_a_stable_argsort(shape) -> None:
+    """DELLA's ranks from the radix kernel are torch's stable argsort's, ties in index order,
+    NaN last: the torch path (a GPU, no numba) ranks alike."""
+    g = torch.Generator().manual_seed(shape[1])
+    # bf16 differences: many equal magnitudes in a row, as in real task vectors.
+    mag = (torch.randn(shape, generator=g).bfloat16().float() * 0.01).bfloat16().float()
+    mag = (mag - torch.randn(shape, generator=g).bfloat16().float() * 0.01).abs()
+    if shape == (7, 5):
+        mag[0] = 0.5  # a row of ties
+        mag[1, 1], mag[1, 3], mag[2, 0] = float("nan"), float("inf"), 0.0
+    order = mag.argsort(dim=1, stable=True)
+    want = torch.empty_like(mag)
+    want.scatter_(1, order, torch.arange(shape[1], dtype=torch.float32).expand_as(mag))
+    assert torch.equal(fused.row_ranks(mag), want)
+    if shape[1] > 1000:  # and the ties are real: an unstable order would differ
+        assert mag.unique().numel() < mag.numel() // 2

@@ -115,6 +115,16 @@ def l1_sums(
     return float(before), float(after)
 
 
+def row_ranks(mag: torch.Tensor) -> torch.Tensor:
+    """Each entry's position (float32) in a stable ascending sort of its row of the
+    non-negative float32 ``mag`` (rows, cols): ``argsort(stable=True)``'s inverse, with equal
+    values ranked in index order, NaN last.
+    """
+    out = torch.empty(mag.shape, dtype=torch.float32)
+    kernels().row_ranks(mag.contiguous().numpy().view(np.uint32), out.numpy())
+    return out
+
+
 class Settings:
     """The per-model and merge settings of one fused merge; see ``merge``."""
 
