@@ -371,10 +371,12 @@ def test_radix_kth_largest_matches_kthvalue(values) -> None:
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 def test_pcg64_lanes_draw_numpys_words(seed) -> None:
-    """BlockBernoulli's four-lane generator gives numpy's PCG64 stream, from any position."""
+    """BlockBernoulli's vector-lane generator gives numpy's PCG64 stream, from any position
+    and for any count (whole steps of PCG_LANES words and a tail)."""
     assert fused.available()
     draw = BlockBernoulli(seed)
-    for start, count in [(0, 0), (0, 1), (1, 1), (0, 7), (3, 8), (5, 9), (12_345, 100_003)]:
+    counts = [(0, 0), (0, 1), (1, 1), (0, 7), (3, 8), (5, 9), (0, 32), (2, 33), (1, 67)]
+    for start, count in [*counts, (12_345, 100_003)]:
         ref = np.random.PCG64(seed)
         ref.advance(start // 2)
         raw = ref.random_raw((start % 2 + count + 1) // 2)

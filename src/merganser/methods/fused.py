@@ -230,24 +230,24 @@ def _jump(m: int, inc: int) -> tuple[int, int]:
 
 
 class PCG64Words:
-    """numpy's ``PCG64.random_raw`` for one stream increment, drawn four lanes at a time (the
-    same words: tests/test_fused.py compares them).
+    """numpy's ``PCG64.random_raw`` for one stream increment, drawn PCG_LANES lanes at a time
+    in vector registers (the same words: tests/test_fused.py compares them).
     """
 
     def __init__(self, inc: int):
         self._step = _jump(1, inc)
-        a, c = _jump(4, inc)
-        self._four = tuple(np.uint64(v) for v in (a >> 64, a & _U64, c >> 64, c & _U64))
+        a, c = _jump(kernels().PCG_LANES, inc)
+        self._lanes = tuple(np.uint64(v) for v in (a >> 64, a & _U64, c >> 64, c & _U64))
 
     def __call__(self, state: int, count: int) -> np.ndarray:
         """The next ``count`` raw 64-bit outputs of a generator in ``state``."""
         a, c = self._step
         lanes = []
-        for _ in range(4):
+        for _ in range(kernels().PCG_LANES):
             state = (a * state + c) & _U128  # numpy steps, then outputs the new state
             lanes.append(state)
         hs = np.array([s >> 64 for s in lanes], np.uint64)
         ls = np.array([s & _U64 for s in lanes], np.uint64)
         out = np.empty(count, np.uint64)
-        kernels().pcg64(hs, ls, *self._four, out)
+        kernels().pcg64(hs, ls, *self._lanes, out)
         return out
