@@ -607,3 +607,45 @@ def pcg64(hs, ls, ah, al, ch, cl, out):  # type: ignore[no-untyped-def]
         _pcg_step(h, lo, ah, al, ch, cl, out, i)
     for r in range(n - whole):
         out[whole + r] = _xsl_rr(h[r], lo[r])
+
+
+@njit(nogil=True, cache=True)
+def row_ranks(keys, out):  # type: ignore[no-untyped-def]
+    """Each entry's position in a stable ascending sort of its row: ``keys`` are the float32
+    bits of non-negative magnitudes (their order as integers is their order as floats, NaN
+    last), sorted by a least-significant-digit radix sort, 8 bits a pass, which keeps equal
+    keys in index order; a pass whose digit is the same for the whole row is skipped.
+    """
+    rows, cols = keys.shape
+    ka, kb = np.empty(cols, np.uint32), np.empty(cols, np.uint32)
+    ia, ib = np.empty(cols, np.int64), np.empty(cols, np.int64)
+    counts = np.empty((4, 256), np.int64)
+    for r in range(rows):
+        counts[:] = 0
+        for j in range(cols):
+            k = keys[r, j]
+            ka[j] = k
+            ia[j] = j
+            for d in range(4):
+                counts[d, (k >> np.uint32(8 * d)) & np.uint32(255)] += 1
+        for d in range(4):
+            digit = counts[d]
+            if digit.max() == cols:  # one value of this digit: the pass would not move a key
+                continue
+            at = 0
+            for b in range(256):
+                c = digit[b]
+                digit[b] = at
+                at += c
+            shift = np.uint32(8 * d)
+            for j in range(cols):
+                k = ka[j]
+                b = (k >> shift) & np.uint32(255)
+                p = digit[b]
+                digit[b] = p + 1
+                kb[p] = k
+                ib[p] = ia[j]
+            ka, kb = kb, ka
+            ia, ib = ib, ia
+        for p in range(cols):
+            out[r, ia[p]] = np.float32(p)
