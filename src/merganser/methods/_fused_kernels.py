@@ -218,7 +218,61 @@ def kth_largest(values, rank):  # type: ignore[no-untyped-def]
 PAIRWISE = 128
 
 
-FILL = 2048  # entries converted at a time ahead of the sums: 16 leaves
+@intrinsic
+def _l1_full_leaf(typingctx, x, base, words, limit, lo, packed, pack):  # type: ignore[no-untyped-def]
+    """``_pairwise_leaf`` of the magnitudes |x − base| and of their kept part over the
+    PAIRWISE entries from ``lo``, in vector registers: numpy's 8 lanes are one vector of 8
+    float64 sums per statistic, each lane adding its entries in order, as numpy's do. With
+    ``pack``, also the keep bits, a byte per 8 entries (lane k is bit k) from packed[lo / 8].
+    """
+    sig = types.UniTuple(types.float64, 2)(x, base, words, limit, lo, packed, pack)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        xa, ba, wa, limit, lo, pa, pack = args
+        xt, bt, wt, _, _, pt, _ = sig.args
+        pdata = context.make_array(pt)(context, builder, pa).data
+        i16v, i32v = ir.VectorType(ir.IntType(16), 8), ir.VectorType(ir.IntType(32), 8)
+        f32v, f64v = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.DoubleType(), 8)
+
+        def load(aryty, ary, vt, at, align):  # type: ignore[no-untyped-def]
+            data = context.make_array(aryty)(context, builder, ary).data
+            return builder.load(
+                builder.bitcast(builder.gep(data, [at]), vt.as_pointer()), align=align
+            )
+
+        def widen(v):  # type: ignore[no-untyped-def]  # bfloat16 bits -> float32
+            return builder.bitcast(
+                builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * 8)), f32v
+            )
+
+        fabs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32v, [f32v]), "llvm.fabs.v8f32"
+        )
+        vlimit = ir.Constant(i32v, ir.Undefined)
+        for k in range(8):
+            vlimit = builder.insert_element(vlimit, limit, ir.Constant(ir.IntType(32), k))
+        one, zero = ir.Constant(f32v, [1.0] * 8), ir.Constant(f32v, [0.0] * 8)
+        acc_m = acc_k = ir.Constant(f64v, [0.0] * 8)  # +0 + v is v: numpy's first row
+        for step in range(PAIRWISE // 8):
+            at = builder.add(lo, ir.Constant(lo.type, 8 * step))
+            a = builder.call(fabs, [builder.fsub(widen(load(xt, xa, i16v, at, 2)),
+                                                 widen(load(bt, ba, i16v, at, 2)))])  # fmt: skip
+            keep = builder.icmp_unsigned("<", load(wt, wa, i32v, at, 4), vlimit)
+            kept = builder.fmul(a, builder.select(keep, one, zero))  # mask_'s d x keep
+            with builder.if_then(pack):
+                byte = builder.lshr(at, ir.Constant(at.type, 3))
+                builder.store(builder.bitcast(keep, ir.IntType(8)), builder.gep(pdata, [byte]))
+            acc_m = builder.fadd(acc_m, builder.fpext(a, f64v))
+            acc_k = builder.fadd(acc_k, builder.fpext(kept, f64v))
+
+        def total(v):  # type: ignore[no-untyped-def]  # ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))
+            r = [builder.extract_element(v, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+            pairs = [builder.fadd(r[k], r[k + 1]) for k in range(0, 8, 2)]
+            return builder.fadd(builder.fadd(pairs[0], pairs[1]), builder.fadd(pairs[2], pairs[3]))
+
+        return context.make_tuple(builder, sig.return_type, [total(acc_m), total(acc_k)])
+
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -227,8 +281,11 @@ def l1_sums(x, base, words, limit, packed):  # type: ignore[no-untyped-def]
     numpy's pairwise order; with ``packed``, the keep bits a bit per entry.
     """
     size = base.size
-    mag = np.empty(FILL)
-    kept = np.empty(FILL)
+    mag = np.empty(PAIRWISE)
+    kept = np.empty(PAIRWISE)
+    # A block of 2^k full leaves (every BLOCK) is one tree of full leaves, which pack as
+    # they sum; any other size packs in a loop of its own.
+    pack = packed.size > 0 and size >= PAIRWISE and _full_leaves(size)
     leaves = np.empty((max(size // PAIRWISE, 1), 2))
     # The recursion, unrolled: a stack of ranges to sum (n < 0 marks "add the last two").
     los = np.empty(192, np.int64)
@@ -242,8 +299,8 @@ def l1_sums(x, base, words, limit, packed):  # type: ignore[no-untyped-def]
             done -= 1
             sums[done - 1, 0] = sums[done - 1, 0] + sums[done, 0]
             sums[done - 1, 1] = sums[done - 1, 1] + sums[done, 1]
-        elif n <= PAIRWISE or (n % PAIRWISE == 0 and (n // PAIRWISE) & (n // PAIRWISE - 1) == 0):
-            s, k = _l1_tree(x, base, words, limit, lo, n, mag, kept, leaves)
+        elif n <= PAIRWISE or _full_leaves(n):
+            s, k = _l1_tree(x, base, words, limit, lo, n, mag, kept, leaves, packed, pack)
             sums[done, 0], sums[done, 1] = s, k
             done += 1
         else:
@@ -253,29 +310,32 @@ def l1_sums(x, base, words, limit, packed):  # type: ignore[no-untyped-def]
             los[top + 1], ns[top + 1] = lo + half, n - half
             los[top + 2], ns[top + 2] = lo, half
             top += 3
-    whole = size >> 3 if packed.size else 0
+    whole = size >> 3 if packed.size and not pack else 0
     for q in range(whole):
         packed[q] = _kept_bits(words, 8 * q, 8, limit)
-    if packed.size > whole:
+    if packed.size > whole and not pack:
         packed[whole] = _kept_bits(words, 8 * whole, size - 8 * whole, limit)
     return (sums[0, 0], sums[0, 1]) if size else (0.0, 0.0)
 
 
 @njit(inline="always")
-def _l1_tree(x, base, words, limit, lo, n, mag, kept, leaves):  # type: ignore[no-untyped-def]
+def _full_leaves(n):  # type: ignore[no-untyped-def]
+    """Whether n is 2^k full leaves: numpy's recursion then halves it evenly down to them."""
+    m = n // PAIRWISE
+    return n % PAIRWISE == 0 and m & (m - 1) == 0
+
+
+@njit(inline="always")
+def _l1_tree(x, base, words, limit, lo, n, mag, kept, leaves, packed, pack):  # type: ignore[no-untyped-def]
     """The pairwise sums of entries [lo, lo + n) where n is a leaf, or 2^k full leaves: the
     recursion then halves evenly, so the leaves' sums are added pairwise, level by level.
     """
-    if n <= PAIRWISE:
+    if n < PAIRWISE:
         _l1_leaf(x[lo : lo + n], base[lo : lo + n], words[lo : lo + n], limit, mag, kept)
         return _pairwise_leaf(mag, n), _pairwise_leaf(kept, n)
-    for a in range(lo, lo + n, FILL):
-        b = min(a + FILL, lo + n)
-        _l1_leaf(x[a:b], base[a:b], words[a:b], limit, mag, kept)
-        for j in range(0, b - a, PAIRWISE):
-            leaf = (a - lo + j) // PAIRWISE
-            leaves[leaf, 0] = _pairwise_leaf(mag[j:], PAIRWISE)
-            leaves[leaf, 1] = _pairwise_leaf(kept[j:], PAIRWISE)
+    for leaf in range(n // PAIRWISE):
+        at = lo + PAIRWISE * leaf
+        leaves[leaf, 0], leaves[leaf, 1] = _l1_full_leaf(x, base, words, limit, at, packed, pack)
     width = n // PAIRWISE
     while width > 1:
         width //= 2
