@@ -47,11 +47,10 @@ def test_the_measured_count_is_kept_per_machine(tmp_path, monkeypatch) -> None:
     assert threads.measured_threads(16, measure) == 4
     assert calls == [1, 2, 4, 8, 16]
     kept = json.loads((tmp_path / "cache" / "threads.json").read_text())
-    assert kept[threads.machine()]["threads"] == 4
+    assert kept[threads.machine(16)]["threads"] == 4
     assert threads.measured_threads(16, measure) == 4  # read back, not measured again
     assert calls == [1, 2, 4, 8, 16]
     # Another core count is another machine: measured and kept beside the first.
-    monkeypatch.setattr(threads.os, "cpu_count", lambda: 3)
     assert threads.measured_threads(3, measure) == 3
     assert calls[5:] == [1, 2, 3]
     assert len(json.loads((tmp_path / "cache" / "threads.json").read_text())) == 2
@@ -60,11 +59,11 @@ def test_the_measured_count_is_kept_per_machine(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"KEY": {"threads": 0}}'])
 def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, content) -> None:
     monkeypatch.setenv("MERGANSER_CACHE", str(tmp_path))
-    (tmp_path / "threads.json").write_text(content.replace("KEY", threads.machine()))
+    (tmp_path / "threads.json").write_text(content.replace("KEY", threads.machine(8)))
     measure, calls = _saturating(2)
     assert threads.measured_threads(8, measure) == 2
     assert calls == [1, 2, 4, 8]
-    assert json.loads((tmp_path / "threads.json").read_text())[threads.machine()]["threads"] == 2
+    assert json.loads((tmp_path / "threads.json").read_text())[threads.machine(8)]["threads"] == 2
 
 
 def test_an_unwritable_cache_still_gives_a_count(tmp_path, monkeypatch) -> None:
@@ -81,3 +80,14 @@ def test_the_probe_measures_a_positive_rate(monkeypatch) -> None:
     monkeypatch.setattr(threads, "ROUNDS", 2)  # short: only that it runs is tested here
     rates = [threads.probe(t) for t in (1, 2)]
     assert all(math.isfinite(r) and r > 0 for r in rates)
+
+
+def test_without_a_writable_cache_the_probe_runs_once_per_process(tmp_path, monkeypatch) -> None:
+    """A search that merges hundreds of times must not probe before every merge."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MERGANSER_CACHE", str(tmp_path / "file" / "below"))
+    monkeypatch.setattr(threads, "_MEASURED", {})
+    measure, calls = _saturating(2)
+    monkeypatch.setattr(threads, "probe", measure)
+    assert [threads.measured_threads(4) for _ in range(3)] == [2, 2, 2]
+    assert calls == [1, 2, 4]

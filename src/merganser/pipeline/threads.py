@@ -28,6 +28,7 @@ MODELS = 4  # inputs per probe merge, besides the base
 ENTRIES = 1 << 20  # per input: 2 MiB of bfloat16, a block of 10 MiB
 ROUNDS = 16  # blocks each thread copies and merges per timing (fewer made the probe noisy)
 REPEATS = 3  # timings per thread count; the fastest counts
+_MEASURED: dict[str, int] = {}  # this process's answers, should the cache not be writable
 
 
 def candidates(cores: int) -> list[int]:
@@ -55,7 +56,7 @@ def cache_file() -> Path:
     return Path(root) / "threads.json"
 
 
-def machine() -> str:
+def machine(cores: int | None = None) -> str:
     """The key a measurement is kept under: CPU model, core count, probe version."""
     model = platform.processor() or platform.machine()
     try:
@@ -64,7 +65,7 @@ def machine() -> str:
                          model)  # fmt: skip
     except OSError:
         pass
-    return f"{model} | {os.cpu_count() or 1} cores | probe {PROBE_VERSION}"
+    return f"{model} | {cores or os.cpu_count() or 1} cores | probe {PROBE_VERSION}"
 
 
 def measured_threads(
@@ -75,7 +76,9 @@ def measured_threads(
     cores = cores or os.cpu_count() or 1
     if cores == 1:
         return 1
-    path, key = cache_file(), machine()
+    path, key = cache_file(), machine(cores)
+    if key in _MEASURED and measure is None:
+        return min(_MEASURED[key], cores)
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(known, dict):
@@ -87,6 +90,8 @@ def measured_threads(
         return min(entry["threads"], cores)
     rates = {t: (measure or probe)(t) for t in candidates(cores)}
     threads = choose(rates)
+    if measure is None:
+        _MEASURED[key] = threads
     known[key] = {"threads": threads, "rates": {str(t): round(r, 1) for t, r in rates.items()}}
     try:  # a read-only home keeps the answer for this run only
         path.parent.mkdir(parents=True, exist_ok=True)
