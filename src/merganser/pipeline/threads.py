@@ -72,7 +72,7 @@ def measured_threads(
     cores: int | None = None, measure: Callable[[int], float] | None = None
 ) -> int:
     """The default CPU thread count: kept from an earlier measurement on this machine, or
-    measured now (about a second) and kept."""
+    measured now (a second or two) and kept."""
     cores = cores or os.cpu_count() or 1
     if cores == 1:
         return 1
@@ -115,7 +115,8 @@ def probe(threads: int) -> float:
     # One source of at least 4 blocks, and one per thread: larger than the caches, so blocks
     # come from memory, as a merge's come from the page cache.
     count = max(4, threads)
-    source = np.random.default_rng(0).integers(0x3C00, 0x3D00, count * n, dtype=np.int16)
+    block = np.random.default_rng(0).integers(0x3C00, 0x3D00, n, dtype=np.int16)
+    source = np.tile(block, count)  # copies, not draws: a 64-core probe stays quick
     blocks = [torch.empty(n, dtype=torch.bfloat16) for _ in range(threads)]
     outs = [torch.empty(ENTRIES, dtype=torch.bfloat16) for _ in range(threads)]
     settings = fused.Settings(MODELS)
