@@ -115,8 +115,8 @@ def probe(threads: int) -> float:
     # One source of at least 4 blocks, and one per thread: larger than the caches, so blocks
     # come from memory, as a merge's come from the page cache.
     count = max(4, threads)
-    block = np.random.default_rng(0).integers(0x3C00, 0x3D00, n, dtype=np.int16)
-    source = np.tile(block, count)  # copies, not draws: a 64-core probe stays quick
+    pattern = np.random.default_rng(0).integers(0x3C00, 0x3D00, n, dtype=np.int16)
+    source = np.tile(pattern, count)  # copies, not draws: a 64-core probe stays quick
     blocks = [torch.empty(n, dtype=torch.bfloat16) for _ in range(threads)]
     outs = [torch.empty(ENTRIES, dtype=torch.bfloat16) for _ in range(threads)]
     settings = fused.Settings(MODELS)
