@@ -18,16 +18,6 @@ import torch
 BLOCK = 1 << 18
 
 
-def sum_squares(x: torch.Tensor) -> float:
-    """Σ x² of a float64 vector; on the CPU by numpy's pairwise summation, one order whatever
-    the thread settings (a GPU gives the same sum to float64 rounding). Block statistics that
-    the whole-tensor function must repeat bit for bit use it."""
-    if x.device.type != "cpu":
-        return float(x.square().sum())
-    v = x.numpy()
-    return float(np.add.reduce(v * v))
-
-
 def sum64(x: torch.Tensor) -> float:
     """Σ x in float64; on the CPU by numpy's pairwise summation (the fused kernels repeat its
     order), one order whatever the thread settings; a GPU gives the same sum to float64
@@ -36,12 +26,18 @@ def sum64(x: torch.Tensor) -> float:
     return float(np.add.reduce(x.numpy())) if x.device.type == "cpu" else float(x.sum())
 
 
-def sum_blocks(x: torch.Tensor) -> float:
-    """Σ x as a block-by-block merge gathers it: ``sum64`` of each BLOCK, added in order."""
+def sum_squares(x: torch.Tensor) -> float:
+    """Σ x² of a float64 vector, summed as ``sum64`` sums."""
+    return sum64(x.square())
+
+
+def sum_blocks(x: torch.Tensor, part: Callable[[torch.Tensor], float] = sum64) -> float:
+    """Σ x as a block-by-block merge gathers it: ``part`` (by default ``sum64``) of each BLOCK
+    of the flattened ``x``, added in order."""
     x = x.reshape(-1)
     total = 0.0
     for a in range(0, x.numel(), BLOCK):
-        total += sum64(x[a : a + BLOCK])
+        total += part(x[a : a + BLOCK])
     return total
 
 

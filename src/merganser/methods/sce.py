@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum_squares
+from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum_blocks, sum_squares
 from merganser.methods.registry import Param, register
 from merganser.methods.sparsify import SAMPLE, StreamingTopK, top_k_mask
 from merganser.methods.task_vectors import consensus_mask, ordered_sum
@@ -28,11 +28,7 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 def _energy(deltas: list[torch.Tensor]) -> list[float]:
     """Each model's Σ δ², in float64 sums per block of BLOCK entries (the block form's)."""
-    flat = [d.reshape(-1) for d in deltas]
-    return [
-        sum(sum_squares(f[a : a + BLOCK].double()) for a in range(0, f.numel(), BLOCK))
-        for f in flat
-    ]
+    return [sum_blocks(d, lambda block: sum_squares(block.double())) for d in deltas]
 
 
 def _coefficients(energy: list[float], numel: int) -> list[float]:
