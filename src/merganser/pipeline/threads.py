@@ -28,7 +28,7 @@ MODELS = 4  # inputs per probe merge, besides the base
 ENTRIES = 1 << 20  # per input: 2 MiB of bfloat16, a block of 10 MiB
 ROUNDS = 16  # blocks each thread copies and merges per timing (fewer made the probe noisy)
 REPEATS = 3  # timings per thread count; the fastest counts
-_MEASURED: dict[str, int] = {}  # this process's answers, should the cache not be writable
+_MEASURED: dict[str, int] = {}  # this process's answers: the cache is read (or probed) once
 
 
 def candidates(cores: int) -> list[int]:
@@ -87,6 +87,8 @@ def measured_threads(
         known = {}
     entry = known.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("threads"), int) and entry["threads"] >= 1:
+        if measure is None:
+            _MEASURED[key] = entry["threads"]
         return min(entry["threads"], cores)
     rates = {t: (measure or probe)(t) for t in candidates(cores)}
     threads = choose(rates)
