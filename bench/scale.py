@@ -8,8 +8,9 @@ of input, peak RSS, and the 8-expert / 3-expert ratios the scale targets are sta
 Experts beyond the three generated checkpoints are hard links to them (the disk holds three;
 with ``--read cache`` the page cache serves every read, as in a warm run). ``--mergekit`` adds
 mergekit 0.1.5 (its own venv) at the largest expert count for TIES and DARE-TIES. ``--7b``
-adds one TIES merge of base + 8 experts of 7B shape (one 13.5 GB file, hard-linked as every
-input): its peak RSS against the 1B run's shows memory independent of model size.
+adds merges of base + 8 experts of 7B shape (one 13.5 GB file, hard-linked as every input;
+``--7b-methods``, TIES by default): their peak RSS against the 1B runs' shows memory
+independent of model size. ``--methods ""`` skips the 1B runs.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def main() -> int:
     ap.add_argument("--read", default="cache")
     ap.add_argument("--mergekit", action="store_true")
     ap.add_argument("--7b", dest="seven", action="store_true")
+    ap.add_argument("--7b-methods", dest="seven_methods", default="ties")
     a = ap.parse_args()
     root = make_family("llama_1gb", 8)
     counts = [int(x) for x in a.experts.split(",")]
@@ -118,7 +120,8 @@ def main() -> int:
     print(f"{'method':<13}{'experts':>8}{'input GB':>9}{'wall s':>8}{'CPU s':>8}"
           f"{'CPU s/GB':>9}{'peak RSS GB':>12}")  # fmt: skip
     rows: dict[tuple[str, int], tuple[float, float, int]] = {}
-    for method in a.methods.split(","):
+    methods = [m for m in a.methods.split(",") if m]
+    for method in methods:
         for n in counts:
             cmd = [sys.executable, "-m", "merganser.cli", "merge", str(recipe(root, method, n))]
             cmd += [str(ROOT / "scale-out"), "--force", "--no-progress", "--read", a.read]
@@ -132,10 +135,10 @@ def main() -> int:
             rows[(method, n)] = (wall, cpu / gb, rss)
             print(f"{method:<13}{n:>8}{gb:>9.2f}{wall:>8.1f}{cpu:>8.1f}{cpu / gb:>9.2f}"
                   f"{rss / 2**30:>12.3f}", flush=True)  # fmt: skip
-    if 3 in counts and max(counts) > 3:
+    if methods and 3 in counts and max(counts) > 3:
         top = max(counts)
         print(f"\n{top} experts vs 3: CPU s per GB, wall, peak RSS")
-        for method in a.methods.split(","):
+        for method in methods:
             w8, c8, r8 = rows[(method, top)]
             w3, c3, r3 = rows[(method, 3)]
             print(f"  {method:<13} CPU/GB {c8 / c3:.2f}x  wall {w8 / w3:.2f}x  RSS {r8 / r3:.2f}x")
@@ -152,11 +155,13 @@ def main() -> int:
     if a.seven:
         root7 = seven_b()
         size7 = (root7 / "base" / "model.safetensors").stat().st_size
-        cmd = [sys.executable, "-m", "merganser.cli", "merge", str(recipe(root7, "ties", 8))]
-        cmd += [str(ROOT / "scale-out"), "--force", "--no-progress", "--read", a.read]
-        wall, cpu, rss = run(cmd)
-        print(f"\n7B shape, ties, 8 experts: {9 * size7 / 1e9:.1f} GB in, wall {wall:.1f} s, "
-              f"CPU {cpu / (9 * size7 / 1e9):.2f} s/GB, peak RSS {rss / 2**30:.3f} GB")  # fmt: skip
+        for method in a.seven_methods.split(","):
+            cmd = [sys.executable, "-m", "merganser.cli", "merge", str(recipe(root7, method, 8))]
+            cmd += [str(ROOT / "scale-out"), "--force", "--no-progress", "--read", a.read]
+            wall, cpu, rss = run(cmd)
+            print(f"\n7B shape, {method}, 8 experts: {9 * size7 / 1e9:.1f} GB in, wall "
+                  f"{wall:.1f} s, CPU {cpu / (9 * size7 / 1e9):.2f} s/GB, peak RSS "
+                  f"{rss / 2**30:.3f} GB")  # fmt: skip
     return 0
 
 

@@ -370,6 +370,52 @@ def test_block_path_equals_the_whole_tensor_functions(tmp_path, method, params, 
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("budget", [None, 6 << 20], ids=["whole", "pieces and segments"])
+@pytest.mark.parametrize("non_linear", [False, True])
+def test_dppa_in_pieces_and_blocks_equals_its_whole_tensor_merge(
+    tmp_path, budget, non_linear
+) -> None:
+    """DPPA's statistic passes read pieces (a small budget cuts each tensor in three) and its
+    merge runs block by block (exact top-k partitions from StreamingTopK, ties at the threshold
+    from bf16 inputs): the result is ``merge_tensors``' whole-tensor DPPA, bit for bit."""
+    from merganser.methods.dppa import DppaBlocks
+    from merganser.pipeline.engine import block_merge
+
+    g = torch.Generator().manual_seed(2)
+    names = [f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("up_proj", "down_proj")]
+    shapes = {n: (611, 1031) for n in names} | {"model.embed_tokens.weight": (700, 400)}
+    base = {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()}
+    models = []
+    for m in range(3):
+        scale = {n: 0.02 * (1 + (j + m) % 3) for j, n in enumerate(shapes)}
+        models.append({n: (base[n].float() + scale[n] * torch.randn(shapes[n], generator=g)
+                           .mul(10).round().div(10)).bfloat16() for n in shapes})  # fmt: skip
+    paths = [write_model(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    params = {"amplify_non_linear": non_linear, "factor_next": 1.2}
+    recipe = {
+        "merge_method": "dppa",
+        "base_model": str(write_model(tmp_path / "base", base)),
+        "dtype": "float32",
+        "out_dtype": "float32",
+        "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in paths],
+        "parameters": params,
+    }
+    opts = merganser.MergeOptions(memory_budget=budget, threads=2)
+    got = load_folder(merganser.merge(recipe, tmp_path / "out", opts))
+    want = merganser.merge_tensors(
+        "dppa", [{n: t.float() for n, t in m.items()} for m in models],
+        base={n: t.float() for n, t in base.items()}, weight=0.5, **params,
+    )  # fmt: skip
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        for task in plan.tasks:
+            assert isinstance(block_merge(plan, task), DppaBlocks), task.name
+    finally:
+        plan.close()
+    for n in shapes:
+        assert torch.equal(got[n], want[n]), n
+
+
 @pytest.mark.parametrize(
     ("path", "block"),
     [("direct", 8192), ("page cache", 8192), ("direct refused", 8192), ("page cache", 256)],

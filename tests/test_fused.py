@@ -12,8 +12,8 @@ from conftest import load_folder, write_model
 
 import merganser
 from merganser.errors import MerganserError
-from merganser.methods import dare, fused, sparsify
-from merganser.methods.blockwise import sum64
+from merganser.methods import dare, della, fused, sparsify
+from merganser.methods.blockwise import sum64, sum_blocks
 from merganser.methods.slerp import _dot64, slerp_coefficients
 from merganser.methods.sparsify import BlockBernoulli
 from merganser.methods.task_vectors import ordered_sum
@@ -30,6 +30,9 @@ CASES = [
     ("dare_ties", {"density": [0.3, 1.0, 0.0], "rescale": "inverse", "normalize": True}),
     ("dare_linear", {"density": 0.7, "weight": [0.3, 0.3, 0.4], "lambda": 0.8}),
     ("dare_linear", {"density": [0.5, 0.2, 0.9], "rescale": "none", "normalize": True}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della", {"density": [0.3, 1.0, 0.6], "epsilon": 0.2, "weight": [0.5, 1.2, 0.3]}),
+    ("della_linear", {"density": 0.7, "epsilon": 0.1, "rescale": "none", "lambda": 1.3}),
 ]
 
 
@@ -540,3 +543,81 @@ def test_row_ranks_are_the_inverse_of_a_stable_argsort(shape) -> None:
     assert torch.equal(fused.row_ranks(mag), want)
     if shape[1] > 1000:  # and the ties are real: an unstable order would differ
         assert mag.unique().numel() < mag.numel() // 2
+
+
+@pytest.mark.parametrize("cache", [None, 0, 700_000], ids=["all kept", "none", "first blocks"])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("della", {"density": [0.3, 0.6, 0.5], "epsilon": 0.2, "lambda": 1.1}),
+        ("della", {"density": 0.5, "epsilon": 0.1, "rescale": "inverse"}),
+        ("della_linear", {"density": [0.4, 1.0, 0.7], "epsilon": 0.1, "rescale": "none"}),
+    ],
+)
+def test_della_block_by_block_equals_the_whole_tensor_function(
+    tmp_path, monkeypatch, method, params, cache
+) -> None:
+    """DELLA's blocks hold whole rows (611 x 1031: 254 rows a block, so no block starts on a
+    multiple of BLOCK or 8): fused or not, with the l1 pass's masks kept or drawn again, the
+    merge is the method's own function on the whole tensor, bit for bit.
+    """
+    base, experts = _family(tmp_path)
+    recipe = _recipe(method, params, base, experts)
+    plan = build_plan(parse_recipe(recipe))
+    try:
+        task = next(t for t in plan.tasks if t.name == "w")
+        bm = block_merge(plan, task)
+        assert isinstance(bm, della.DellaBlocks) and bm.block == 254 * 1031
+        tensors = [plan.checkpoints[ci].read(n).float() for ci, n in task.sources]
+        b = plan.checkpoints[task.base[0]].read(task.base[1]).float()
+        want = plan.method(tensors, b, **task.params).to(torch.bfloat16)
+    finally:
+        plan.close()
+    if cache is not None:
+        monkeypatch.setattr(della, "MASK_CACHE", cache)
+    for on in (True, False):
+        opts = merganser.MergeOptions(fused=on, threads=1)
+        got = load_folder(merganser.merge(recipe, tmp_path / f"o{on}", opts))["w"]
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), on
+
+
+def test_della_masks_follow_the_keep_probabilities() -> None:
+    """Entry j is kept where word j's uniform is below its probability: over 10⁶ entries the
+    kept share of each rank band is the band's probability (5 sigma), and the mask of any block
+    is that block of the whole tensor's mask (the stream is seekable)."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(1000, 1000, generator=g)
+    probs = sparsify.rank_keep_probs(d, 0.5, 0.2)
+    words = BlockBernoulli(77).words(0, d.numel())
+    kept = sparsify.keep_where_below(words, probs)
+    for lo, hi in ((0.3, 0.35), (0.48, 0.52), (0.65, 0.7)):
+        band = (probs.reshape(-1) >= lo) & (probs.reshape(-1) < hi)
+        share, mean = kept[band].float().mean().item(), probs.reshape(-1)[band].mean().item()
+        assert abs(share - mean) < 5 * (0.25 / int(band.sum())) ** 0.5, (lo, share, mean)
+    part = sparsify.keep_where_below(BlockBernoulli(77).words(123_457, 5000),
+                                     probs.reshape(-1)[123_457:128_457])  # fmt: skip
+    assert torch.equal(part, kept[123_457:128_457])
+
+
+def test_della_l1_pass_sums_per_block_of_whole_rows() -> None:
+    """The l1 pass's float64 norms are ``sum_blocks`` over DELLA's row blocks of |τ| and of
+    |m⊙τ| with the whole tensor's mask: the sums the whole-tensor function takes."""
+    g = torch.Generator().manual_seed(1)
+    shape = (611, 1031)
+    ts = [torch.randn(shape, generator=g) for _ in range(2)]
+    base = torch.randn(shape, generator=g)
+    params = {"density": [0.5, 0.4], "epsilon": [0.1, 0.2], "seed": 5, "rescale": "l1"}
+    bm = della.DellaBlocks(params, "mass", shape)
+    flat, fb = [t.reshape(-1) for t in ts], base.reshape(-1)
+    for a in range(0, fb.numel(), bm.block):
+        n = min(bm.block, fb.numel() - a)
+        bm.observe(0, a, n, lambda idx, a=a, n=n: ([f[a : a + n].clone() for f in flat],
+                                                   fb[a : a + n].clone()))  # fmt: skip
+    for i, t in enumerate(ts):
+        d = t - base
+        probs = sparsify.rank_keep_probs(d, params["density"][i], params["epsilon"][i])
+        words = BlockBernoulli(dare.model_seed(5, i)).words(0, d.numel())
+        kept = sparsify.keep_where_below(words, probs).view(shape)
+        assert bm.before[i] == sum_blocks(d.abs(), block=bm.block)
+        assert bm.after[i] == sum_blocks((d * kept).abs(), block=bm.block)
+        assert 0.3 < bm.after[i] / bm.before[i] < 0.9

@@ -171,7 +171,7 @@ def test_dppa_outlier_statistics_from_tensors() -> None:
     )
     for p in range(2):
         for k in deltas:
-            stats.observe(p, k, [model[k]], base[k], {})
+            stats.observe(p, k, [model[k]], base[k], {}, 0, (2, 5))
         stats.end_pass(p)
     got = [stats.params_for(k)["densities"][0][0] for k in deltas]
     assert got == pytest.approx([0.50, 0.393333, 0.553333, 0.553333], abs=1e-6)

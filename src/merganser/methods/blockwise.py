@@ -15,6 +15,7 @@ import torch
 
 # Entries per block: the engine feeds a block-wise merge's blocks at multiples of BLOCK, each
 # BLOCK long but the tensor's last; a method whose statistics are sums defines them per BLOCK.
+# A BlockMerge may ask for other blocks (``BlockMerge.block``: DELLA's hold whole rows).
 BLOCK = 1 << 18
 
 
@@ -31,13 +32,15 @@ def sum_squares(x: torch.Tensor) -> float:
     return sum64(x.square())
 
 
-def sum_blocks(x: torch.Tensor, part: Callable[[torch.Tensor], float] = sum64) -> float:
-    """Σ x as a block-by-block merge gathers it: ``part`` (by default ``sum64``) of each BLOCK
-    of the flattened ``x``, added in order."""
+def sum_blocks(
+    x: torch.Tensor, part: Callable[[torch.Tensor], float] = sum64, block: int = BLOCK
+) -> float:
+    """Σ x as a block-by-block merge gathers it: ``part`` (by default ``sum64``) of each
+    ``block`` entries of the flattened ``x``, added in order."""
     x = x.reshape(-1)
     total = 0.0
-    for a in range(0, x.numel(), BLOCK):
-        total += part(x[a : a + BLOCK])
+    for a in range(0, x.numel(), block):
+        total += part(x[a : a + block])
     return total
 
 
@@ -50,6 +53,9 @@ class BlockMerge:
     block (or segment, see ``sampled``) of that pass in order; ``merge`` then maps each block, in
     order, to its result.
     """
+
+    # Entries per block: blocks start at multiples of it, each this long but the tensor's last.
+    block: int = BLOCK
 
     def wants_pass(self, p: int) -> bool:
         return False

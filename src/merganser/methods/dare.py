@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -160,7 +161,7 @@ class DareBlocks(BlockMerge):
     needs_base=True,
     stochastic=True,
     workspace=1.5,
-    blockwise=lambda params, numel: DareBlocks(params, None, numel),
+    blockwise=lambda params, shape: DareBlocks(params, None, math.prod(shape)),
     reference=REFERENCE,
 )
 def dare_linear(
@@ -198,7 +199,7 @@ def dare_linear(
     needs_base=True,
     stochastic=True,
     workspace=1.5,
-    blockwise=lambda params, numel: DareBlocks(params, "mass", numel),
+    blockwise=lambda params, shape: DareBlocks(params, "mass", math.prod(shape)),
     reference=REFERENCE,
 )
 def dare_ties(

@@ -9,15 +9,17 @@ amplified when ``amplify_non_linear`` is set (the official pipeline amplifies th
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 import torch
 
 from merganser.errors import MerganserError
+from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum64
 from merganser.methods.params import LAMBDA, WEIGHT, normalize
 from merganser.methods.registry import Param, register
-from merganser.methods.sparsify import topk_mask
+from merganser.methods.sparsify import SAMPLE, StreamingTopK, topk_mask
 from merganser.methods.task_vectors import generalized_task_arithmetic
 from merganser.model.naming import is_layer_linear, layer_index
 
@@ -71,9 +73,14 @@ def amplify_partitions(
 
 
 class DPPAStats:
-    """Two streaming passes: mean |δ| per linear and per layer, then outlier counts."""
+    """Two streaming passes: mean |δ| per linear and per layer, then outlier counts. Both add
+    up over pieces of a tensor (``chunked``): the sums of |δ| are float64 sums per BLOCK,
+    added in the order of the blocks, so the densities do not depend on how the tensors were
+    cut or in which order the pieces arrived.
+    """
 
     passes = 2
+    chunked = True
 
     def __init__(self, params: dict[str, Any]):
         self.m_linear = params["outlier_m"]
@@ -81,6 +88,7 @@ class DPPAStats:
         self.levels = [params["sparsity"], params["sparsity_next"]]
         self.owl_lambda = params["owl_lambda"]
         self._lock = threading.Lock()
+        self.parts: dict[tuple[int, str], dict[int, list[float]]] = {}
         self.sum: dict[tuple[int, str], float] = {}
         self.numel: dict[str, int] = {}
         self.layer_of: dict[str, int] = {}
@@ -97,26 +105,28 @@ class DPPAStats:
         tensors: list[torch.Tensor],
         base: torch.Tensor | None,
         params: dict[str, Any],
+        start: int,
+        shape: tuple[int, ...],
     ) -> None:
-        if base is None or not is_layer_linear(name, base.dim()):
+        if base is None or not is_layer_linear(name, len(shape)):
             return
         ell = layer_index(name)
         assert ell is not None
         for i, t in enumerate(tensors):
-            a = (t - base).abs()
+            a = (t - base).abs_().reshape(-1)
             if pass_index == 0:
-                s = float(a.sum(dtype=torch.float64))
+                sums = [sum64(a[j : j + BLOCK]) for j in range(0, a.numel(), BLOCK)]
                 with self._lock:
-                    self.sum[i, name] = s
-                    self.numel[name] = a.numel()
+                    self.parts.setdefault((i, name), {})[start] = sums
+                    self.numel[name] = math.prod(shape)
                     self.layer_of[name] = ell
             else:
-                lin_mean = self.sum[i, name] / a.numel()
+                lin_mean = self.sum[i, name] / self.numel[name]
                 layer_mean = self.layer_sum[i, ell] / self.layer_n[ell]
-                c = int((a > self.m_linear * lin_mean).sum())
-                lc = int((a > self.m_layer * layer_mean).sum())
+                c = int(torch.count_nonzero(a > self.m_linear * lin_mean))
+                lc = int(torch.count_nonzero(a > self.m_layer * layer_mean))
                 with self._lock:
-                    self.count[i, name] = c
+                    self.count[i, name] = self.count.get((i, name), 0) + c
                     self.layer_count[i, ell] = self.layer_count.get((i, ell), 0) + lc
 
     def end_pass(self, pass_index: int) -> None:
@@ -127,6 +137,12 @@ class DPPAStats:
                     "dppa: no tensor is a linear weight inside a layer stack (names like "
                     "'model.layers.N.mlp.up_proj.weight'); DPPA prunes by layer and needs them"
                 )
+            for key, parts in self.parts.items():
+                total = 0.0
+                for start in sorted(parts):  # the blocks in order: blockwise.sum_blocks
+                    for part in parts[start]:
+                        total += part
+                self.sum[key] = total
             # Sums over a layer's tensors in name order: the tensors arrive in the order the
             # threads finish them, and float sums (so the densities) must not depend on it.
             for name in sorted(self.numel):
@@ -151,6 +167,91 @@ class DPPAStats:
 
     def params_for(self, name: str) -> dict[str, Any]:
         return {"densities": self.densities.get(name)}
+
+
+class DppaBlocks(BlockMerge):
+    """DPPA block by block. A layer linear's partitions are exact top-k sets of |τᵢ| per
+    density, found by statistic passes (StreamingTopK, as TIES's trim); then each entry's
+    scale, and the weighted sum, are elementwise. Other tensors are elementwise already.
+    """
+
+    def __init__(self, params: dict[str, Any], numel: int):
+        self.params, self.numel = params, numel
+        self._sel: list[list[StreamingTopK]] | None = None
+
+    @property
+    def sel(self) -> list[list[StreamingTopK]]:
+        """Per model, a selector per partition density (none outside the layer linears). The
+        densities arrive in ``params`` from the statistic passes, after construction."""
+        if self._sel is None:
+            dens = self.params.get("densities")
+            self._sel = [[StreamingTopK(self.numel, d) for d in ds] for ds in dens or []]
+        return self._sel
+
+    def _all(self) -> list[StreamingTopK]:
+        return [s for row in self.sel for s in row]
+
+    def wants_pass(self, p: int) -> bool:
+        return any(s.wants_pass(p) for s in self._all())
+
+    def sampled(self, p: int) -> bool:
+        return p == 0
+
+    def observe(self, p: int, start: int, count: int, load: Load) -> None:
+        if p == 0:
+            loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}  # one sample per (n, k)
+            for i, row in enumerate(self.sel):
+                for s in row:
+                    if s.wants_pass(0):
+                        idx, slots = s.want(start, count)
+                        if idx.numel():
+                            if s.k not in loaded:
+                                loaded[s.k] = load(idx)
+                            tensors, base = loaded[s.k]
+                            s.take_sample(slots, (tensors[i] - base).abs_())
+            return
+        tensors, base = load(None)
+        for i, row in enumerate(self.sel):
+            mag = None
+            for s in row:
+                if s.wants_pass(p):
+                    mag = (tensors[i] - base).abs_() if mag is None else mag
+                    s.observe(p, mag)
+
+    def end_pass(self, p: int) -> None:
+        for s in self._all():
+            if s.wants_pass(p):
+                s.end_pass(p)
+
+    def merge(self, start: int, tensors: list[torch.Tensor], base: Any) -> torch.Tensor:
+        prm = self.params
+        if not self.sel:
+            return dppa(tensors, base, **prm)
+        factors = [prm["factor"], prm["factor_next"]]
+
+        def sparsify(i: int, d: torch.Tensor) -> torch.Tensor:
+            scale = torch.zeros_like(d)
+            for s, f in zip(self.sel[i], factors, strict=True):
+                # Kept where the trim leaves d non-zero: where d is ±0 the scale cannot change
+                # d·scale (±0 either way), so this is amplify_partitions' result exactly.
+                kept = s.trim_(d.clone()) != 0
+                scale = torch.maximum(scale, kept.to(d.dtype) * f)
+            return d * scale
+
+        return generalized_task_arithmetic(
+            tensors,
+            base,
+            prm["weight"],
+            sparsify=sparsify,
+            normalize=prm["normalize"],
+            lambda_=prm["lambda_"],
+        )
+
+
+def _blocks(params: dict[str, Any], shape: tuple[int, ...]) -> DppaBlocks | None:
+    numel = math.prod(shape)
+    # a partition streams through StreamingTopK, which wants more entries than its sample
+    return DppaBlocks(params, numel) if numel > 4 * SAMPLE else None
 
 
 @register(
@@ -205,6 +306,7 @@ class DPPAStats:
     # five copies of one tensor whatever their number); 2 per input covers one model up.
     workspace=2.0,
     stats=lambda params: DPPAStats(params),
+    blockwise=_blocks,
     reference="Zhu, Xia & Zhang, DPPA, arXiv 2403.02799",
 )
 def dppa(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,7 +44,9 @@ def _mix(t: float, ws: list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
     needs_base=True,
     min_models=2,
     workspace=1.0,
-    blockwise=lambda params, numel: None if params["filter_wise"] else ModelStockBlocks(numel),
+    blockwise=lambda params, shape: (
+        None if params["filter_wise"] else ModelStockBlocks(math.prod(shape))
+    ),
     reference="Jang, Yun & Han, Model Stock, ECCV 2024, arXiv 2403.19522",
 )
 def model_stock(

@@ -109,6 +109,10 @@ class WholeModelStats(Protocol):
     """Whole-model statistics gathered in streaming passes before the merge pass (a method's
     ``stats``): the engine feeds each tensor's float32 inputs once per pass, never holding more
     than the tensors in flight; ``params_for`` then gives each tensor's extra arguments.
+
+    A statistic with ``chunked = True`` is fed pieces of a tensor instead (flat, starting at
+    multiples of blockwise.BLOCK, in any order and on any thread): ``start`` is a piece's first
+    entry and ``shape`` the whole tensor's. Otherwise ``start`` is 0 and ``shape`` the tensors'.
     """
 
     passes: int
@@ -120,6 +124,8 @@ class WholeModelStats(Protocol):
         tensors: list[torch.Tensor],
         base: torch.Tensor | None,
         params: dict[str, Any],
+        start: int,
+        shape: tuple[int, ...],
     ) -> None: ...
 
     def end_pass(self, pass_index: int) -> None: ...
@@ -166,9 +172,9 @@ class Method:
     # tensors where the statistics are in memory rather than a `merganser calibrate` file.
     statistics_params: Callable[[list[Mapping[str, str]], str], dict[str, Any]] | None = None
     statistics_metadata: Callable[[Mapping[str, torch.Tensor]], dict[str, str]] | None = None
-    # ``blockwise(params, numel)``: a BlockMerge that computes fn's result block by block (after
+    # ``blockwise(params, shape)``: a BlockMerge that computes fn's result block by block (after
     # statistic passes over the blocks), or None where the whole tensor is needed at once.
-    blockwise: Callable[[dict[str, Any], int], Any] | None = None
+    blockwise: Callable[[dict[str, Any], tuple[int, ...]], Any] | None = None
 
     def bind(
         self,

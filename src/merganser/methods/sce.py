@@ -3,6 +3,7 @@ minority signs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,8 @@ def _combine(deltas: list[torch.Tensor], base: torch.Tensor, coeffs: list[float]
     return base + ordered_sum(stacked * erased) / divisor
 
 
-def _blocks(params: dict[str, Any], numel: int) -> BlockMerge | None:
+def _blocks(params: dict[str, Any], shape: tuple[int, ...]) -> BlockMerge | None:
+    numel = math.prod(shape)
     # a selection streams through StreamingTopK, which wants more entries than its sample
     return SceBlocks(params["select_topk"], numel) if numel > 4 * SAMPLE else None
 

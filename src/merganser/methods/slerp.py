@@ -98,7 +98,7 @@ class SlerpBlocks(BlockMerge):
     needs_base=True,
     max_models=1,
     workspace=2.0,
-    blockwise=lambda params, numel: SlerpBlocks(params["t"]),
+    blockwise=lambda params, shape: SlerpBlocks(params["t"]),
     reference="Shoemake 1985; mergekit slerp (Goddard et al., arXiv 2403.13257)",
 )
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor, t: float = 0.5) -> torch.Tensor:

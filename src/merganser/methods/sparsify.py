@@ -1,5 +1,6 @@
 """Sparsifiers for task vectors: small pure tensor functions shared by TIES, DARE, Breadcrumbs,
-DELLA and DPPA. Randomness always comes from an explicit seeded ``torch.Generator``.
+DELLA and DPPA. Randomness always comes from a seeded PCG64 stream whose words can be drawn
+from any position (``BlockBernoulli``): a mask is the same whole or block by block.
 """
 
 from __future__ import annotations
@@ -12,12 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from merganser.methods import fused
-from merganser.methods.blockwise import sum_blocks
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator for ``seed``; identical seeds give identical masks on any thread."""
-    return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+from merganser.methods.blockwise import BLOCK, sum_blocks
 
 
 def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -360,49 +356,54 @@ class BlockBernoulli:
         return torch.from_numpy(self.words(start, count) < np.uint32(limit))
 
 
-def bernoulli_mask(
-    shape: torch.Size, keep: float | torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
-    """Keep each entry independently with probability ``keep`` (DARE's drop with p = 1 − keep)."""
-    u = torch.rand(shape, generator=gen, dtype=torch.float32)  # CPU stream: same on any device
-    if isinstance(keep, torch.Tensor):
-        u = u.to(keep.device)
-    return u < keep
-
-
 def rank_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA MAGPRUNE keep probabilities: per row, ``density − ε + 2ε·r̂`` with r̂ the magnitude
     rank scaled to [0, 1] (Deep et al. 2024). 1-D tensors are one row. Equal magnitudes rank
     in index order (a stable sort), so the ranks do not depend on the sort's implementation.
     """
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    mag = rows.abs()
+    return row_keep_probs(rows.abs(), density, epsilon).view(delta.shape)
+
+
+def row_keep_probs(mag: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """``rank_keep_probs`` of magnitudes already laid out as rows (rows, width)."""
     if mag.device.type == "cpu" and mag.dtype == torch.float32 and fused.available():
         ranks = fused.row_ranks(mag)  # a radix sort: 5-10x faster than torch's argsort here
     else:
         # Ranks are the inverse permutation of one argsort: a scatter, not a second sort.
         order = mag.argsort(dim=1, stable=True)
-        ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-        pos = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device)
+        ranks = torch.empty(mag.shape, dtype=torch.float32, device=mag.device)
+        pos = torch.arange(mag.shape[1], dtype=torch.float32, device=mag.device)
         ranks.scatter_(1, order, pos.expand_as(ranks))
         del order
-    del mag
-    width = rows.shape[1] - 1
-    rhat = ranks / width if width > 0 else torch.zeros_like(ranks)
-    return ((density - epsilon) + rhat * (2 * epsilon)).view(delta.shape)
+    width = mag.shape[1] - 1
+    rhat = ranks.div_(width) if width > 0 else ranks.zero_()
+    return rhat.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def keep_where_below(words: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+    """Entry j is kept where the uniform (``words[j]``'s top 24 bits)·2⁻²⁴ is below ``probs[j]``
+    (float32 against float32, both exact: one rule on every path and device).
+    """
+    u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32)).mul_(2.0**-24)
+    return u.to(probs.device) < probs.reshape(-1)
 
 
 def rescale(
-    delta: torch.Tensor, mask: torch.Tensor, how: str, keep: float | torch.Tensor
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
+    keep: float | torch.Tensor,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """Apply ``mask`` and rescale: ``inverse`` divides by the keep probability (DARE/DELLA papers),
-    ``l1`` matches the L1 norm of the unmasked tensor (mergekit), ``none`` only masks.
+    ``l1`` matches the L1 norm of the unmasked tensor (mergekit), ``none`` only masks. The L1
+    norms are summed per ``block`` entries, as the method's block-by-block merge sums them.
     """
     masked = delta * mask
     l1 = 1.0
     if how == "l1":
-        # Summed as a block-by-block merge sums them, so both give the same factor.
-        l1 = l1_scale(sum_blocks(delta.abs()), sum_blocks(masked.abs()))
+        l1 = l1_scale(sum_blocks(delta.abs(), block=block), sum_blocks(masked.abs(), block=block))
     return rescale_kept(masked, how, keep, l1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -85,6 +86,8 @@ class GlobalTopK:
         tensors: list[torch.Tensor],
         base: torch.Tensor | None,
         params: dict[str, Any],
+        start: int,
+        shape: tuple[int, ...],
     ) -> None:
         assert base is not None
         counts = []  # on the CPU: a tensor too large for a GPU budget is observed there
@@ -285,7 +288,8 @@ class TiesGlobalBlocks(BlockMerge):
         return ties(tensors, base, **self.params)
 
 
-def _blocks(params: dict[str, Any], numel: int) -> BlockMerge | None:
+def _blocks(params: dict[str, Any], shape: tuple[int, ...]) -> BlockMerge | None:
+    numel = math.prod(shape)
     if params.get("scope") == "global":
         # rescale: l1 needs each tensor's whole L1 norms: the whole-tensor path
         return None if params.get("rescale") == "l1" else TiesGlobalBlocks(params)

@@ -135,7 +135,7 @@ def blockwise(plan: Plan, task: TensorTask, device: str) -> bool:
         and simple
         and (
             m.elementwise
-            or (m.blockwise is not None and bool(m.blockwise(task.params, task.numel)))
+            or (m.blockwise is not None and bool(m.blockwise(task.params, task.shape)))
         )
     )
 
@@ -143,7 +143,7 @@ def blockwise(plan: Plan, task: TensorTask, device: str) -> bool:
 def block_merge(plan: Plan, task: TensorTask) -> BlockMerge | None:
     """The method's BlockMerge for ``task``, or None where the method is elementwise."""
     bw = plan.method.blockwise
-    return None if bw is None else bw(task.params, task.numel)
+    return None if bw is None else bw(task.params, task.shape)
 
 
 def bytes_per_element(plan: Plan, task: TensorTask, in_blocks: bool = False) -> int:
@@ -196,7 +196,9 @@ def work_items(plan: Plan, options: EngineOptions, chunks: bool = True) -> list[
 
         if in_blocks and not plan.method.elementwise:
             # A BlockMerge needs the whole tensor in one item; it may read it in segments.
-            items.append(item(0, task.numel, held(plan, task, options) * per, True))
+            bm = block_merge(plan, task)
+            block = BLOCK if bm is None else bm.block
+            items.append(item(0, task.numel, held(plan, task, options, block) * per, True))
             continue
         if need <= cap or task.numel <= 1:
             items.append(item(0, task.numel, need, True))
@@ -221,15 +223,17 @@ def _within_budget(task: TensorTask, need: int, doing: str, options: EngineOptio
         )
 
 
-def held(plan: Plan, task: TensorTask, options: EngineOptions) -> int:
+def held(plan: Plan, task: TensorTask, options: EngineOptions, block: int = BLOCK) -> int:
     """Entries of ``task`` a BlockMerge holds at once (its segment), within max_hold_bytes."""
     per = bytes_per_element(plan, task, True)
     cap = min(options.max_hold_bytes, options.memory_budget)
-    return min(task.numel, segment(plan, task, cap, per))
+    return min(task.numel, segment(plan, task, cap, per, block))
 
 
-def segment(plan: Plan, task: TensorTask, cap: int, per: int) -> int:
+def segment(plan: Plan, task: TensorTask, cap: int, per: int, block: int = BLOCK) -> int:
     """Entries of a tensor held at once within ``cap`` bytes: whole blocks, at least one."""
+    if block != BLOCK:  # a BlockMerge's own blocks (whole rows): segments of whole blocks
+        return max(block, cap // per // block * block)
     return max(BLOCK, aligned(plan, task, cap // per))
 
 
@@ -276,7 +280,8 @@ def merge_blocks(
     refs = task.inputs
     has_base = task.base is not None
     bm = block_merge(plan, task)
-    step = min(item.count, held(plan, task, options))
+    block = BLOCK if bm is None else bm.block
+    step = min(item.count, held(plan, task, options, block))
     segs = [(s, min(step, item.start + item.count - s))
             for s in range(item.start, item.start + item.count, step)]  # fmt: skip
     # Segments are read once per pass: through the page cache, or later passes go to the disk.
@@ -310,7 +315,7 @@ def merge_blocks(
 
     def upcast(raws: list[torch.Tensor], a: int, n: int) -> tuple[list[torch.Tensor], Any]:
         # Float32 blocks, each thread's reused; the fused kernels read the stored values.
-        work = [scratch.get(f"f32.{j}", BLOCK * 4, torch.float32) for j in range(len(raws))]
+        work = [scratch.get(f"f32.{j}", block * 4, torch.float32) for j in range(len(raws))]
         return split([work[j][:n].copy_(rounded(plan, r[a : a + n])) for j, r in enumerate(raws)])
 
     def gather(
@@ -334,8 +339,8 @@ def merge_blocks(
                         bm.observe(p, s, c, chosen(raws))
                 continue
             with compute:
-                for a in range(0, c, BLOCK):
-                    n = min(BLOCK, c - a)
+                for a in range(0, c, block):
+                    n = min(block, c - a)
                     if fast:
                         bm.observe_raw(p, s + a, *split([r[a : a + n] for r in raws]))
                         continue
@@ -350,7 +355,7 @@ def merge_blocks(
             bm.end_pass(p)
         p += 1
     # The result leaves in pieces: a whole segment's worth would add a third to SLERP's memory.
-    piece = max(BLOCK, OUT_PIECE // itemsize(task.out_dtype) // BLOCK * BLOCK)
+    piece = max(block, OUT_PIECE // itemsize(task.out_dtype) // block * block)
     for s, c in segs:
         raws = cached if cached is not None else read(s, c)
         with compute:
@@ -359,8 +364,8 @@ def merge_blocks(
             pn = min(piece, c - p0)
             out = scratch.get("out", pn * itemsize(task.out_dtype), task.out_dtype)
             with compute:
-                for a in range(p0, p0 + pn, BLOCK):
-                    n = min(BLOCK, p0 + pn - a)
+                for a in range(p0, p0 + pn, block):
+                    n = min(block, p0 + pn - a)
                     if fast:
                         xs, b = split([r[a : a + n] for r in raws])
                         if not bm.merge_raw(s + a, xs, b, out[a - p0 : a - p0 + n]):
@@ -632,7 +637,8 @@ def gather_stats(
         def observe(item: WorkItem, compute: ComputeSlot, p: int = p) -> None:
             tensors, base = load_inputs(plan, item, again=True)  # the merge rereads
             with compute:
-                stats.observe(p, item.task.name, tensors, base, item.task.params)
+                task = item.task
+                stats.observe(p, task.name, tensors, base, task.params, item.start, task.shape)
 
         _run_items(items, observe, options)
         stats.end_pass(p)

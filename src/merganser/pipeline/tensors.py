@@ -77,7 +77,8 @@ def merge_tensors(
     stats = m.stats(kwargs) if m.stats is not None else None
     for p in range(stats.passes if stats is not None else 0):
         for k in keys:
-            stats.observe(p, k, *inputs(k), kwargs)  # type: ignore[union-attr]
+            shape = tuple(dicts[0][k].shape)
+            stats.observe(p, k, *inputs(k), kwargs, 0, shape)  # type: ignore[union-attr]
         stats.end_pass(p)  # type: ignore[union-attr]
 
     # Each model's statistics metadata: as calibrate returned it, else computed from the tensors.
