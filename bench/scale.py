@@ -1,5 +1,5 @@
 """Merging at scale: base + {2, 3, 5, 8} experts of 1B-shape bf16 checkpoints, side by side in
-one run, for linear, TIES, DARE-TIES, DELLA and Model Stock: wall seconds, CPU seconds per GB
+one run, for linear, TIES, DARE-TIES, DELLA, Model Stock and DPPA: wall seconds, CPU seconds per GB
 of input, peak RSS, and the 8-expert / 3-expert ratios the scale targets are stated in.
 
     python bench/scale.py [--experts 2,3,5,8] [--methods ...] [--threads N] [--mergekit]
@@ -41,7 +41,7 @@ METHODS = {
     "dppa": {"merge_method": "dppa", "weight": 1.0},
     "sce": {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
 }  # fmt: skip
-DEFAULT = "linear,ties,dare_ties,della,model_stock"
+DEFAULT = "linear,ties,dare_ties,della,model_stock,dppa"
 
 
 def seven_b() -> Path:
