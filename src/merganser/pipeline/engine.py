@@ -232,9 +232,10 @@ def held(plan: Plan, task: TensorTask, options: EngineOptions, block: int = BLOC
 
 def segment(plan: Plan, task: TensorTask, cap: int, per: int, block: int = BLOCK) -> int:
     """Entries of a tensor held at once within ``cap`` bytes: whole blocks, at least one."""
-    if block != BLOCK:  # a BlockMerge's own blocks (whole rows): segments of whole blocks
-        return max(block, cap // per // block * block)
-    return max(BLOCK, aligned(plan, task, cap // per))
+    entries = max(BLOCK, aligned(plan, task, cap // per))
+    if block != BLOCK:  # a BlockMerge's own blocks (whole rows), no more than other segments
+        return max(block, entries // block * block)
+    return entries
 
 
 def aligned(plan: Plan, task: TensorTask, n: int) -> int:
