@@ -199,6 +199,26 @@ def test_streaming_topk_keeps_exactly_the_entries_topk_mask_keeps(
         assert passes == 3
 
 
+def test_streaming_topk_counts_a_bracket_of_one_value_without_keeping_it() -> None:
+    """Equal magnitudes (an untouched tensor's zero deltas, here ±1) bracket the threshold with
+    one value: its members are counted, never kept and sorted, and the trim is still exactly
+    topk_mask's, ties lowest index first."""
+    from merganser.methods import sparsify
+    from merganser.methods.sparsify import StreamingTopK, topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    n = 300_000
+    delta = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float()
+    with (
+        mock.patch.object(sparsify, "KEEP_BUFFER", 4096),
+        mock.patch.object(StreamingTopK, "_keep", side_effect=AssertionError("kept")),
+    ):
+        got, passes = _streamed_trim(delta, 0.3, [100_000, 150_001])
+    keep = topk_mask(delta, 0.3)
+    assert passes == 2 and torch.equal(got, delta * keep)
+    assert int(keep.sum()) == int(0.3 * n) and bool(keep[: int(0.3 * n)].all())
+
+
 def test_every_paper_convention_is_a_valid_value_that_differs_from_the_default() -> None:
     """A parameter's ``paper`` value is the paper's behaviour one parameter away: it must be
     accepted by the parameter's own check and differ from mergekit's default.

@@ -182,6 +182,7 @@ class StreamingTopK:
         self._picks = torch.empty(0)
         self.lo = self.hi = torch.tensor(0.0)
         self.above, self.above_l1, self.total_l1 = 0, 0.0, 0.0
+        self._tied = 0  # values seen in a bracket of one value (lo == hi): counted, not kept
         # Kept values not yet folded, in one buffer: many small long-lived tensors interleaved
         # with each block's temporaries would fragment the heap (hundreds of MB of RSS).
         self._raw = torch.empty(0)
@@ -221,12 +222,23 @@ class StreamingTopK:
         the bracket, and the values inside it (copied).
         """
         self.above += above
+        if band.numel() and bool(self.lo == self.hi):
+            # A bracket of one value (all-zero deltas: a frozen or untouched tensor) holds
+            # nothing to sort: counting its members, not keeping them, saved DPPA and TIES a
+            # fold (a sort) of every entry of such tensors.
+            self._tied += band.numel()
+            return
         self._keep(band)
 
     def _keep(self, values: torch.Tensor) -> None:
         values = values.reshape(-1).cpu()
-        if self._raw.numel() == 0:
-            self._raw = torch.empty(KEEP_BUFFER)
+        if self._raw.numel() - self._used < values.numel() and self._raw.numel() < KEEP_BUFFER:
+            # Grown as needed up to KEEP_BUFFER: most brackets hold far fewer values, and a
+            # merge keeps a buffer per model and selector (DPPA: two) in each thread.
+            size = min(KEEP_BUFFER, max(2 * self._raw.numel(), self._used + values.numel()))
+            grown = torch.empty(size)
+            grown[: self._used] = self._raw[: self._used]
+            self._raw = grown
         while values.numel():
             take = min(values.numel(), KEEP_BUFFER - self._used)
             self._raw[self._used : self._used + take] = values[:take]
@@ -254,6 +266,11 @@ class StreamingTopK:
         if p == 2:
             self.above, self.above_l1 = 0, 0.0
         rank = self.k - self.above
+        if self._tied:
+            vals, counts = self._folded
+            one = torch.tensor([float(self.hi)], dtype=torch.float32)
+            self._folded = (torch.cat([vals, one]), torch.cat([counts, torch.tensor([self._tied])]))
+            self._tied = 0
         found = self._select(rank) if self._folded[0].numel() else self._select_raw(rank, p == 1)
         self._folded = (torch.empty(0), torch.empty(0, dtype=torch.int64))
         self._raw, self._used = torch.empty(0), 0
