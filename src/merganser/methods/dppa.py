@@ -19,7 +19,7 @@ from merganser.errors import MerganserError
 from merganser.methods.blockwise import BLOCK, BlockMerge, Load, sum64
 from merganser.methods.params import LAMBDA, WEIGHT, normalize
 from merganser.methods.registry import Param, register
-from merganser.methods.sparsify import SAMPLE, StreamingTopK, topk_mask
+from merganser.methods.sparsify import SAMPLE, StreamingTopK, observe_selectors, topk_mask
 from merganser.methods.task_vectors import generalized_task_arithmetic
 from merganser.model.naming import is_layer_linear, layer_index
 
@@ -198,25 +198,8 @@ class DppaBlocks(BlockMerge):
         return p == 0
 
     def observe(self, p: int, start: int, count: int, load: Load) -> None:
-        if p == 0:
-            loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}  # one sample per (n, k)
-            for i, row in enumerate(self.sel):
-                for s in row:
-                    if s.wants_pass(0):
-                        idx, slots = s.want(start, count)
-                        if idx.numel():
-                            if s.k not in loaded:
-                                loaded[s.k] = load(idx)
-                            tensors, base = loaded[s.k]
-                            s.take_sample(slots, (tensors[i] - base).abs_())
-            return
-        tensors, base = load(None)
-        for i, row in enumerate(self.sel):
-            mag = None
-            for s in row:
-                if s.wants_pass(p):
-                    mag = (tensors[i] - base).abs_() if mag is None else mag
-                    s.observe(p, mag)
+        pairs = [(i, s) for i, row in enumerate(self.sel) for s in row]
+        observe_selectors(pairs, p, start, count, load)
 
     def end_pass(self, p: int) -> None:
         for s in self._all():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from merganser.methods import fused
-from merganser.methods.blockwise import BLOCK, sum_blocks
+from merganser.methods.blockwise import BLOCK, Load, sum_blocks
 
 
 def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -329,6 +329,32 @@ class StreamingTopK:
                 self.short = 0
                 return torch.copysign(kept, delta, out=delta)
         return torch.copysign(F.threshold(mag, self.thr, 0.0), delta, out=delta)
+
+
+def observe_selectors(
+    selectors: list[tuple[int, StreamingTopK]], p: int, start: int, count: int, load: Load
+) -> None:
+    """One block (pass 0: one segment) of statistic pass ``p`` for several StreamingTopK, each
+    over one model's |τ| (the model's index comes with it): pass 0 gathers each sample's
+    positions once per (n, k), later passes take each model's magnitudes once."""
+    if p == 0:
+        loaded: dict[int, tuple[list[torch.Tensor], torch.Tensor | None]] = {}
+        for i, s in selectors:
+            if s.wants_pass(0):
+                idx, slots = s.want(start, count)
+                if idx.numel():
+                    if s.k not in loaded:  # sample positions depend on (n, k) alone
+                        loaded[s.k] = load(idx)
+                    tensors, base = loaded[s.k]
+                    s.take_sample(slots, (tensors[i] - base).abs_())
+        return
+    tensors, base = load(None)
+    mags: dict[int, torch.Tensor] = {}
+    for i, s in selectors:
+        if s.wants_pass(p):
+            if i not in mags:
+                mags = {i: (tensors[i] - base).abs_()}  # selectors of one model come together
+            s.observe(p, mags[i])
 
 
 def l1_scale(before: float, after: float) -> float:

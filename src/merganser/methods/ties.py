@@ -17,6 +17,7 @@ from merganser.methods.sparsify import (
     SAMPLE,
     StreamingTopK,
     l1_scale,
+    observe_selectors,
     rescale_kept,
     threshold_mask,
     topk_mask,
@@ -164,22 +165,7 @@ class TiesBlocks(BlockMerge):
         return p == 0
 
     def observe(self, p: int, start: int, count: int, load: Load) -> None:
-        if p == 0:
-            # Sample positions depend on (n, k) alone: models of one density share them.
-            loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}
-            for i, s in enumerate(self.sel):
-                if s.wants_pass(0):
-                    idx, slots = s.want(start, count)
-                    if idx.numel():
-                        if s.k not in loaded:
-                            loaded[s.k] = load(idx)
-                        tensors, base = loaded[s.k]
-                        s.take_sample(slots, (tensors[i] - base).abs_())
-            return
-        tensors, base = load(None)
-        for i, s in enumerate(self.sel):
-            if s.wants_pass(p):
-                s.observe(p, (tensors[i] - base).abs_())
+        observe_selectors(list(enumerate(self.sel)), p, start, count, load)
 
     def end_pass(self, p: int) -> None:
         for s in self.sel:
